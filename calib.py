@@ -1,0 +1,256 @@
+"""Calibration: per-layer input Hessians H = XᵀX / N, damping, the whitening root, calibration windows.
+
+METHOD.md "Notation": for a linear layer y = x Wᵀ with calibration inputs X (N×n), H = XᵀX / N and a
+whitening root R (RᵀR = H) turn the layer-output error of a weight error M into ‖M Rᵀ‖_F.
+
+`collect_hessians` runs a model over calibration batches and accumulates XᵀX in float64 with `addmm_`
+from forward pre-hooks on the named linears (nn.Linear, QuantLinear, WHALinear: anything whose first
+positional input is the (..., n) activation). No token matrix is kept. Padded positions (attention_mask == 0)
+are excluded. Hooks are removed in a `finally` block, so an exception leaves the model as it was.
+
+Two input regimes (issue 6):
+  - sequential=False (the paper): all Hessians from the full-precision model in one pass over the data.
+  - sequential=True (GPTQ's sequential mode): the target linears are grouped into blocks
+    ("...layers.<i>."), and block i is calibrated only after the caller's `on_block(block, hessians)` has
+    quantized blocks < i (e.g. replaced their linears by QuantLinear via set_module), so block i sees the
+    inputs produced by the already-quantized preceding layers. Each block costs one pass over the data,
+    truncated right after the block's last target linear (an exception raised from the hook stops the
+    forward), i.e. about L/2 full forwards for L blocks: simple and exact, not the fastest possible.
+The memory bound: `offload=True` keeps every Hessian on the CPU (the activations of one batch are copied
+there for the addmm), so an accelerator only holds the model and one batch.
+"""
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+__all__ = [
+    "collect_hessians", "damp", "whitening_root", "calibration_windows", "window_batches",
+    "save_hessians", "load_hessians", "block_of",
+]
+
+
+class _StopForward(Exception):
+    """Raised from a hook to end a forward pass early once every hooked layer has seen its input."""
+
+
+def block_of(name: str) -> str:
+    """The block a linear belongs to: 'model.layers.3.mlp.up_proj' -> 'model.layers.3' (else the name itself)."""
+    m = re.match(r"^(.*?\.layers\.\d+)\.", name)
+    return m.group(1) if m else name
+
+
+def _default_names(model: nn.Module) -> list[str]:
+    """Every nn.Linear-like module except the output head (what GPTQ/QWHA quantize and adapt)."""
+    out = []
+    for name, mod in model.named_modules():
+        if name.endswith("lm_head") or not name:
+            continue
+        if isinstance(mod, nn.Linear) or type(mod).__name__ in ("QuantLinear", "WHALinear"):
+            # a WHALinear's own base is not a separate target
+            if not any(name.startswith(p + ".") for p in out):
+                out.append(name)
+    return out
+
+
+def _batch_tensors(batch, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if isinstance(batch, Mapping):
+        if "input_ids" not in batch:
+            raise ValueError(f"calibration batch has keys {sorted(batch)}; expected 'input_ids' (and 'attention_mask')")
+        ids, mask = batch["input_ids"], batch.get("attention_mask")
+    elif isinstance(batch, torch.Tensor):
+        ids, mask = batch, None
+    else:
+        raise ValueError(f"calibration batch of type {type(batch).__name__}; expected a dict or a LongTensor")
+    if ids.dim() == 1:
+        ids = ids[None]
+        mask = None if mask is None else mask[None]
+    ids = ids.to(device)
+    mask = None if mask is None else mask.to(device)
+    return ids, mask
+
+
+@torch.no_grad()
+def _accumulate(model, batches, names, device, offload, progress, label=""):
+    """One pass: hooks on `names`, XᵀX accumulated in float64, returns ({name: sum XᵀX}, {name: N})."""
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {name: 0 for name in names}
+    state = {"mask": None, "seen": set()}
+    handles = []
+
+    def make_hook(name):
+        def hook(module, args):
+            x = args[0]                                            # (B, T, n) or (N, n)
+            n = x.shape[-1]
+            mask = state["mask"]
+            if mask is not None and x.dim() == 3 and mask.shape == x.shape[:2]:
+                x = x[mask.bool()]                                 # (N_b, n): non-padded positions only
+            x = x.reshape(-1, n)
+            if offload:
+                x = x.to("cpu")
+            x = x.to(torch.float64)
+            if name not in sums:
+                sums[name] = torch.zeros(n, n, dtype=torch.float64, device=x.device)
+            sums[name].addmm_(x.T, x)
+            counts[name] += x.shape[0]
+            state["seen"].add(name)
+            if len(state["seen"]) == len(names):
+                raise _StopForward
+        return hook
+
+    modules = dict(model.named_modules())
+    missing = [name for name in names if name not in modules]
+    if missing:
+        raise ValueError(f"collect_hessians: no module named {missing[:3]} in the model")
+    try:
+        for name in names:
+            handles.append(modules[name].register_forward_pre_hook(make_hook(name)))
+        t0 = time.time()
+        n_batches = 0
+        for batch in batches:
+            ids, mask = _batch_tensors(batch, device)
+            state["mask"], state["seen"] = mask, set()
+            try:
+                model(ids, attention_mask=mask)
+            except _StopForward:
+                pass
+            n_batches += 1
+            if progress:
+                print(f"\rcalib {label}batch {n_batches} ({time.time() - t0:.1f}s)", end="", file=sys.stderr, flush=True)
+        if progress:
+            print(file=sys.stderr)
+    finally:
+        for h in handles:
+            h.remove()
+    return sums, counts
+
+
+def collect_hessians(
+    model: nn.Module,
+    batches: Iterable,
+    names: list[str] | None = None,
+    *,
+    device: torch.device | str | None = None,
+    offload: bool = False,
+    sequential: bool = False,
+    on_block: Callable[[str, dict[str, torch.Tensor]], None] | None = None,
+    progress: bool = False,
+) -> dict[str, torch.Tensor]:
+    """H = XᵀX / N (n×n, float64) of the input of every named linear over the calibration batches.
+
+    batches: dicts {input_ids (B,T) long, attention_mask (B,T) optional} (or bare id tensors); padded
+    positions are excluded. names: target module names (default: every linear but lm_head). device: where
+    the batches go (default: the model's first parameter's device). offload: keep the Hessians on the CPU.
+    sequential: GPTQ's sequential mode (module docstring); needs a re-iterable `batches` (a list) and calls
+    `on_block(block_name, {name: H})` after each block so the caller can quantize it before the next block.
+    Without `sequential`, `on_block` (if given) is called once per block at the end, in order.
+    """
+    if device is None:
+        p = next(model.parameters(), None)
+        device = p.device if p is not None else torch.device("cpu")
+    names = list(names) if names is not None else _default_names(model)
+    if not names:
+        raise ValueError("collect_hessians: no target linears (names is empty and the model has no nn.Linear)")
+    blocks: dict[str, list[str]] = {}
+    for name in names:
+        blocks.setdefault(block_of(name), []).append(name)
+
+    def finish(sums, counts):
+        out = {}
+        for name in sums:
+            if counts[name] == 0:
+                raise ValueError(f"collect_hessians: layer {name} saw no unmasked token")
+            out[name] = sums[name].div_(counts[name])
+        never = [name for name in counts if name not in sums]
+        if never:
+            raise ValueError(f"collect_hessians: layers {never[:3]} were never called by the model's forward")
+        return out
+
+    if not sequential:
+        hessians = finish(*_accumulate(model, batches, names, device, offload, progress))
+        if on_block is not None:
+            for block, members in blocks.items():
+                on_block(block, {name: hessians[name] for name in members})
+        return hessians
+
+    if iter(batches) is batches:
+        raise ValueError("collect_hessians(sequential=True) needs a re-iterable `batches` (a list), not an iterator")
+    hessians = {}
+    for i, (block, members) in enumerate(blocks.items()):
+        h_block = finish(*_accumulate(model, batches, members, device, offload, progress, f"{i + 1}/{len(blocks)} "))
+        hessians.update(h_block)
+        if on_block is not None:
+            on_block(block, h_block)
+    return hessians
+
+
+def damp(H: torch.Tensor, lam: float) -> torch.Tensor:
+    """H + λ·mean(diag H)·I (METHOD.md "Notation"); a zero diagonal (dead layer) is damped with λ·I. Pure."""
+    if H.dim() != 2 or H.shape[0] != H.shape[1]:
+        raise ValueError(f"damp: H must be square (n, n), got {tuple(H.shape)}")
+    if lam < 0:
+        raise ValueError(f"damp: lam must be >= 0, got {lam}")
+    mu = H.diagonal().mean()
+    mu = torch.where(mu > 0, mu, torch.ones_like(mu))
+    return H + (lam * mu) * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+
+
+def whitening_root(H: torch.Tensor) -> torch.Tensor:
+    """R (n×n) with RᵀR = H: H = U Λ Uᵀ (eigh, float64), eigenvalues clamped at 0, R = Λ^{1/2} Uᵀ. Pure.
+
+    Then ‖X Mᵀ‖²_F = N·‖M Rᵀ‖²_F for any M (m×n): the layer-output error of a weight error M is ‖M Rᵀ‖_F.
+    """
+    if H.dim() != 2 or H.shape[0] != H.shape[1]:
+        raise ValueError(f"whitening_root: H must be square (n, n), got {tuple(H.shape)}")
+    Hd = H.to(torch.float64)
+    evals, U = torch.linalg.eigh((Hd + Hd.T) / 2)
+    return (evals.clamp_min(0).sqrt()[:, None] * U.T).to(H.dtype)
+
+
+def calibration_windows(token_ids, n_windows: int, seq_len: int, generator: torch.Generator) -> torch.Tensor:
+    """(n_windows, seq_len) long: random windows of a token stream (the TRAIN split), starts drawn with `generator`."""
+    ids = torch.as_tensor(token_ids, dtype=torch.long).reshape(-1)
+    if n_windows < 1 or seq_len < 1:
+        raise ValueError(f"calibration_windows: n_windows and seq_len must be >= 1, got {n_windows}, {seq_len}")
+    if ids.numel() < seq_len:
+        raise ValueError(f"calibration_windows: the token stream has {ids.numel()} tokens, fewer than seq_len={seq_len}")
+    starts = torch.randint(0, ids.numel() - seq_len + 1, (n_windows,), generator=generator)
+    return ids[starts[:, None] + torch.arange(seq_len)]          # (n_windows, seq_len)
+
+
+def window_batches(windows: torch.Tensor, batch_size: int) -> list[dict[str, torch.Tensor]]:
+    """Split (W, T) windows into a list of {input_ids, attention_mask} batches for collect_hessians."""
+    return [
+        {"input_ids": w, "attention_mask": torch.ones_like(w)}
+        for w in windows.split(batch_size)
+    ]
+
+
+def save_hessians(path: str | Path, hessians: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
+    """Hessians to one safetensors file, keyed by module name; `metadata` (JSON-able) kept under 'qwha'."""
+    from safetensors.torch import save_file
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in hessians.items()}, str(path),
+              metadata={"qwha": json.dumps(metadata or {})})
+
+
+def load_hessians(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Inverse of save_hessians: ({name: H}, metadata)."""
+    from safetensors import safe_open
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"Hessian file {path} not found (make it with calib.save_hessians)")
+    out = {}
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads((f.metadata() or {}).get("qwha", "{}"))
+        for k in f.keys():
+            out[k] = f.get_tensor(k)
+    return out, meta
