@@ -3,10 +3,11 @@
 METHOD.md "Notation": for a linear layer y = x Wᵀ with calibration inputs X (N×n), H = XᵀX / N and a
 whitening root R (RᵀR = H) turn the layer-output error of a weight error M into ‖M Rᵀ‖_F.
 
-`collect_hessians` runs a model over calibration batches and accumulates XᵀX in float64 with `addmm_`
-from forward pre-hooks on the named linears (nn.Linear, QuantLinear, WHALinear: anything whose first
-positional input is the (..., n) activation). No token matrix is kept. Padded positions (attention_mask == 0)
+`collect_hessians` runs a model over calibration batches and accumulates XᵀX in float64 (each batch's
+product added to a running sum) from forward pre-hooks on the named linears (nn.Linear, QuantLinear,
+WHALinear: anything whose first positional input is the (..., n) activation). No token matrix is kept. Padded positions (attention_mask == 0)
 are excluded. Hooks are removed in a `finally` block, so an exception leaves the model as it was.
+Linears fed the very same input tensor (q/k/v, gate/up) share one XᵀX product per batch.
 
 Two input regimes (issue 6):
   - sequential=False (the paper): all Hessians from the full-precision model in one pass over the data.
@@ -17,7 +18,7 @@ Two input regimes (issue 6):
     truncated right after the block's last target linear (an exception raised from the hook stops the
     forward), i.e. about L/2 full forwards for L blocks: simple and exact, not the fastest possible.
 The memory bound: `offload=True` keeps every Hessian on the CPU (the activations of one batch are copied
-there for the addmm), so an accelerator only holds the model and one batch.
+there for the product), so an accelerator only holds the model and one batch.
 """
 from __future__ import annotations
 
@@ -82,24 +83,31 @@ def _accumulate(model, batches, names, device, offload, progress, label=""):
     """One pass: hooks on `names`, XᵀX accumulated in float64, returns ({name: sum XᵀX}, {name: N})."""
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {name: 0 for name in names}
-    state = {"mask": None, "seen": set()}
+    state = {"mask": None, "seen": set(), "last": None}
     handles = []
 
     def make_hook(name):
         def hook(module, args):
             x = args[0]                                            # (B, T, n) or (N, n)
             n = x.shape[-1]
-            mask = state["mask"]
-            if mask is not None and x.dim() == 3 and mask.shape == x.shape[:2]:
-                x = x[mask.bool()]                                 # (N_b, n): non-padded positions only
-            x = x.reshape(-1, n)
-            if offload:
-                x = x.to("cpu")
-            x = x.to(torch.float64)
+            last = state["last"]
+            if last is not None and last[0] is x:                  # q/k/v, gate/up: same input, one XᵀX
+                xtx, rows = last[1], last[2]
+            else:
+                mask = state["mask"]
+                xs = x
+                if mask is not None and xs.dim() == 3 and mask.shape == xs.shape[:2]:
+                    xs = xs[mask.bool()]                           # (N_b, n): non-padded positions only
+                xs = xs.reshape(-1, n)
+                if offload:
+                    xs = xs.to("cpu")
+                xs = xs.to(torch.float64)
+                xtx, rows = xs.T @ xs, xs.shape[0]                 # (n, n) this batch's XᵀX, float64
+                state["last"] = (x, xtx, rows)
             if name not in sums:
-                sums[name] = torch.zeros(n, n, dtype=torch.float64, device=x.device)
-            sums[name].addmm_(x.T, x)
-            counts[name] += x.shape[0]
+                sums[name] = torch.zeros(n, n, dtype=torch.float64, device=xtx.device)
+            sums[name].add_(xtx)
+            counts[name] += rows
             state["seen"].add(name)
             if len(state["seen"]) == len(names):
                 raise _StopForward
@@ -116,11 +124,13 @@ def _accumulate(model, batches, names, device, offload, progress, label=""):
         n_batches = 0
         for batch in batches:
             ids, mask = _batch_tensors(batch, device)
-            state["mask"], state["seen"] = mask, set()
+            state["mask"], state["seen"], state["last"] = mask, set(), None
             try:
                 model(ids, attention_mask=mask)
             except _StopForward:
                 pass
+            finally:
+                state["last"] = None
             n_batches += 1
             if progress:
                 print(f"\rcalib {label}batch {n_batches} ({time.time() - t0:.1f}s)", end="", file=sys.stderr, flush=True)

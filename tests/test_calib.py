@@ -149,6 +149,25 @@ def test_sequential_mode_sees_the_quantized_preceding_blocks():
         calib.collect_hessians(ToyLM(), iter(batches), sequential=True)
 
 
+def test_linears_sharing_one_input_get_the_same_hessian():
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.o = nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 6)
+
+        def forward(self, input_ids, attention_mask=None):
+            x = torch.sin(input_ids[..., None].float() * torch.arange(1, 7))
+            return self.o(self.q(x) * self.k(x))
+
+    model = Shared()
+    batches = padded_batches()
+    H = calib.collect_hessians(model, batches, ["q", "k", "o"])
+    X = capture_inputs(model, batches, ["q", "k", "o"])
+    for name in ("q", "k", "o"):
+        torch.testing.assert_close(H[name], X[name].T @ X[name] / X[name].shape[0])
+    assert H["q"] is not H["k"] and torch.equal(H["q"], H["k"])
+
+
 def test_bare_id_tensors_and_all_padded_layer():
     model = ToyLM()
     ids = torch.randint(0, 50, (2, 5))
