@@ -1,0 +1,295 @@
+"""Evaluate a model, a quantized model or a QWHA-adapted one: perplexity, GSM8K exact match, multiple choice.
+
+    python eval.py --model assets/smollm2-135m --task ppl --data assets/wikitext/test.txt --limit 40
+    python eval.py --model assets/smollm2-135m --quantized runs/demo/quantized.safetensors \
+        --adapter runs/demo/adapter.safetensors --task gsm8k --data assets/gsm8k/test.jsonl --limit 50
+
+- ppl:   exp(mean NLL) over non-overlapping windows of --seq-len tokens of a text file (documents separated by
+         blank lines, each closed by EOS); --limit N takes N windows evenly spaced over the file (a fixed subset).
+- gsm8k: greedy, batched, KV-cached decoding of the GSM8K prompt; the prediction is the first number after
+         "The final answer is:", else the last number of the completion (commas removed); numeric equality
+         with the number after "####" in the reference answer.
+- mc:    multiple-choice log-likelihood (lm-eval-harness style) over JSONL {context, choices, label}: acc takes
+         the choice with the largest summed log-probability, acc_norm divides it by the choice's UTF-8 length.
+Prints a table and writes the results as JSON (--out).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import data
+import model as model_lib
+
+ANSWER_PREFIX = "The final answer is:"
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+# ------------------------------------------------------------------------------------------- loading
+
+
+def load_model(path, quantized=None, adapter=None, device="cpu", dtype=torch.float32):
+    """The model of an HF folder, its block linears replaced by the QuantLinears of `quantized` and wrapped by
+    the WHA adapters of `adapter` when given. Returns (model, tokenizer)."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"--model {path}: no config.json there (expected an HF-style model folder)")
+    m = model_lib.from_pretrained(path, dtype=dtype, device=device)
+    if quantized is not None:
+        import gptq
+        layers, _meta = gptq.load_quantized(quantized)
+        for name, ql in layers.items():
+            model_lib.set_module(m, name, ql.to(device))
+    if adapter is not None:
+        import qwha
+        qwha.load_adapters(adapter, m)
+        m.to(device)
+    m.eval()
+    for p in m.parameters():
+        p.requires_grad_(False)
+    return m, model_lib.Tokenizer.from_pretrained(path)
+
+
+# ------------------------------------------------------------------------------------------- perplexity
+
+
+def window_starts(n_tokens: int, seq_len: int, limit: int | None = None) -> list[int]:
+    """Starts of the non-overlapping windows of a stream; `limit` keeps that many, evenly spaced."""
+    n = n_tokens // seq_len
+    if n == 0:
+        raise ValueError(f"the text has {n_tokens} tokens, fewer than one window of --seq-len {seq_len}")
+    idx = list(range(n))
+    if limit is not None and limit < n:
+        idx = sorted({round(i * (n - 1) / max(limit - 1, 1)) for i in range(limit)})
+    return [i * seq_len for i in idx]
+
+
+@torch.no_grad()
+def perplexity(model, ids: list[int], seq_len: int, limit: int | None = None, batch_size: int = 4,
+               progress: bool = False) -> dict:
+    """exp(mean NLL of every token but each window's first) over non-overlapping windows of `ids`."""
+    device = next(model.parameters()).device
+    stream = torch.tensor(ids, dtype=torch.long)
+    starts = window_starts(len(ids), seq_len, limit)
+    nll, count, t0 = 0.0, 0, time.time()
+    for b in range(0, len(starts), batch_size):
+        x = torch.stack([stream[s:s + seq_len] for s in starts[b:b + batch_size]]).to(device)  # (B, T)
+        logits = model(x).float()                                                             # (B, T, V)
+        nll += F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
+                               reduction="sum").item()
+        count += x[:, 1:].numel()
+        if progress:
+            _progress(f"ppl window {min(b + batch_size, len(starts))}/{len(starts)}", t0)
+    if progress:
+        print(file=sys.stderr)
+    return {"ppl": math.exp(nll / count), "nll": nll / count, "tokens": count, "windows": len(starts),
+            "seq_len": seq_len}
+
+
+# ------------------------------------------------------------------------------------------- GSM8K
+
+
+def extract_answer(text: str) -> float | None:
+    """First number after "The final answer is:", else the last number in the text; commas removed."""
+    text = text.replace(",", "")
+    if ANSWER_PREFIX in text:
+        m = _NUMBER.search(text.split(ANSWER_PREFIX, 1)[1])
+        if m:
+            return float(m.group())
+    nums = _NUMBER.findall(text)
+    return float(nums[-1]) if nums else None
+
+
+def gold_answer(answer: str) -> float:
+    """The reference number of a GSM8K answer: what follows '####' (commas removed)."""
+    return float(data.gsm8k_answer_number(answer))
+
+
+def is_correct(pred: float | None, gold: float) -> bool:
+    return pred is not None and math.isclose(pred, gold, rel_tol=0.0, abs_tol=1e-6)
+
+
+@torch.no_grad()
+def gsm8k(model, tok, records: list[dict], max_new_tokens: int = 256, batch_size: int = 8,
+          progress: bool = False) -> dict:
+    """Exact-match accuracy of greedy answers to GSM8K questions (the training template's prompt)."""
+    add_bos = data.wants_bos(tok)
+    prompts = [tok.encode(data.format_example(r, "gsm8k")[0], add_bos=add_bos) for r in records]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths batch together
+    outputs: list[str] = [""] * len(prompts)
+    t0 = time.time()
+    for b in range(0, len(order), batch_size):
+        idx = order[b:b + batch_size]
+        gen = model_lib.generate(model, [prompts[i] for i in idx], max_new_tokens, tok.eos_ids or tok.eos_id,
+                                 pad_id=_pad_id(tok))
+        for i, g in zip(idx, gen):
+            outputs[i] = tok.decode(g, skip_special_tokens=True)
+        if progress:
+            _progress(f"gsm8k {min(b + batch_size, len(order))}/{len(order)}", t0)
+    if progress:
+        print(file=sys.stderr)
+    rows = []
+    for r, out in zip(records, outputs):
+        gold, pred = gold_answer(r["answer"]), extract_answer(out)
+        rows.append({"question": r["question"], "gold": gold, "pred": pred, "correct": is_correct(pred, gold),
+                     "output": out})
+    acc = sum(r["correct"] for r in rows) / len(rows)
+    return {"accuracy": acc, "n": len(rows), "samples": rows}
+
+
+# ------------------------------------------------------------------------------------------- multiple choice
+
+
+@torch.no_grad()
+def choice_logprobs(model, tok, context: str, choices: list[str], max_len: int = 1024) -> list[float]:
+    """Summed log-probability of each choice's tokens after the context (context truncated from the left)."""
+    device = next(model.parameters()).device
+    ctx = tok.encode(context, add_bos=data.wants_bos(tok))
+    seqs, spans = [], []
+    for c in choices:
+        cont = tok.encode(c)
+        if not cont:
+            raise ValueError(f"choice {c!r} has no tokens")
+        ids = (ctx + cont)[-max_len:]
+        seqs.append(ids)
+        spans.append(len(ids) - len(cont))
+    x, _labels, mask = data.collate_right([(s, s) for s in seqs], _pad_id(tok))
+    logp = torch.log_softmax(model(x.to(device), attention_mask=mask.to(device)).float(), dim=-1)  # (C, T, V)
+    out = []
+    for k, (s, start) in enumerate(zip(seqs, spans)):
+        tgt = torch.tensor(s[start:], device=device)
+        out.append(logp[k, start - 1:len(s) - 1].gather(-1, tgt[:, None]).sum().item())
+    return out
+
+
+def multiple_choice(model, tok, records: list[dict], max_len: int = 1024, progress: bool = False) -> dict:
+    """acc and acc_norm (log-likelihood / UTF-8 length of the choice) over {context, choices, label} records."""
+    hits = hits_norm = 0
+    t0 = time.time()
+    for i, r in enumerate(records):
+        for f in ("context", "choices", "label"):
+            if f not in r:
+                raise ValueError(f"multiple-choice record {i} has no field {f!r} (expected context, choices, label)")
+        lp = choice_logprobs(model, tok, r["context"], r["choices"], max_len)
+        norm = [v / max(len(c.encode("utf-8")), 1) for v, c in zip(lp, r["choices"])]
+        hits += int(max(range(len(lp)), key=lp.__getitem__) == int(r["label"]))
+        hits_norm += int(max(range(len(norm)), key=norm.__getitem__) == int(r["label"]))
+        if progress:
+            _progress(f"mc {i + 1}/{len(records)}", t0)
+    if progress:
+        print(file=sys.stderr)
+    return {"acc": hits / len(records), "acc_norm": hits_norm / len(records), "n": len(records)}
+
+
+# ------------------------------------------------------------------------------------------- CLI
+
+
+@dataclass
+class EvalConfig:
+    model: str                      # HF-style folder (config.json, model.safetensors, tokenizer.json)
+    task: str                       # ppl | gsm8k | mc
+    data: str                       # text file (ppl) or JSON/JSONL file (gsm8k, mc)
+    quantized: str | None = None    # quantized.safetensors from train.py (replaces the block linears)
+    adapter: str | None = None      # adapter.safetensors from train.py (wraps them with WHA adapters)
+    limit: int | None = None        # ppl: windows (evenly spaced); gsm8k/mc: the first N records
+    seq_len: int = 512              # ppl window length
+    batch_size: int = 8
+    max_new_tokens: int = 256       # gsm8k
+    max_len: int = 1024             # mc: context + choice tokens
+    device: str = "cpu"
+    dtype: str = "float32"          # float32 | bfloat16 | float16
+    out: str | None = None          # results JSON
+    quiet: bool = False
+
+
+def parse_args(argv=None) -> EvalConfig:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="HF-style model folder")
+    p.add_argument("--task", required=True, choices=["ppl", "gsm8k", "mc"])
+    p.add_argument("--data", required=True, help="text file (ppl) or JSON/JSONL records (gsm8k, mc)")
+    p.add_argument("--quantized", help="quantized.safetensors written by train.py")
+    p.add_argument("--adapter", help="adapter.safetensors written by train.py (needs --quantized)")
+    p.add_argument("--limit", type=int, help="ppl: N evenly spaced windows; gsm8k/mc: first N records")
+    p.add_argument("--seq-len", type=int, default=512, help="ppl window length (default 512)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=256, help="gsm8k generation length (default 256)")
+    p.add_argument("--max-len", type=int, default=1024, help="mc: longest context+choice (default 1024)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--out", help="write the results here as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress line on stderr")
+    return EvalConfig(**vars(p.parse_args(argv)))
+
+
+def evaluate(cfg: EvalConfig) -> dict:
+    """Run one task; returns the results dict (what --out writes)."""
+    if not Path(cfg.data).is_file():
+        raise FileNotFoundError(f"--data {cfg.data}: file not found")
+    if cfg.adapter and not cfg.quantized:
+        raise ValueError("--adapter needs --quantized (the adapters wrap the quantized linears)")
+    m, tok = load_model(cfg.model, cfg.quantized, cfg.adapter, cfg.device, getattr(torch, cfg.dtype))
+    t0 = time.time()
+    if cfg.task == "ppl":
+        ids = data.text_token_stream(tok, data.read_text(cfg.data))
+        res = perplexity(m, ids, cfg.seq_len, cfg.limit, cfg.batch_size, not cfg.quiet)
+    else:
+        records = data.read_records(cfg.data)[:cfg.limit]
+        if cfg.task == "gsm8k":
+            missing = [i for i, r in enumerate(records) if "question" not in r or "answer" not in r]
+            if missing:
+                raise ValueError(f"{cfg.data}: record {missing[0]} lacks 'question'/'answer' (GSM8K format)")
+            res = gsm8k(m, tok, records, cfg.max_new_tokens, cfg.batch_size, not cfg.quiet)
+        else:
+            res = multiple_choice(m, tok, records, cfg.max_len, not cfg.quiet)
+    res["seconds"] = time.time() - t0
+    return {"config": asdict(cfg), "task": cfg.task, **res}
+
+
+def format_table(res: dict) -> str:
+    keys = [k for k in ("ppl", "nll", "accuracy", "acc", "acc_norm", "n", "windows", "tokens", "seconds") if k in res]
+    w = max(len(k) for k in keys)
+    lines = [f"{res['task']} on {res['config']['data']}"]
+    for k in keys:
+        v = res[k]
+        lines.append(f"  {k:<{w}}  {v:.4f}" if isinstance(v, float) else f"  {k:<{w}}  {v}")
+    return "\n".join(lines)
+
+
+def _pad_id(tok) -> int:
+    return tok.pad_id if tok.pad_id is not None else tok.eos_id
+
+
+def _progress(msg: str, t0: float) -> None:
+    print(f"\r{msg} ({time.time() - t0:.0f}s)", end="", file=sys.stderr, flush=True)
+
+
+def main(argv=None) -> dict:
+    cfg = parse_args(argv)
+    res = evaluate(cfg)
+    print(format_table(res))
+    summary = {k: v for k, v in res.items() if k != "samples"}
+    print(json.dumps(summary))
+    if cfg.out:
+        tmp = Path(cfg.out).with_suffix(".tmp")
+        Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(res, indent=1))
+        os.replace(tmp, cfg.out)
+    return res
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
