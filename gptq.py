@@ -1,0 +1,477 @@
+"""Quantizers for the base weight: RTN, GPTQ and MagR; packed 2/3/4-bit storage; QuantLinear.
+
+Orientation follows PyTorch: a weight W is (m, n) = (out_features, in_features) and a layer computes y = x Wᵀ.
+The grid is METHOD.md's eq. 1, asymmetric min–max per group of `group_size` consecutive input columns:
+
+    s = (max − min) / (2^b − 1)   (the range always includes 0),  z = round(−min / s),
+    q = clamp(round(w / s) + z, 0, 2^b − 1),                       ŵ = s · (q − z).
+
+Scales are stored in fp16 and every quantizer rounds with the *stored* fp16 scale (converted back to fp32), so
+what is saved is exactly what was optimized and `QuantState.dequantize()` reproduces the quantizer's ŵ bitwise.
+
+Packing (`pack_codes`): the codes of a tensor are flattened row-major and cut into chunks of 32 (the last chunk
+zero-padded); a chunk of b-bit codes becomes b int32 words, word k holding bit k of the 32 codes (bit plane k,
+code j at bit j). That is exactly b bits per code for every b (2, 3 and 4 alike), with no fields straddling
+words. Zero points are packed the same way; scales stay fp16.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+SUPPORTED_BITS = (2, 3, 4)
+FORMAT = "qwha-gptq"          # safetensors metadata "format"
+FORMAT_VERSION = "1"
+_FP16_MAX = 65504.0
+_FP16_TINY = 2.0 ** -24       # smallest positive fp16 (subnormal)
+
+
+# --------------------------------------------------------------------------------------------- checks
+def _check_bits(bits) -> int:
+    if not isinstance(bits, int) or isinstance(bits, bool) or bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits={bits!r}: expected one of {SUPPORTED_BITS}")
+    return bits
+
+
+def _check_weight(W: torch.Tensor, bits, group_size, what: str = "W") -> None:
+    _check_bits(bits)
+    if W.dim() != 2:
+        raise ValueError(f"{what}: expected a 2-D weight (out_features, in_features), got shape {tuple(W.shape)}")
+    if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size <= 0:
+        raise ValueError(f"group_size={group_size!r}: expected a positive int")
+    if W.shape[1] % group_size != 0:
+        raise ValueError(f"{what}: in_features={W.shape[1]} is not divisible by group_size={group_size}")
+    if not torch.isfinite(W).all():
+        raise ValueError(f"{what}: weight has NaN or Inf entries")
+
+
+# --------------------------------------------------------------------------------------------- grid (eq. 1)
+def fit_groups(W: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min–max (scale, zero) per group of columns (eq. 1); range includes 0; all-zero groups get scale 1.
+
+    Returns scales (m, n//g) fp16 and zeros (m, n//g) uint8.
+    """
+    m, n = W.shape
+    maxq = 2 ** bits - 1
+    Wg = W.detach().float().reshape(m, n // group_size, group_size)
+    xmin = Wg.amin(-1).clamp(max=0.0)                                   # (m, G)
+    xmax = Wg.amax(-1).clamp(min=0.0)
+    s = (xmax - xmin) / maxq
+    s = torch.where(s == 0, torch.ones_like(s), s)
+    s16 = s.clamp(_FP16_TINY, _FP16_MAX).half()                         # stored scale
+    z = torch.round(-xmin / s16.float()).clamp(0, maxq)
+    return s16, z.to(torch.uint8)
+
+
+def _round_codes(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, maxq: int) -> torch.Tensor:
+    """Codes (as float) of w on the grid (s, z): clamp(round(w/s) + z, 0, maxq). The one rounding rule."""
+    return torch.clamp(torch.round(w / s) + z, 0, maxq)
+
+
+def _dequant(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+             dtype=torch.float32) -> torch.Tensor:
+    """ŵ = s·(q − z), computed in fp32 from the fp16 scales, then cast to dtype. (m, n)."""
+    m, n = codes.shape
+    q = codes.float().reshape(m, n // group_size, group_size)
+    w = (q - zeros.float().unsqueeze(-1)) * scales.float().unsqueeze(-1)
+    return w.reshape(m, n).to(dtype)
+
+
+@dataclass
+class QuantState:
+    """A quantized weight: codes (m, n) uint8 in [0, 2^b − 1], scales (m, n//g) fp16, zeros (m, n//g) uint8."""
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    bits: int
+    group_size: int
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)
+
+    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
+        """ŵ = scale·(q − z) in fp32 from the stored fp16 scales (eq. 1), cast to dtype. (m, n)."""
+        return _dequant(self.codes, self.scales, self.zeros, self.group_size, dtype)
+
+
+def quantize_rtn(W: torch.Tensor, bits: int, group_size: int = 64) -> QuantState:
+    """Round-to-nearest on the per-group min–max grid (eq. 1)."""
+    _check_weight(W, bits, group_size)
+    m, n = W.shape
+    maxq = 2 ** bits - 1
+    scales, zeros = fit_groups(W, bits, group_size)
+    Wg = W.detach().float().reshape(m, n // group_size, group_size)
+    q = _round_codes(Wg, scales.float().unsqueeze(-1), zeros.float().unsqueeze(-1), maxq)
+    return QuantState(q.reshape(m, n).to(torch.uint8), scales, zeros, bits, group_size, {"method": "rtn"})
+
+
+def output_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> tuple[float, float]:
+    """Layer output error ‖(W − Q)Rᵀ‖_F with RᵀR = H, and its ratio to ‖W Rᵀ‖_F (trace forms, no root needed)."""
+    Hf = H.to(W.device, torch.float32)
+    W = W.float()
+    E = W - Q.float()
+    err = float(((E @ Hf) * E).sum().clamp(min=0).sqrt())
+    ref = float(((W @ Hf) * W).sum().clamp(min=0).sqrt())
+    return err, (err / ref if ref > 0 else 0.0)
+
+
+# --------------------------------------------------------------------------------------------- GPTQ
+def _inverse_cholesky(H: torch.Tensor, damp: float, name: str, max_retries: int = 3):
+    """Upper U with (H + λ·mean(diag H)·I)⁻¹ = UᵀU. Retries with λ ×10 when H is not positive definite.
+
+    With J the order-reversing permutation and J H J = L Lᵀ (lower L), U = J L⁻¹ J: one Cholesky and one
+    triangular solve, no explicit inverse of H. Computed in H's dtype. Returns (U, λ used, retries).
+    """
+    n = H.shape[0]
+    mean_diag = float(torch.diagonal(H).mean())
+    if not mean_diag > 0:
+        raise ValueError(f"gptq_quantize({name!r}): Hessian has mean diagonal {mean_diag:g}; expected > 0 "
+                         "(H = XᵀX/N is positive semi-definite)")
+    idx = torch.arange(n, device=H.device)
+    eye = torch.eye(n, dtype=H.dtype, device=H.device)
+    Hr = H.flip(0, 1)                                                 # J H J
+    lam = damp
+    for retry in range(max_retries + 1):
+        Hd = Hr.clone()
+        Hd[idx, idx] += lam * mean_diag
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if int(info) == 0:
+            U = torch.linalg.solve_triangular(L, eye, upper=False).flip(0, 1)
+            if torch.isfinite(U).all():
+                return U, lam, retry
+        lam *= 10.0
+    raise ValueError(f"gptq_quantize({name!r}): Hessian is not positive definite even with damping "
+                     f"{lam / 10:g}·mean(diag H) after {max_retries} retries (×10 each); check its calibration")
+
+
+def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int = 64, damp: float = 0.01,
+                  block_size: int = 128, act_order: bool = False, static_groups: bool = True,
+                  name: str = "") -> QuantState:
+    """GPTQ (Frantar et al. 2023) on the eq. 1 grid; H = XᵀX/N (n, n). See METHOD.md, "Quantization".
+
+    Columns are quantized one at a time (in blocks of `block_size`, with lazy updates of the columns right of the
+    block); after column i the error err = (w_i − ŵ_i)/U_ii is spread over the remaining columns by
+    W[:, j] −= err·U[i, j], where U is the upper Cholesky factor of the damped H⁻¹. Dead inputs (diag H = 0)
+    get H_ii = 1 and W[:, i] = 0. With `static_groups` every group's (scale, zero) is fitted once on the
+    original weight in the original column order, so `act_order` (columns by decreasing diag H) keeps the
+    grid of the original order and needs no g_idx. stats: damp, retries, time_s, out_err, rel_err.
+    """
+    t0 = time.perf_counter()
+    _check_weight(W, bits, group_size, what=f"W of {name!r}" if name else "W")
+    m, n = W.shape
+    if tuple(H.shape) != (n, n):
+        raise ValueError(f"gptq_quantize({name!r}): H has shape {tuple(H.shape)}; expected ({n}, {n})")
+    if not torch.isfinite(H).all():
+        raise ValueError(f"gptq_quantize({name!r}): H has NaN or Inf entries")
+    if not isinstance(block_size, int) or block_size <= 0:
+        raise ValueError(f"block_size={block_size!r}: expected a positive int")
+    if act_order and not static_groups:
+        raise ValueError("act_order=True needs static_groups=True (dynamic groups in permuted order need a g_idx)")
+    if not static_groups and block_size % group_size != 0:
+        raise ValueError(f"static_groups=False needs block_size ({block_size}) divisible by group_size ({group_size})")
+    maxq = 2 ** bits - 1
+    dev = W.device
+
+    Hd = H.detach().to(dev, torch.float64 if H.dtype == torch.float64 else torch.float32)
+    Hd = (Hd + Hd.T) / 2                                              # (n, n), symmetric
+    Wf = W.detach().to(torch.float32).clone()                         # (m, n)
+    dead = torch.diagonal(Hd) == 0
+    if bool(dead.any()):
+        Hd[dead, dead] = 1.0
+        Wf[:, dead] = 0.0
+
+    G = n // group_size
+    scales, zeros = fit_groups(Wf, bits, group_size)                  # static grid, original order
+    perm = None
+    if act_order:
+        perm = torch.argsort(torch.diagonal(Hd), descending=True, stable=True)
+        Wf = Wf[:, perm]
+        Hd = Hd[perm][:, perm]
+    U, lam, retries = _inverse_cholesky(Hd, damp, name)
+    U = U.to(torch.float32)                                           # (n, n) upper
+
+    # Work transposed: column i of W is the contiguous row Wt[i] (m,).
+    Wt = Wf.T.contiguous()                                            # (n, m)
+    Qt = torch.empty_like(Wt)                                         # codes, as float
+    if static_groups:
+        col_group = torch.arange(n, device=dev) // group_size
+        if perm is not None:
+            col_group = col_group[perm]
+        St = scales.float().T[col_group].contiguous()                 # (n, m) scale of each column
+        Zt = zeros.float().T[col_group].contiguous()                  # (n, m)
+    else:
+        St = torch.empty_like(Wt)
+        Zt = torch.empty_like(Wt)
+        scales = torch.empty(m, G, dtype=torch.float16, device=dev)
+        zeros = torch.empty(m, G, dtype=torch.uint8, device=dev)
+
+    for i1 in range(0, n, block_size):
+        i2 = min(i1 + block_size, n)
+        W1 = Wt[i1:i2]                                                # (c, m): carries all updates from earlier blocks
+        L1 = U[i1:i2, i1:i2].T.contiguous()                           # (c, c) lower: L1[i, :i] = U[:i, i]
+        d1 = torch.diagonal(U)[i1:i2]
+        E1 = torch.zeros_like(W1)                                     # (c, m) scaled errors of the block's columns
+        for i in range(i2 - i1):
+            col = i1 + i
+            if not static_groups and col % group_size == 0:           # fit the group on the updated weights
+                Wg = W1[i:i + group_size] - L1[i:i + group_size, :i] @ E1[:i]      # (g, m)
+                s16, z8 = fit_groups(Wg.T, bits, group_size)
+                gi = col // group_size
+                scales[:, gi], zeros[:, gi] = s16[:, 0], z8[:, 0]
+                St[col:col + group_size] = s16.float().T
+                Zt[col:col + group_size] = z8.float().T
+            w = W1[i] - L1[i, :i] @ E1[:i] if i else W1[i]          # (m,) column i after the in-block updates
+            s, z = St[col], Zt[col]
+            q = _round_codes(w, s, z, maxq)
+            Qt[col] = q
+            E1[i] = (w - (q - z) * s) / d1[i]                         # err = (w_i − ŵ_i) / U_ii
+        if i2 < n:
+            Wt[i2:].addmm_(U[i1:i2, i2:].T, E1, alpha=-1.0)           # lazy update: W[:, i2:] −= Err · U[i1:i2, i2:]
+
+    codes = Qt.T                                                      # (m, n), permuted order
+    if perm is not None:
+        codes = codes[:, torch.argsort(perm)]
+    state = QuantState(codes.to(torch.uint8).contiguous(), scales, zeros, bits, group_size)
+    err, rel = output_error(W.detach(), state.dequantize(), H.detach())
+    state.stats = {"method": "gptq", "name": name, "damp": lam, "retries": retries, "dead": int(dead.sum()),
+                   "act_order": act_order, "static_groups": static_groups,
+                   "time_s": time.perf_counter() - t0, "out_err": err, "rel_err": rel}
+    return state
+
+
+# --------------------------------------------------------------------------------------------- MagR
+def project_l1_ball(V: torch.Tensor, radius: float) -> torch.Tensor:
+    """Euclidean projection of every row of V (B, g) onto the ℓ1 ball of the given radius (Duchi et al. 2008)."""
+    a = V.abs()
+    u = torch.sort(a, dim=-1, descending=True).values                 # (B, g)
+    c = u.cumsum(-1) - radius
+    j = torch.arange(1, V.shape[-1] + 1, device=V.device, dtype=V.dtype)
+    rho = (u * j > c).sum(-1, keepdim=True).clamp(min=1)              # (B, 1), support size of the projection
+    theta = c.gather(-1, rho - 1) / rho.to(V.dtype)
+    proj = torch.sign(V) * (a - theta).clamp(min=0)
+    inside = a.sum(-1, keepdim=True) <= radius
+    return torch.where(inside, V, proj)
+
+
+def _linf_prox_threshold(a: torch.Tensor, tau: float, k: int = 8) -> torch.Tensor:
+    """θ per row of a = |V| (B, g) with Σ_j max(a_j − θ, 0) = τ (θ = 0 where Σ a ≤ τ): the ℓ1-ball threshold.
+
+    Duchi's sort-based rule on the top-k entries only; rows whose support may extend past k are redone with a
+    full sort, so the result is exact. (B, 1).
+    """
+    B, g = a.shape
+    k = min(k, g)
+    u = torch.topk(a, k, dim=-1, sorted=True).values if k < g else torch.sort(a, -1, descending=True).values
+    c = u.cumsum(-1) - tau                                            # (B, k)
+    j = torch.arange(1, k + 1, device=a.device, dtype=a.dtype)
+    rho = (u * j > c).sum(-1, keepdim=True).clamp(min=1)              # support size of the projection
+    theta = c.gather(-1, rho - 1) / rho.to(a.dtype)
+    if k < g:
+        redo = (rho[:, 0] == k).nonzero()[:, 0]                       # support may be larger than k
+        if redo.numel():
+            theta[redo] = _linf_prox_threshold(a[redo], tau, g)
+    return torch.where(a.sum(-1, keepdim=True) <= tau, torch.zeros_like(theta), theta.clamp(min=0))
+
+
+def prox_linf_groups(V: torch.Tensor, tau: float, group_size: int) -> torch.Tensor:
+    """prox of τ·Σ_group ‖v_group‖_∞ on V (m, n), per group of columns.
+
+    Moreau: prox_{τ‖·‖∞}(v) = v − P_{ℓ1 ball of radius τ}(v); with P(v) = sign(v)·max(|v| − θ, 0) this is
+    clamp(v, −θ, θ), θ the ℓ1-ball threshold (0 when ‖v‖₁ ≤ τ). Batched over all groups.
+    """
+    m, n = V.shape
+    Vg = V.reshape(m * (n // group_size), group_size)                 # (B, g)
+    theta = _linf_prox_threshold(Vg.abs(), tau)                       # (B, 1)
+    return torch.maximum(torch.minimum(Vg, theta), -theta).reshape(m, n)
+
+
+def magr(W: torch.Tensor, H: torch.Tensor, alpha: float = 1e-4, group_size: int = 64, iters: int = 200) -> torch.Tensor:
+    """MagR (Zhang et al. 2024): proximal gradient on ½‖(Ŵ − W)R̃ᵀ‖² + α Σ_group ‖ŵ_group‖_∞, R̃ᵀR̃ = H/λmax(H).
+
+    As in the MagR authors' code, H is normalized to λmax = 1, so the step is 1 (= 1/λmax) and the prox scale per
+    step is α (in weight units). Gradient (Ŵ − W)H̃; uses the full accumulated H. Returns W' (m, n), W's dtype.
+    """
+    if W.dim() != 2 or W.shape[1] % group_size != 0:
+        raise ValueError(f"magr: W of shape {tuple(W.shape)} needs in_features divisible by group_size={group_size}")
+    n = W.shape[1]
+    if tuple(H.shape) != (n, n):
+        raise ValueError(f"magr: H has shape {tuple(H.shape)}; expected ({n}, {n})")
+    if alpha <= 0 or iters < 0:
+        raise ValueError(f"magr: alpha={alpha} must be > 0 and iters={iters} >= 0")
+    Hd = H.detach().to(W.device, torch.float64)
+    Hd = (Hd + Hd.T) / 2
+    lmax = float(torch.linalg.eigvalsh(Hd)[-1])
+    if not lmax > 0:
+        return W.clone()
+    Hn = (Hd / lmax).to(torch.float32)                                # (n, n), λmax = 1
+    W0 = W.detach().float()
+    Wh = W0.clone()
+    for _ in range(iters):
+        V = Wh - (Wh - W0) @ Hn                                       # gradient step, η = 1
+        Wh = prox_linf_groups(V, alpha, group_size)
+    return Wh.to(W.dtype)
+
+
+# --------------------------------------------------------------------------------------------- packing
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack b-bit codes (any shape, values < 2^b) into int32 bit planes: 32 codes -> b words. 1-D int32."""
+    _check_bits(bits)
+    flat = codes.reshape(-1).to(torch.int64)
+    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= 2 ** bits):
+        raise ValueError(f"pack_codes: codes must lie in [0, {2 ** bits - 1}] for bits={bits}")
+    pad = (-flat.numel()) % 32
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    chunks = flat.reshape(-1, 1, 32)                                  # (C, 1, 32)
+    k = torch.arange(bits, device=flat.device).reshape(1, bits, 1)
+    j = torch.arange(32, device=flat.device).reshape(1, 1, 32)
+    words = (((chunks >> k) & 1) << j).sum(-1)                        # (C, b) in [0, 2^32)
+    words = torch.where(words >= 2 ** 31, words - 2 ** 32, words)     # two's complement into int32
+    return words.to(torch.int32).reshape(-1)
+
+
+def unpack_codes(words: torch.Tensor, bits: int, shape) -> torch.Tensor:
+    """Inverse of pack_codes: int32 words -> uint8 codes of the given shape."""
+    _check_bits(bits)
+    shape = tuple(shape)
+    numel = math.prod(shape)
+    nchunks = -(-numel // 32)
+    if words.dtype != torch.int32 or words.numel() != nchunks * bits:
+        raise ValueError(f"unpack_codes: expected {nchunks * bits} int32 words for shape {shape} at {bits} bits, "
+                         f"got {words.numel()} {words.dtype}")
+    w = words.reshape(-1, bits, 1)                                    # (C, b, 1)
+    j = torch.arange(32, device=words.device, dtype=torch.int32).reshape(1, 1, 32)
+    k = torch.arange(bits, device=words.device, dtype=torch.int32).reshape(1, bits, 1)
+    planes = (w >> j) & 1                                             # (C, b, 32)
+    codes = (planes << k).sum(1, dtype=torch.int32)                   # (C, 32)
+    return codes.reshape(-1)[:numel].to(torch.uint8).reshape(shape)
+
+
+# --------------------------------------------------------------------------------------------- module
+class QuantLinear(nn.Module):
+    """A linear layer that stores only packed codes, fp16 scales, packed zeros (and the bias).
+
+    forward(x) = x @ dequantize(x.dtype).T + b, dequantizing on the fly. With `chunk_rows` set, the weight is
+    dequantized and multiplied `chunk_rows` output rows at a time (lower peak memory; equal up to GEMM rounding).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int = 64, bias: bool = False,
+                 device=None, chunk_rows: int | None = None):
+        super().__init__()
+        _check_bits(bits)
+        if in_features % group_size != 0:
+            raise ValueError(f"QuantLinear: in_features={in_features} not divisible by group_size={group_size}")
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size, self.chunk_rows = bits, group_size, chunk_rows
+        G = in_features // group_size
+        nw = lambda numel: -(-numel // 32) * bits                    # noqa: E731
+        self.register_buffer("qweight", torch.zeros(nw(out_features * in_features), dtype=torch.int32, device=device))
+        # fp16 scales kept as their int16 bit pattern, so that module.to(dtype) / .half() / .bfloat16() (which
+        # convert floating buffers) can never re-round them; `scales` is the fp16 view.
+        self.register_buffer("scale_bits", torch.ones(out_features, G, dtype=torch.float16, device=device)
+                             .view(torch.int16))
+        self.register_buffer("qzeros", torch.zeros(nw(out_features * G), dtype=torch.int32, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
+
+    @classmethod
+    def from_state(cls, state: QuantState, bias: torch.Tensor | None = None) -> "QuantLinear":
+        m, n = state.shape
+        mod = cls(n, m, state.bits, state.group_size, bias=bias is not None, device=state.codes.device)
+        mod.qweight = pack_codes(state.codes, state.bits)
+        mod.scale_bits = state.scales.to(torch.float16).clone().view(torch.int16)
+        mod.qzeros = pack_codes(state.zeros, state.bits)
+        if bias is not None:
+            mod.bias = bias.detach().clone()
+        return mod
+
+    @property
+    def scales(self) -> torch.Tensor:
+        """(m, n//g) fp16 scales (a view of the stored bits)."""
+        return self.scale_bits.view(torch.float16)
+
+    def state(self) -> QuantState:
+        m, n = self.out_features, self.in_features
+        return QuantState(unpack_codes(self.qweight, self.bits, (m, n)), self.scales.clone(),
+                          unpack_codes(self.qzeros, self.bits, (m, n // self.group_size)), self.bits, self.group_size)
+
+    def dequantize(self, dtype=torch.float32, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """ŵ (m, n) — or output rows [r0, r1) only — from the packed storage."""
+        m, n, g, b = self.out_features, self.in_features, self.group_size, self.bits
+        r0, r1 = rows if rows is not None else (0, m)
+        if rows is not None and (n * r0) % 32 == 0 and (n * r1 % 32 == 0 or r1 == m):
+            wq = self.qweight[n * r0 // 32 * b: -(-n * r1 // 32) * b]
+            codes = unpack_codes(wq, b, (r1 - r0, n))
+        else:
+            codes = unpack_codes(self.qweight, b, (m, n))[r0:r1]
+        zeros = unpack_codes(self.qzeros, b, (m, n // g))[r0:r1]
+        return _dequant(codes, self.scales[r0:r1], zeros, g, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.chunk_rows is None or self.chunk_rows >= self.out_features:
+            y = x @ self.dequantize(x.dtype).T
+        else:
+            y = torch.cat([x @ self.dequantize(x.dtype, (r, min(r + self.chunk_rows, self.out_features))).T
+                           for r in range(0, self.out_features, self.chunk_rows)], dim=-1)
+        return y + self.bias.to(y.dtype) if self.bias is not None else y
+
+    def nbytes(self, include_bias: bool = True) -> int:
+        """Bytes held: packed codes + fp16 scales + packed zeros (+ bias)."""
+        total = sum(t.numel() * t.element_size() for t in (self.qweight, self.scale_bits, self.qzeros))
+        if include_bias and self.bias is not None:
+            total += self.bias.numel() * self.bias.element_size()
+        return total
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, bias={self.bias is not None}")
+
+
+# --------------------------------------------------------------------------------------------- files
+def save_quantized(path, layers: dict[str, QuantLinear], metadata: dict | None = None) -> None:
+    """Write {name: QuantLinear} to a safetensors file; the settings of every layer go in the file's metadata."""
+    from safetensors.torch import save_file
+    tensors, settings = {}, {}
+    for name, mod in layers.items():
+        if not isinstance(mod, QuantLinear):
+            raise ValueError(f"save_quantized: {name!r} is a {type(mod).__name__}; expected QuantLinear")
+        tensors[f"{name}.qweight"] = mod.qweight.detach().cpu().contiguous()
+        tensors[f"{name}.scales"] = mod.scales.detach().cpu().contiguous()
+        tensors[f"{name}.qzeros"] = mod.qzeros.detach().cpu().contiguous()
+        if mod.bias is not None:
+            tensors[f"{name}.bias"] = mod.bias.detach().cpu().contiguous()
+        settings[name] = {"in_features": mod.in_features, "out_features": mod.out_features, "bits": mod.bits,
+                          "group_size": mod.group_size, "bias": mod.bias is not None}
+    meta = {"format": FORMAT, "version": FORMAT_VERSION, "packing": "bitplane-int32-32",
+            "layers": json.dumps(settings), "user": json.dumps(metadata or {})}
+    save_file(tensors, str(path), metadata=meta)
+
+
+def load_quantized(path, device="cpu") -> tuple[dict[str, QuantLinear], dict]:
+    """Read a file written by save_quantized -> ({name: QuantLinear}, metadata)."""
+    from safetensors import safe_open
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"load_quantized: {path} does not exist")
+    with safe_open(str(path), framework="pt", device=str(device)) as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"load_quantized: {path} has format {meta.get('format')!r}; expected {FORMAT!r}")
+        layers = {}
+        for name, cfg in json.loads(meta["layers"]).items():
+            mod = QuantLinear(cfg["in_features"], cfg["out_features"], cfg["bits"], cfg["group_size"],
+                              bias=cfg["bias"], device=device)
+            mod.qweight = f.get_tensor(f"{name}.qweight")
+            mod.scale_bits = f.get_tensor(f"{name}.scales").to(torch.float16).view(torch.int16)
+            mod.qzeros = f.get_tensor(f"{name}.qzeros")
+            if cfg["bias"]:
+                mod.bias = f.get_tensor(f"{name}.bias")
+            layers[name] = mod
+    return layers, json.loads(meta.get("user", "{}"))
