@@ -280,10 +280,12 @@ class DecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     """Embeddings, the decoder blocks and the final norm: input ids (B, T) -> hidden states (B, T, D)."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, init: bool = True):
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # init=False leaves the embedding uninitialized (for loading: normal_ on "meta" costs seconds of imports)
+        empty = None if init else torch.empty(config.vocab_size, config.hidden_size)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, _weight=empty)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.gradient_checkpointing = False
@@ -321,10 +323,13 @@ class LlamaModel(nn.Module):
         inv_freq = self.inv_freq(int(position_ids.max()) + 1)
         cos, sin = rope_cos_sin(inv_freq, position_ids, x.dtype)
         window = self.config.sliding_window
-        if cache is None and bool(key_mask.all()) and (window is None or window >= T):
+        binding = window is not None and window < past + T
+        if cache is None and not binding and bool(key_mask.all()):
             mask = "causal"
+        elif T == 1 and not binding and bool(key_mask.all()):  # one new token that may see every key
+            mask = None
         else:
-            mask = attention_mask_4d(key_mask, T, window if window is not None and window < past + T else None)
+            mask = attention_mask_4d(key_mask, T, window if binding else None)
         use_ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None
         for layer in self.layers:
             if use_ckpt:
@@ -339,10 +344,10 @@ class LlamaModel(nn.Module):
 class LlamaForCausalLM(nn.Module):
     """The decoder plus the LM head (tied: `lm_head.weight is model.embed_tokens.weight`)."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, init: bool = True):
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config)
+        self.model = LlamaModel(config, init)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -374,6 +379,20 @@ class LlamaForCausalLM(nn.Module):
         if last_only:
             h = h[:, -1:]
         return self.lm_head(h)
+
+
+@torch.no_grad()
+def init_weights(model: LlamaForCausalLM, generator: torch.Generator, std: float = 0.02) -> LlamaForCausalLM:
+    """Seeded random weights as the reference initializes them: N(0, std) for linears and embeddings, zero
+    biases, unit norms. For tests and tiny random models."""
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            p.fill_(1.0)
+        elif name.endswith(".bias"):
+            p.zero_()
+        else:
+            p.copy_(torch.randn(p.shape, generator=generator, dtype=torch.float32) * std)
+    return model
 
 
 # ------------------------------------------------------------------------------------------------- module access
@@ -463,7 +482,7 @@ def from_pretrained(path, dtype: torch.dtype = torch.float32, device="cpu") -> L
     path = Path(path)
     config = ModelConfig.from_json(path / "config.json")
     with torch.device("meta"):
-        model = LlamaForCausalLM(config)
+        model = LlamaForCausalLM(config, init=False)
     expected = {n: tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)}
     tied = config.tie_word_embeddings
     files = checkpoint_files(path)

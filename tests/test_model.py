@@ -338,3 +338,13 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     assert grads[0].keys() == grads[1].keys()
     for n in grads[0]:
         assert torch.allclose(grads[0][n], grads[1][n], atol=1e-6, rtol=1e-5), n
+
+
+def test_init_weights_is_seeded_and_tied_head_follows():
+    cfg = M.ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                        num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True, attention_bias=True)
+    a = M.init_weights(M.LlamaForCausalLM(cfg), torch.Generator().manual_seed(5))
+    b = M.init_weights(M.LlamaForCausalLM(cfg), torch.Generator().manual_seed(5))
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+    assert a.lm_head.weight is a.model.embed_tokens.weight and float(a.model.norm.weight.mean()) == 1.0
+    assert float(a.model.layers[0].self_attn.q_proj.bias.abs().sum()) == 0.0
