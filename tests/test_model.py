@@ -346,5 +346,5 @@ def test_init_weights_is_seeded_and_tied_head_follows():
     a = M.init_weights(M.LlamaForCausalLM(cfg), torch.Generator().manual_seed(5))
     b = M.init_weights(M.LlamaForCausalLM(cfg), torch.Generator().manual_seed(5))
     assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
-    assert a.lm_head.weight is a.model.embed_tokens.weight and float(a.model.norm.weight.mean()) == 1.0
-    assert float(a.model.layers[0].self_attn.q_proj.bias.abs().sum()) == 0.0
+    assert a.lm_head.weight is a.model.embed_tokens.weight and float(a.model.norm.weight.detach().mean()) == 1.0
+    assert float(a.model.layers[0].self_attn.q_proj.bias.detach().abs().sum()) == 0.0
