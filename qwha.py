@@ -1,0 +1,599 @@
+"""QWHA: the Walsh–Hadamard adapter (WHA), AdaAlloc, support selection, batched refinement, init_qwha.
+
+METHOD.md, eqs. 4–9 and 33–35, in PyTorch's orientation (y = x Wᵀ, W ∈ R^{m×n}):
+  adapter        ΔW = s · F T,  F (m×n) sparse with B = r(m+n) non-zeros, T = wht.hadamard_matrix(n)   (eq. 4)
+  objective      min_F ‖(E − F T) Rᵀ‖_F,  E = W − Q, RᵀR = H = XᵀX/N                                 (eq. 5)
+  dense solution C = E Tᵀ (spectrum), G = T H Tᵀ (H in the Hadamard domain)
+  AdaAlloc       k_i = ⌊B σ_i^{1/t} / Σ_j σ_j^{1/t}⌋, remainder one each to the smallest k_i, 2 ≤ k_i ≤ n    (eq. 7)
+  selection      per row, the k_i largest C_ij²·G_jj (output-error contribution; authors' code) or |C_ij|
+  refinement     per row, f·G[Ω,Ω] = P[i,Ω] with P = E H Tᵀ = C G                                      (eqs. 9, 35)
+
+All math functions are pure (tensor in, tensor out). The support of F is a (2, B) LongTensor [row, col] in
+CSR order (rows ascending, columns ascending within a row); values are in the same order.
+
+Scale: ΔW = s·F T and WHALinear stores the values of F divided by nothing else: init values = f / s where f is
+the refined solution of the unscaled problem. Default s = 1.0 in our orthonormal normalization (T Tᵀ = I).
+The authors' s = 4000 lives in their ±1 transform with extra 1/(n√m) factors and is not comparable.
+With AdamW the per-step change of a value is ≈ lr regardless of its size, so the per-step change of ΔW is
+≈ s·lr/√n per entry: s and lr trade one for one (choose lr for s = 1).
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as Fn
+from torch import nn
+
+import wht
+
+__all__ = [
+    "spectrum", "hadamard_hessian", "channel_scores", "adaalloc", "select_topk", "select_support", "refine",
+    "layer_error", "init_layer", "LayerInit", "WHALinear", "init_qwha", "save_adapters", "load_adapters",
+    "format_report",
+]
+
+SELECT_MODES = ("adaalloc", "magnitude", "random", "random_rows", "none")
+
+
+# ---------------------------------------------------------------------------------------------- spectrum
+
+
+def spectrum(E: torch.Tensor) -> torch.Tensor:
+    """C = E Tᵀ (m×n): the dense WHA coefficients that reproduce E exactly (F = C gives F T = E)."""
+    return wht.wht(E)
+
+
+def hadamard_hessian(H: torch.Tensor) -> torch.Tensor:
+    """G = T H Tᵀ (n×n), with two WHTs (rows, then columns); symmetrized. No n×n Hadamard GEMM."""
+    A = wht.wht(H)                     # (n, n) H Tᵀ
+    G = wht.wht(A.T.contiguous())      # Aᵀ Tᵀ = T Hᵀ Tᵀ = T H Tᵀ  (H symmetric)
+    return (G + G.T) / 2
+
+
+def channel_scores(E: torch.Tensor, H: torch.Tensor | None = None, kind: str = "output") -> torch.Tensor:
+    """σ_i per output channel: 'output' ‖e_i Rᵀ‖ = sqrt(e_i H e_iᵀ) (layer-output error), 'weight' ‖e_i‖₂."""
+    if kind == "weight":
+        return E.norm(dim=1)
+    if kind == "output":
+        if H is None:
+            raise ValueError("channel_scores(kind='output') needs H")
+        return ((E @ H) * E).sum(1).clamp_min(0).sqrt()
+    raise ValueError(f"channel_scores: kind must be 'output' or 'weight', got {kind!r}")
+
+
+# ---------------------------------------------------------------------------------------------- AdaAlloc
+
+
+def adaalloc(scores: torch.Tensor, budget: int, temperature: float = 1.0, min_per_row: int = 2,
+             max_per_row: int | None = None) -> torch.Tensor:
+    """Per-channel parameter counts k (m,) long, eq. 7: k_i ∝ σ_i^{1/t}, Σk = budget, min ≤ k_i ≤ max.
+
+    k_i = ⌊B σ_i^{1/t} / Σ σ_j^{1/t}⌋, the remainder one each to the channels with the smallest k_i (ties:
+    higher score first). Where a bound binds, the channel is fixed at the bound and the rest of the budget is
+    shared in proportion among the others (water-filling), so the sum is exact and the bounds hold. k is
+    non-decreasing in the score. Raises ValueError when budget < m·min or budget > m·max.
+    """
+    if scores.dim() != 1 or scores.numel() == 0:
+        raise ValueError(f"adaalloc: scores must be a non-empty 1-D tensor, got shape {tuple(scores.shape)}")
+    if not temperature > 0:
+        raise ValueError(f"adaalloc: temperature must be > 0, got {temperature}")
+    m = scores.numel()
+    lo = int(min_per_row)
+    hi = int(max_per_row) if max_per_row is not None else int(budget)
+    if lo < 0 or hi < lo:
+        raise ValueError(f"adaalloc: need 0 <= min_per_row <= max_per_row, got {lo}, {hi}")
+    budget = int(budget)
+    if budget < m * lo or budget > m * hi:
+        raise ValueError(f"adaalloc: budget {budget} outside [m·min, m·max] = [{m * lo}, {m * hi}] for m = {m}")
+    s = scores.detach().to(torch.float64).cpu()
+    if not torch.isfinite(s).all() or (s < 0).any():
+        raise ValueError("adaalloc: scores must be finite and >= 0")
+    # σ^{1/t} in the log domain (t → 0 would overflow); zero scores get weight 0 (the minimum)
+    pos = s > 0
+    w = torch.zeros_like(s)
+    if pos.any():
+        logw = s[pos].log() / temperature
+        w[pos] = (logw - logw.max()).exp()
+    else:
+        w = torch.ones_like(s)
+    # water-filling: fix channels whose proportional share violates a bound, re-share the rest
+    k_real = torch.empty_like(s)
+    free = torch.ones(m, dtype=torch.bool)
+    fixed_sum = 0.0
+    for _ in range(2 * m + 2):
+        wf = w[free]
+        share = (budget - fixed_sum) * wf / wf.sum() if wf.sum() > 0 else torch.full_like(wf, (budget - fixed_sum) / wf.numel())
+        k_real[free] = share
+        below, above = (k_real < lo) & free, (k_real > hi) & free
+        if not below.any() and not above.any():
+            break
+        # fix the violators of the larger total violation first (standard clamp-and-reshare)
+        viol_lo = (lo - k_real[below]).sum() if below.any() else 0.0
+        viol_hi = (k_real[above] - hi).sum() if above.any() else 0.0
+        if viol_lo >= viol_hi:
+            k_real[below] = lo
+            free &= ~below
+        else:
+            k_real[above] = hi
+            free &= ~above
+        fixed_sum = float(k_real[~free].sum())
+        if not free.any():
+            break
+    k = k_real.floor().clamp(lo, hi).to(torch.long)
+    rem = budget - int(k.sum())
+    # ties broken towards the higher score, so k stays non-decreasing in the score
+    order = sorted(range(m), key=lambda i: (int(k[i]), -float(s[i]), i))
+    while rem != 0:
+        if rem > 0:
+            for i in order:
+                if rem == 0:
+                    break
+                if k[i] < hi:
+                    k[i] += 1
+                    rem -= 1
+        else:  # float round-off made Σ⌊·⌋ exceed the budget: take back from the largest
+            for i in reversed(order):
+                if rem == 0:
+                    break
+                if k[i] > lo:
+                    k[i] -= 1
+                    rem += 1
+        order = sorted(range(m), key=lambda i: (int(k[i]), -float(s[i]), i))
+    return k.to(scores.device)
+
+
+# ---------------------------------------------------------------------------------------------- selection
+
+
+def _csr(rows: torch.Tensor, cols: torch.Tensor, n: int) -> torch.Tensor:
+    """(2, B) long [row, col] sorted by row, then column."""
+    flat = torch.sort(rows.long() * n + cols.long()).values
+    return torch.stack([flat // n, flat % n])
+
+
+def _scores_matrix(C: torch.Tensor, G: torch.Tensor | None, rule: str) -> torch.Tensor:
+    if rule == "output":
+        if G is None:
+            raise ValueError("selection rule 'output' needs G")
+        return C.square() * G.diagonal()[None, :]        # C_ij² G_jj: contribution to the output error
+    if rule == "magnitude":
+        return C.abs()
+    raise ValueError(f"selection rule must be 'output' or 'magnitude', got {rule!r}")
+
+
+def select_topk(C: torch.Tensor, G: torch.Tensor | None, k: torch.Tensor, rule: str = "output",
+                chunk_rows: int = 4096) -> torch.Tensor:
+    """Support (2, Σk) of the k_i largest coefficients of each row of C by C_ij²·G_jj ('output') or |C_ij|."""
+    m, n = C.shape
+    k = k.to(device=C.device, dtype=torch.long)
+    if k.shape != (m,) or (k < 0).any() or (k > n).any():
+        raise ValueError(f"select_topk: k must be (m,) = ({m},) with 0 <= k_i <= n = {n}")
+    rows_out, cols_out = [], []
+    for r0 in range(0, m, chunk_rows):
+        S = _scores_matrix(C[r0:r0 + chunk_rows], G, rule)           # (r, n)
+        kc = k[r0:r0 + chunk_rows]
+        kmax = int(kc.max()) if kc.numel() else 0
+        if kmax == 0:
+            continue
+        top = S.topk(kmax, dim=1).indices                             # (r, kmax)
+        keep = torch.arange(kmax, device=C.device)[None, :] < kc[:, None]
+        rows = torch.arange(r0, r0 + S.shape[0], device=C.device)[:, None].expand_as(top)
+        rows_out.append(rows[keep])
+        cols_out.append(top[keep])
+    if not rows_out:
+        return torch.zeros(2, 0, dtype=torch.long, device=C.device)
+    return _csr(torch.cat(rows_out), torch.cat(cols_out), n)
+
+
+def select_support(C: torch.Tensor, G: torch.Tensor, budget: int, *, select: str = "adaalloc",
+                   scores: torch.Tensor | None = None, temperature: float = 1.0, rule: str = "output",
+                   min_per_row: int = 2, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Support (2, B) of F by one of SELECT_MODES.
+
+    adaalloc: k from `adaalloc(scores, ...)`, then per-row top-k by `rule`. magnitude: top-B over the whole
+    layer by `rule`. random: B positions uniform over the layer (seeded). random_rows: adaalloc's k per row,
+    columns uniform. none: empty support.
+    """
+    m, n = C.shape
+    if select not in SELECT_MODES:
+        raise ValueError(f"select must be one of {SELECT_MODES}, got {select!r}")
+    if select == "none":
+        return torch.zeros(2, 0, dtype=torch.long, device=C.device)
+    if not 0 <= budget <= m * n:
+        raise ValueError(f"budget {budget} outside [0, m·n = {m * n}]")
+    if select in ("adaalloc", "random_rows"):
+        if scores is None:
+            raise ValueError(f"select={select!r} needs channel scores")
+        k = adaalloc(scores, budget, temperature, min_per_row, n).to(C.device)
+        if select == "adaalloc":
+            return select_topk(C, G, k, rule)
+        perm = torch.rand(m, n, generator=generator).argsort(dim=1).to(C.device)    # (m, n) random order
+        keep = torch.arange(n, device=C.device)[None, :] < k[:, None]
+        rows = torch.arange(m, device=C.device)[:, None].expand(m, n)
+        return _csr(rows[keep], perm[keep], n)
+    if select == "magnitude":
+        flat = _scores_matrix(C, G, rule).reshape(-1).topk(budget).indices
+    else:  # random
+        flat = torch.randperm(m * n, generator=generator)[:budget].to(C.device)
+    return _csr(flat // n, flat % n, n)
+
+
+# ---------------------------------------------------------------------------------------------- refinement
+
+
+def refine(P: torch.Tensor, G: torch.Tensor, support: torch.Tensor, *, chunk_bytes: int = 1 << 27) -> torch.Tensor:
+    """Least-squares values on a fixed support, eq. 9/35: for each row, f·G[Ω,Ω] = P[i,Ω] (P = C G).
+
+    Batched: rows grouped by k_i, G[Ω,Ω] gathered as (rows, k, k) blocks, one batched Cholesky solve per group
+    and chunk (≤ chunk_bytes of blocks), in float64; blocks whose Cholesky fails fall back to least squares.
+    Returns values (B,) float64 in the support's (CSR) order.
+    """
+    m, n = P.shape
+    rows, cols = support[0], support[1]
+    B = rows.numel()
+    Pd, Gd = P.to(torch.float64), G.to(torch.float64)
+    values = torch.zeros(B, dtype=torch.float64, device=P.device)
+    if B == 0:
+        return values
+    k = torch.bincount(rows, minlength=m)                              # (m,)
+    ptr = torch.cumsum(k, 0) - k                                       # start of each row in the support
+    for kk in torch.unique(k).tolist():
+        if kk == 0:
+            continue
+        rsel = torch.nonzero(k == kk).flatten()                        # rows with k_i = kk
+        per_chunk = max(1, chunk_bytes // (kk * kk * 8))
+        for r in rsel.split(per_chunk):
+            pos = ptr[r][:, None] + torch.arange(kk, device=P.device)  # (r, kk) positions in the support
+            c = cols[pos]                                              # (r, kk)
+            A = Gd[c[:, :, None], c[:, None, :]]                       # (r, kk, kk)  G[Ω,Ω]
+            b = Pd[r[:, None], c]                                      # (r, kk)      P[i,Ω]
+            L, info = torch.linalg.cholesky_ex(A)
+            x = torch.cholesky_solve(b[..., None], L)[..., 0]          # (r, kk)
+            bad = (info != 0) | ~torch.isfinite(x).all(dim=1)
+            if bad.any():
+                x[bad] = torch.linalg.lstsq(A[bad].cpu(), b[bad, :, None].cpu(), driver="gelsd").solution[..., 0].to(x)
+            values[pos] = x
+    return values
+
+
+_refine = refine  # init_layer_full's `refine` flag shadows the function
+
+
+def layer_error(E: torch.Tensor, H: torch.Tensor, dW: torch.Tensor | None = None) -> torch.Tensor:
+    """‖(E − ΔW) Rᵀ‖_F = sqrt(tr((E − ΔW) H (E − ΔW)ᵀ)) without forming R (float64 scalar)."""
+    D = E.to(torch.float64) if dW is None else E.to(torch.float64) - dW.to(torch.float64)
+    return ((D @ H.to(torch.float64)) * D).sum().clamp_min(0).sqrt()
+
+
+# ---------------------------------------------------------------------------------------------- per layer
+
+
+@dataclass
+class LayerInit:
+    """One layer's initialization: support, values (unscaled: ΔW = dense(F) T) and its error report."""
+    indices: torch.Tensor          # (2, B) long [row, col], CSR order
+    values: torch.Tensor           # (B,) float32
+    k: torch.Tensor                # (m,) long, parameters per output channel
+    err_before: float              # ‖E Rᵀ‖ (bare quantization error)
+    err_select: float              # ‖(E − F_sel T) Rᵀ‖ with F_sel = C on the support
+    err_refined: float             # ‖(E − F T) Rᵀ‖ with the refined values (= err_select when refine=False)
+    seconds: float = 0.0
+    info: dict = field(default_factory=dict)
+
+
+def _quad_error2(e0sq, C, P_raw, G_raw, support, f):
+    """‖(E − F T)Rᵀ‖² = ‖ERᵀ‖² − 2 Σ_Ω f·P + Σ_i f_i G[Ω_i,Ω_i] f_iᵀ (no m×n×n product; G undamped)."""
+    m, n = C.shape
+    if f.numel() == 0:
+        return e0sq
+    rows, cols = support
+    Fs = torch.sparse_coo_tensor(support, f, (m, n), is_coalesced=True, check_invariants=False)
+    FG = torch.sparse.mm(Fs, G_raw)                                   # (m, n)
+    quad = (FG[rows, cols] * f).sum()
+    return float(e0sq - 2 * (f * P_raw[rows, cols]).sum() + quad)
+
+
+def init_layer(E: torch.Tensor, H: torch.Tensor, budget: int, **kw) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantization-aware init of one layer (eqs. 5–9): (indices (2, B) long [row, col], values (B,) fp32).
+
+    Values are unscaled: ΔW = dense(F) @ T with T = wht.hadamard_matrix(n). Keywords as `init_layer_full`.
+    """
+    out = init_layer_full(E, H, budget, **kw)
+    return out.indices, out.values
+
+
+def init_layer_full(E: torch.Tensor, H: torch.Tensor, budget: int, *, temperature: float = 1.0,
+                    select: str = "adaalloc", refine: bool = True, score: str = "output",
+                    rule: str = "output", damp: float = 1e-4, min_per_row: int = 2,
+                    generator: torch.Generator | None = None, chunk_bytes: int = 1 << 27) -> LayerInit:
+    """init_layer with its report. E = W − Q (m×n), H = XᵀX/N (n×n, undamped; damped by λ·mean(diag H) for
+    the solve). score: AdaAlloc's σ_i ('output' ‖e_i Rᵀ‖ or 'weight' ‖e_i‖); rule: per-row ranking
+    ('output' C²·G_jj or 'magnitude' |C|). Errors are reported with the undamped H."""
+    t0 = time.perf_counter()
+    m, n = E.shape
+    if H.shape != (n, n):
+        raise ValueError(f"init_layer: H has shape {tuple(H.shape)}, expected ({n}, {n}) for E of shape ({m}, {n})")
+    E64, H64 = E.to(torch.float64), H.to(torch.float64)
+    H64 = (H64 + H64.T) / 2
+    mu = H64.diagonal().mean()
+    lam_mu = float(damp * (mu if mu > 0 else 1.0))
+    EH = E64 @ H64                                                     # (m, n)  the one m·n² product
+    e_out = (EH * E64).sum(1).clamp_min(0)                             # (m,) ‖e_i Rᵀ‖²
+    e0sq = float(e_out.sum())
+    C = spectrum(E64)                                                  # (m, n) E Tᵀ
+    P_raw = wht.wht(EH)                                                # (m, n) E H Tᵀ = C G
+    G_raw = hadamard_hessian(H64)                                      # (n, n) T H Tᵀ
+    eye = torch.eye(n, dtype=torch.float64, device=E.device)
+    G = G_raw + lam_mu * eye                                           # T (H + λμI) Tᵀ
+    P = P_raw + lam_mu * C
+    if score == "output":
+        sc = (e_out + lam_mu * E64.square().sum(1)).sqrt()             # σ_i with the damped H
+    elif score == "weight":
+        sc = E64.norm(dim=1)
+    else:
+        raise ValueError(f"init_layer: score must be 'output' or 'weight', got {score!r}")
+    support = select_support(C, G, budget, select=select, scores=sc, temperature=temperature, rule=rule,
+                             min_per_row=min_per_row, generator=generator)
+    rows, cols = support
+    f_sel = C[rows, cols]
+    err_select = math.sqrt(max(_quad_error2(e0sq, C, P_raw, G_raw, support, f_sel), 0.0))
+    if refine and rows.numel():
+        f = _refine(P, G, support, chunk_bytes=chunk_bytes)
+        err_refined = math.sqrt(max(_quad_error2(e0sq, C, P_raw, G_raw, support, f), 0.0))
+    else:
+        f, err_refined = f_sel, err_select
+    k = torch.bincount(rows, minlength=m)
+    return LayerInit(support, f.to(torch.float32), k, math.sqrt(e0sq), err_select, err_refined,
+                     time.perf_counter() - t0)
+
+
+# ---------------------------------------------------------------------------------------------- the module
+
+
+def _base_weight(base: nn.Module) -> torch.Tensor:
+    """The dense (m, n) weight of a frozen base: QuantLinear.dequantize() or nn.Linear.weight."""
+    if hasattr(base, "dequantize"):
+        return base.dequantize()
+    if isinstance(base, nn.Linear):
+        return base.weight
+    raise ValueError(f"WHALinear: base {type(base).__name__} is neither nn.Linear nor QuantLinear (no .dequantize())")
+
+
+class WHALinear(nn.Module):
+    """y = base(x) + s·(x Tᵀ) Fᵀ  or  y = x (Q + s·F T)ᵀ + b  (eq. 4), F sparse with trainable values.
+
+    base: a frozen QuantLinear or nn.Linear (bias kept). indices: the support, (2, B) [row, col] or flat
+    row·n + col; stored flat (int32 when m·n < 2³¹) as the buffer `indices`. values: (B,) fp32 Parameter,
+    unscaled (ΔW = scale·dense(values) T). path: 'auto' picks the cheaper form from the token count
+    (transforming activations costs N·(n log n + m·n) extra, forming ΔW costs m·n·log n), or force
+    'activations' / 'merged'.
+    """
+
+    def __init__(self, base: nn.Module, indices: torch.Tensor, values: torch.Tensor | None = None,
+                 scale: float = 1.0, path: str = "auto"):
+        super().__init__()
+        self.base = base
+        for p in self.base.parameters():
+            p.requires_grad_(False)
+        self.in_features, self.out_features = int(base.in_features), int(base.out_features)
+        m, n = self.out_features, self.in_features
+        idx = torch.as_tensor(indices)
+        flat = idx[0].long() * n + idx[1].long() if idx.dim() == 2 else idx.long()
+        if flat.numel() and (flat.min() < 0 or flat.max() >= m * n):
+            raise ValueError(f"WHALinear: indices outside the ({m}, {n}) weight")
+        dev = next((t.device for t in list(base.parameters()) + list(base.buffers())), torch.device("cpu"))
+        self.register_buffer("indices", flat.to(torch.int32 if m * n < 2**31 else torch.int64).to(dev))
+        if values is None:
+            values = torch.zeros(flat.numel())
+        if values.shape != (flat.numel(),):
+            raise ValueError(f"WHALinear: values shape {tuple(values.shape)}, expected ({flat.numel()},)")
+        self.values = nn.Parameter(values.detach().to(device=dev, dtype=torch.float32).clone())
+        self.scale = float(scale)
+        if path not in ("auto", "activations", "merged"):
+            raise ValueError(f"WHALinear: path must be 'auto', 'activations' or 'merged', got {path!r}")
+        self.path = path
+        self.enabled = True
+
+    @property
+    def bias(self):
+        return getattr(self.base, "bias", None)
+
+    def support(self) -> torch.Tensor:
+        """(2, B) long [row, col]."""
+        flat = self.indices.long()
+        return torch.stack([flat // self.in_features, flat % self.in_features])
+
+    def dense_F(self, dtype=torch.float32) -> torch.Tensor:
+        """F as a dense (m, n) tensor (differentiable in values)."""
+        m, n = self.out_features, self.in_features
+        F = torch.zeros(m * n, dtype=dtype, device=self.values.device)
+        return F.index_add(0, self.indices, self.values.to(dtype)).view(m, n)
+
+    def delta_weight(self, dtype=torch.float32) -> torch.Tensor:
+        """ΔW = s·F T (m, n): F T = wht(F, inverse=True) (rows of F times T)."""
+        return self.scale * wht.wht(self.dense_F(dtype), inverse=True)
+
+    def choose_path(self, tokens: int) -> str:
+        if self.path != "auto":
+            return self.path
+        m, n = self.out_features, self.in_features
+        logn = math.log2(max(n, 2))
+        return "activations" if tokens * (n * logn + m * n) < m * n * logn else "merged"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return self.base(x)
+        if self.choose_path(x.numel() // self.in_features) == "activations":
+            F = self.dense_F(x.dtype)                                  # (m, n)
+            return self.base(x) + self.scale * (wht.wht(x) @ F.T)
+        W = _base_weight(self.base).to(torch.float32) + self.delta_weight(torch.float32)
+        b = self.bias
+        return Fn.linear(x, W.to(x.dtype), None if b is None else b.to(x.dtype))
+
+    @torch.no_grad()
+    def merge(self) -> torch.Tensor:
+        """The dense merged weight Q + s·F T (m, n) fp32 (the base is not modified)."""
+        return _base_weight(self.base).to(torch.float32) + self.delta_weight(torch.float32)
+
+    def merged_linear(self) -> nn.Linear:
+        """An nn.Linear holding the merged weight and the base bias."""
+        b = self.bias
+        lin = nn.Linear(self.in_features, self.out_features, bias=b is not None, device=self.values.device)
+        with torch.no_grad():
+            lin.weight.copy_(self.merge())
+            if b is not None:
+                lin.bias.copy_(b)
+        return lin
+
+    def disable(self):
+        self.enabled = False
+        return self
+
+    def enable(self):
+        self.enabled = True
+        return self
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, nnz={self.indices.numel()}, "
+                f"scale={self.scale}, path={self.path}")
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def adapters(model: nn.Module) -> dict[str, WHALinear]:
+    return {name: mod for name, mod in model.named_modules() if isinstance(mod, WHALinear)}
+
+
+def save_adapters(path: str | Path, model: nn.Module, metadata: dict | None = None) -> None:
+    """Every WHALinear's indices and values to safetensors, keyed by module name; shapes, scale and
+    `metadata` (the init settings) in the header. Bitwise round trip with load_adapters."""
+    from safetensors.torch import save_file
+    mods = adapters(model)
+    if not mods:
+        raise ValueError("save_adapters: the model has no WHALinear")
+    tensors, layers = {}, {}
+    for name, mod in mods.items():
+        tensors[f"{name}.indices"] = mod.indices.detach().cpu().contiguous()
+        tensors[f"{name}.values"] = mod.values.detach().cpu().contiguous()
+        layers[name] = {"out_features": mod.out_features, "in_features": mod.in_features, "scale": mod.scale}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata={"format": "qwha-adapters/1", "layers": json.dumps(layers),
+                                            "settings": json.dumps(metadata or {})})
+
+
+def load_adapters(path: str | Path, model: nn.Module) -> dict:
+    """Load save_adapters' file into `model`: existing WHALinear get the stored indices/values/scale, bare
+    linears (QuantLinear / nn.Linear) of the same names are wrapped. Returns the saved settings."""
+    from safetensors import safe_open
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"adapter file {path} not found (write it with qwha.save_adapters)")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != "qwha-adapters/1":
+            raise ValueError(f"{path}: not a qwha adapter file (format {meta.get('format')!r})")
+        layers = json.loads(meta["layers"])
+        for name, info in layers.items():
+            try:
+                mod = model.get_submodule(name)
+            except AttributeError as e:
+                raise ValueError(f"{path}: adapter for {name}, which the model does not have") from e
+            idx, val = f.get_tensor(f"{name}.indices"), f.get_tensor(f"{name}.values")
+            base = mod.base if isinstance(mod, WHALinear) else mod
+            if (base.out_features, base.in_features) != (info["out_features"], info["in_features"]):
+                raise ValueError(f"{path}: {name} is ({info['out_features']}, {info['in_features']}), "
+                                 f"the model's is ({base.out_features}, {base.in_features})")
+            new = WHALinear(base, idx.long(), val, scale=info["scale"],
+                            path=mod.path if isinstance(mod, WHALinear) else "auto")
+            new.indices = idx.to(new.indices.device)            # keep the stored dtype bit for bit
+            _set_module(model, name, new)
+    return json.loads(meta.get("settings", "{}"))
+
+
+# ---------------------------------------------------------------------------------------------- whole model
+
+
+def init_qwha(model: nn.Module, hessians: Mapping[str, torch.Tensor], weights: Mapping[str, torch.Tensor], *,
+              budget_rank: int = 64, temperature: float = 1.0, scale: float = 1.0, select: str = "adaalloc",
+              refine: bool = True, score: str = "output", rule: str = "output", damp: float = 1e-4,
+              names: list[str] | None = None, device: torch.device | str | None = None, seed: int = 0,
+              compute_rank: bool = False, quiet: bool = False) -> list[dict]:
+    """Wrap every target linear of `model` in a WHALinear initialized by init_layer (eqs. 5–9).
+
+    hessians: {name: H = XᵀX/N} (undamped). weights: {name: W}, the ORIGINAL full-precision weights (the
+    caller keeps them from before quantization; any Mapping, e.g. a lazy safetensors reader). The module at
+    `name` holds the quantized base Q (QuantLinear, or nn.Linear); E = W − Q. Budget per layer:
+    B = budget_rank·(m + n), capped at m·n. Values stored as f / scale. Returns one report dict per layer
+    and prints them as a table to stderr unless quiet. device: where the math runs (default: H's device).
+    """
+    names = list(names) if names is not None else list(hessians)
+    gen = torch.Generator().manual_seed(seed)
+    report = []
+    t_all = time.perf_counter()
+    for i, name in enumerate(names):
+        if name not in hessians:
+            raise ValueError(f"init_qwha: no Hessian for {name}")
+        if name not in weights:
+            raise ValueError(f"init_qwha: no original weight for {name} (pass the full-precision weights)")
+        mod = model.get_submodule(name)
+        base = mod.base if isinstance(mod, WHALinear) else mod
+        Q = _base_weight(base).detach()
+        W = weights[name]
+        if W.shape != Q.shape:
+            raise ValueError(f"init_qwha: {name}: original weight {tuple(W.shape)} vs base {tuple(Q.shape)}")
+        H = hessians[name]
+        dev = torch.device(device) if device is not None else H.device
+        m, n = Q.shape
+        E = W.to(dev, torch.float64) - Q.to(dev, torch.float64)
+        budget = min(budget_rank * (m + n), m * n)
+        li = init_layer_full(E, H.to(dev), budget, temperature=temperature, select=select, refine=refine,
+                             score=score, rule=rule, damp=damp, generator=gen)
+        wrapped = WHALinear(base, li.indices, li.values / scale, scale=scale)
+        _set_module(model, name, wrapped)
+        row = {"layer": name, "shape": [m, n], "budget": int(li.values.numel()),
+               "err_before": li.err_before, "err_select": li.err_select, "err_refined": li.err_refined,
+               "rel_select": li.err_select / max(li.err_before, 1e-30),
+               "rel_refined": li.err_refined / max(li.err_before, 1e-30),
+               "k_min": int(li.k.min()), "k_max": int(li.k.max()), "seconds": li.seconds}
+        if compute_rank:
+            row["rank_F"] = int(torch.linalg.matrix_rank(wrapped.dense_F().float()))
+        report.append(row)
+        if not quiet:
+            el = time.perf_counter() - t_all
+            print(f"\rinit {i + 1}/{len(names)} {name} rel {row['rel_refined']:.3f} "
+                  f"({el:.1f}s, ETA {el / (i + 1) * (len(names) - i - 1):.0f}s)   ",
+                  end="", file=sys.stderr, flush=True)
+    if not quiet:
+        print("\n" + format_report(report), file=sys.stderr)
+    return report
+
+
+def format_report(report: list[dict]) -> str:
+    """The per-layer init report as one fixed-width table (plus a mean row)."""
+    has_rank = any("rank_F" in r for r in report)
+    head = f"{'layer':<40} {'m×n':>11} {'B':>8} {'err0':>9} {'sel':>9} {'refined':>9} {'rel':>6} {'kmin':>5} {'kmax':>5}"
+    head += f" {'rankF':>6}" if has_rank else ""
+    head += f" {'s':>6}"
+    lines = [head]
+    for r in report:
+        line = (f"{r['layer'][-40:]:<40} {r['shape'][0]:>5}×{r['shape'][1]:<5} {r['budget']:>8} "
+                f"{r['err_before']:>9.4g} {r['err_select']:>9.4g} {r['err_refined']:>9.4g} "
+                f"{r['rel_refined']:>6.3f} {r['k_min']:>5} {r['k_max']:>5}")
+        line += f" {r.get('rank_F', 0):>6}" if has_rank else ""
+        lines.append(line + f" {r['seconds']:>6.2f}")
+    if report:
+        mean = lambda key: sum(r[key] for r in report) / len(report)
+        lines.append(f"{'mean':<40} {'':>11} {'':>8} {mean('err_before'):>9.4g} {mean('err_select'):>9.4g} "
+                     f"{mean('err_refined'):>9.4g} {mean('rel_refined'):>6.3f}")
+    return "\n".join(lines)

@@ -1,0 +1,471 @@
+"""qwha.py: the laws of the WHA adapter, AdaAlloc, selection and refinement, against dense references.
+
+Shapes include the non-power-of-two widths 12·2^p and 36·2^p (24, 48, 72, 96, 144). Everything is small, CPU.
+"""
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import qwha
+import wht
+
+WIDTHS = [8, 16, 24, 32, 48, 64, 72, 96, 144]
+SET = settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def T_of(n):
+    return wht.hadamard_matrix(n, dtype=torch.float64)
+
+
+def spd(n, g, tokens=None, rank_deficient=False):
+    """H = XᵀX/N from correlated random activations with a few outlier channels (like real layers)."""
+    N = tokens or 3 * n
+    X = torch.randn(N, n, generator=g, dtype=torch.float64)
+    X = X @ (torch.eye(n, dtype=torch.float64) + 0.3 * torch.randn(n, n, generator=g, dtype=torch.float64))
+    X[:, : max(1, n // 16)] *= 8.0
+    if rank_deficient:
+        X = X[: n // 2]
+    return X.T @ X / X.shape[0]
+
+
+def dense(support, values, m, n):
+    F = torch.zeros(m, n, dtype=torch.float64)
+    F[support[0], support[1]] = values.to(torch.float64)
+    return F
+
+
+def shapes():
+    return st.tuples(st.integers(2, 12), st.sampled_from(WIDTHS), st.integers(0, 2**31 - 1))
+
+
+# ---------------------------------------------------------------------------------------------- transforms
+
+
+@SET
+@given(shapes())
+def test_spectrum_and_hadamard_hessian_match_dense(shape):
+    m, n, seed = shape
+    g = torch.Generator().manual_seed(seed)
+    E = torch.randn(m, n, generator=g, dtype=torch.float64)
+    H = spd(n, g)
+    T = T_of(n)
+    torch.testing.assert_close(qwha.spectrum(E), E @ T.T)
+    G = qwha.hadamard_hessian(H)
+    torch.testing.assert_close(G, T @ H @ T.T)
+    assert torch.equal(G, G.T)
+    # G is "H seen in the Hadamard domain": C G Cᵀ has the trace of E H Eᵀ
+    C = qwha.spectrum(E)
+    torch.testing.assert_close(((C @ G) * C).sum(), ((E @ H) * E).sum())
+
+
+def test_layer_error_is_output_error():
+    g = torch.Generator().manual_seed(1)
+    m, n, N = 5, 24, 100
+    X = torch.randn(N, n, generator=g, dtype=torch.float64)
+    E, D = torch.randn(m, n, generator=g, dtype=torch.float64), torch.randn(m, n, generator=g, dtype=torch.float64)
+    H = X.T @ X / N
+    want = (X @ (E - D).T).norm() / math.sqrt(N)
+    torch.testing.assert_close(qwha.layer_error(E, H, D), want)
+
+
+# ---------------------------------------------------------------------------------------------- AdaAlloc
+
+
+def _literal_adaalloc(scores, budget, t):
+    """METHOD.md eq. 7 literally (valid when no bound binds): floor, remainder to the smallest k_i."""
+    w = scores.double() ** (1 / t)
+    k = torch.floor(budget * w / w.sum()).long()
+    rem = budget - int(k.sum())
+    order = sorted(range(len(k)), key=lambda i: (int(k[i]), -float(scores[i]), i))
+    for i in order[:rem]:
+        k[i] += 1
+    return k
+
+
+@SET
+@given(st.integers(1, 60), st.integers(2, 64), st.floats(0.2, 5.0), st.integers(0, 2**31 - 1), st.floats(0, 1))
+def test_adaalloc_invariants(m, n, t, seed, frac):
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.rand(m, generator=g, dtype=torch.float64) ** 3 * 10
+    lo, hi = 2, n
+    budget = int(m * lo + frac * (m * hi - m * lo))
+    k = qwha.adaalloc(scores, budget, t, lo, hi)
+    assert k.dtype == torch.long and k.shape == (m,)
+    assert int(k.sum()) == budget
+    assert int(k.min()) >= lo and int(k.max()) <= hi
+    # more score never gets fewer parameters than less score minus one (here: never fewer at all)
+    order = torch.argsort(scores)
+    ks = k[order]
+    assert bool((ks[1:] >= ks[:-1] - 1).all())
+    assert bool((ks[1:] >= ks[:-1]).all())
+
+
+@SET
+@given(st.integers(2, 40), st.floats(0.5, 3.0), st.integers(0, 2**31 - 1))
+def test_adaalloc_equals_the_formula_when_no_bound_binds(m, t, seed):
+    g = torch.Generator().manual_seed(seed)
+    scores = 1 + torch.rand(m, generator=g, dtype=torch.float64)   # within a factor 2: proportional shares
+    budget = 50 * m                                                  # ≥ 2, ≤ 10⁶ per row
+    k = qwha.adaalloc(scores, budget, t, 2, 10**6)
+    assert torch.equal(k, _literal_adaalloc(scores, budget, t))
+
+
+def test_adaalloc_bounds_and_errors():
+    scores = torch.tensor([1000.0, 1.0, 1.0, 1e-6, 0.0])
+    k = qwha.adaalloc(scores, 20, 1.0, 2, 8)
+    assert k.tolist()[0] == 8 and int(k.sum()) == 20 and int(k.min()) >= 2
+    assert qwha.adaalloc(scores, 10, 1.0, 2, 8).tolist() == [2] * 5      # budget = m·min
+    assert qwha.adaalloc(scores, 40, 1.0, 2, 8).tolist() == [8] * 5      # budget = m·max
+    with pytest.raises(ValueError, match="budget"):
+        qwha.adaalloc(scores, 9, 1.0, 2, 8)
+    with pytest.raises(ValueError, match="budget"):
+        qwha.adaalloc(scores, 41, 1.0, 2, 8)
+    with pytest.raises(ValueError, match="temperature"):
+        qwha.adaalloc(scores, 20, 0.0)
+    # a high temperature flattens, a low one sharpens
+    s = torch.tensor([1.0, 2.0, 4.0, 8.0])
+    flat, sharp = qwha.adaalloc(s, 400, 100.0, 2, 400), qwha.adaalloc(s, 400, 0.25, 2, 400)
+    assert int(flat.max() - flat.min()) <= 5 and int(sharp[-1]) > 300
+
+
+# ---------------------------------------------------------------------------------------------- selection
+
+
+@SET
+@given(shapes(), st.sampled_from(["output", "magnitude"]))
+def test_select_topk_matches_brute_force(shape, rule):
+    m, n, seed = shape
+    g = torch.Generator().manual_seed(seed)
+    C = torch.randn(m, n, generator=g, dtype=torch.float64)
+    G = qwha.hadamard_hessian(spd(n, g))
+    k = torch.randint(0, n + 1, (m,), generator=g)
+    sup = qwha.select_topk(C, G, k, rule, chunk_rows=3)
+    assert sup.shape == (2, int(k.sum()))
+    flat = sup[0] * n + sup[1]
+    assert bool((flat[1:] > flat[:-1]).all())                        # CSR order, no duplicates
+    S = C.square() * G.diagonal() if rule == "output" else C.abs()
+    for i in range(m):
+        mine = sup[1][sup[0] == i]
+        want = torch.sort(torch.argsort(S[i], descending=True)[: int(k[i])]).values
+        assert torch.equal(mine, want)
+
+
+def test_select_support_modes():
+    g = torch.Generator().manual_seed(3)
+    m, n, B = 12, 48, 100
+    C = torch.randn(m, n, generator=g, dtype=torch.float64)
+    G = qwha.hadamard_hessian(spd(n, g))
+    sc = C.norm(dim=1)
+    for mode in ("adaalloc", "magnitude", "random", "random_rows"):
+        sup = qwha.select_support(C, G, B, select=mode, scores=sc, generator=torch.Generator().manual_seed(0))
+        assert sup.shape == (2, B), mode
+        assert torch.unique(sup[0] * n + sup[1]).numel() == B, mode
+    assert qwha.select_support(C, G, B, select="none").shape == (2, 0)
+    mag = qwha.select_support(C, G, B, select="magnitude", rule="magnitude")
+    thresh = C.abs().flatten().sort(descending=True).values[B - 1]
+    assert bool((C.abs()[mag[0], mag[1]] >= thresh).all())
+    r1 = qwha.select_support(C, G, B, select="random", generator=torch.Generator().manual_seed(5))
+    r2 = qwha.select_support(C, G, B, select="random", generator=torch.Generator().manual_seed(5))
+    assert torch.equal(r1, r2)
+    with pytest.raises(ValueError, match="select"):
+        qwha.select_support(C, G, B, select="topk")
+
+
+# ---------------------------------------------------------------------------------------------- refinement
+
+
+def _problem(m, n, seed, budget_frac=0.25, H=None):
+    g = torch.Generator().manual_seed(seed)
+    E = torch.randn(m, n, generator=g, dtype=torch.float64)
+    H = spd(n, g) if H is None else H
+    C, G = qwha.spectrum(E), qwha.hadamard_hessian(H)
+    B = max(2 * m, int(budget_frac * m * n))
+    k = qwha.adaalloc(qwha.channel_scores(E, H), B, 1.0, 2, n)
+    sup = qwha.select_topk(C, G, k)
+    return E, H, C, G, sup
+
+
+@SET
+@given(shapes(), st.floats(0.05, 0.9))
+def test_refined_values_satisfy_the_normal_equations(shape, frac):
+    m, n, seed = shape
+    E, H, C, G, sup = _problem(m, n, seed, frac)
+    f = qwha.refine(C @ G, G, sup)
+    F = dense(sup, f, m, n)
+    T = T_of(n)
+    grad = -2 * (E - F @ T) @ H @ T.T          # ∂/∂F ‖(E − F T) Rᵀ‖²
+    scale = (E @ H @ T.T).abs().max()
+    assert grad[sup[0], sup[1]].abs().max() <= 1e-8 * scale
+    # and never worse than the unrefined selection of the same support
+    assert qwha.layer_error(E, H, F @ T) <= qwha.layer_error(E, H, dense(sup, C[sup[0], sup[1]], m, n) @ T) * (1 + 1e-12)
+
+
+@SET
+@given(shapes())
+def test_batched_refine_equals_per_row_lstsq(shape):
+    m, n, seed = shape
+    E, H, C, G, sup = _problem(m, n, seed, 0.3)
+    f = qwha.refine(C @ G, G, sup, chunk_bytes=2000)             # tiny chunks: many batches per group
+    R = torch.linalg.cholesky(H).T                                # RᵀR = H
+    T = T_of(n)
+    for i in range(m):
+        cols = sup[1][sup[0] == i]
+        A = (T[cols] @ R.T).T                                     # (n, k): f ↦ f T_Ω Rᵀ
+        b = (E[i] @ R.T)[:, None]
+        want = torch.linalg.lstsq(A, b).solution[:, 0]
+        torch.testing.assert_close(f[sup[0] == i], want, rtol=1e-7, atol=1e-9)
+
+
+@SET
+@given(shapes(), st.floats(0.05, 0.9))
+def test_identity_hessian_keeps_C_and_error_is_dropped_energy(shape, frac):
+    m, n, seed = shape
+    H = torch.eye(n, dtype=torch.float64)
+    E, H, C, G, sup = _problem(m, n, seed, frac, H=H)
+    f = qwha.refine(C @ G, G, sup)
+    torch.testing.assert_close(f, C[sup[0], sup[1]])
+    F = dense(sup, f, m, n)
+    dropped = C.square().sum() - C[sup[0], sup[1]].square().sum()   # Parseval
+    torch.testing.assert_close(qwha.layer_error(E, H, F @ T_of(n)) ** 2, dropped)
+
+
+@SET
+@given(shapes())
+def test_full_budget_gives_zero_error(shape):
+    m, n, seed = shape
+    g = torch.Generator().manual_seed(seed)
+    E = torch.randn(m, n, generator=g, dtype=torch.float64)
+    H = spd(n, g)
+    idx, val = qwha.init_layer(E, H, m * n)
+    F = dense(idx, val.double(), m, n)
+    rel = qwha.layer_error(E, H, F @ T_of(n)) / qwha.layer_error(E, H)
+    assert rel < 1e-5                                             # values are returned in fp32
+
+
+def test_refine_falls_back_on_singular_blocks():
+    g = torch.Generator().manual_seed(7)
+    m, n = 6, 32
+    H = spd(n, g, rank_deficient=True)                            # rank n/2: large blocks are singular
+    E = torch.randn(m, n, generator=g, dtype=torch.float64)
+    C, G = qwha.spectrum(E), qwha.hadamard_hessian(H)
+    k = torch.full((m,), 24)
+    sup = qwha.select_topk(C, G, k, "magnitude")
+    f = qwha.refine(C @ G, G, sup)
+    assert torch.isfinite(f).all()
+    F = dense(sup, f, m, n)
+    T = T_of(n)
+    grad = (E - F @ T) @ H @ T.T
+    assert grad[sup[0], sup[1]].abs().max() < 1e-8 * (E @ H).abs().max()   # a least-squares minimizer
+
+
+@SET
+@given(shapes(), st.sampled_from(["adaalloc", "magnitude", "random", "random_rows", "none"]),
+       st.booleans(), st.sampled_from(["output", "weight"]))
+def test_init_layer_report_matches_dense_errors(shape, select, refine, score):
+    m, n, seed = shape
+    g = torch.Generator().manual_seed(seed)
+    E = torch.randn(m, n, generator=g, dtype=torch.float64) * 1e-3
+    H = spd(n, g)
+    B = min(m * n, 4 * (m + n))
+    li = qwha.init_layer_full(E, H, B, select=select, refine=refine, score=score,
+                              generator=torch.Generator().manual_seed(1))
+    T = T_of(n)
+    assert li.values.dtype == torch.float32 and li.indices.dtype == torch.long
+    assert li.values.shape == (0 if select == "none" else B,)
+    assert li.err_before == pytest.approx(float(qwha.layer_error(E, H)), rel=1e-9)
+    F = dense(li.indices, li.values, m, n)
+    tol = 1e-6 * li.err_before                                    # fp32 values; cancellation near zero error
+    assert li.err_refined == pytest.approx(float(qwha.layer_error(E, H, F @ T)), rel=1e-5, abs=tol)
+    C = qwha.spectrum(E)
+    Fs = dense(li.indices, C[li.indices[0], li.indices[1]], m, n)
+    assert li.err_select == pytest.approx(float(qwha.layer_error(E, H, Fs @ T)), rel=1e-9, abs=1e-7 * li.err_before)  # sqrt(eps)
+    if select != "none":
+        assert li.err_refined <= li.err_select * (1 + 1e-6) + tol
+        assert li.err_refined < li.err_before
+
+
+# ---------------------------------------------------------------------------------------------- the module
+
+
+class FakeQuantLinear(nn.Module):
+    """Stands in for gptq.QuantLinear: forward(x) == x @ dequantize().T + b."""
+
+    def __init__(self, Q, bias):
+        super().__init__()
+        self.register_buffer("q", Q)
+        self.bias = nn.Parameter(bias)
+        self.out_features, self.in_features = Q.shape
+
+    def dequantize(self):
+        return self.q
+
+    def forward(self, x):
+        return x @ self.q.T + self.bias
+
+
+def _wha(m=12, n=24, B=40, seed=0, quant=False, scale=0.7):
+    g = torch.Generator().manual_seed(seed)
+    if quant:
+        base = FakeQuantLinear(torch.randn(m, n, generator=g), torch.randn(m, generator=g))
+    else:
+        base = nn.Linear(n, m)
+        with torch.no_grad():
+            base.weight.copy_(torch.randn(m, n, generator=g))
+            base.bias.copy_(torch.randn(m, generator=g))
+    flat = torch.randperm(m * n, generator=g)[:B]
+    sup = torch.stack([flat // n, flat % n])
+    vals = torch.randn(B, generator=g)
+    return qwha.WHALinear(base, sup, vals, scale=scale), sup, vals
+
+
+@pytest.mark.parametrize("quant", [False, True])
+@pytest.mark.parametrize("n", [16, 24, 48, 72])
+def test_wha_paths_agree_with_dense_and_merge(quant, n):
+    mod, sup, vals = _wha(n=n, quant=quant)
+    m = mod.out_features
+    x = torch.randn(3, 5, n, generator=torch.Generator().manual_seed(2))
+    F = torch.zeros(m, n)
+    F[sup[0], sup[1]] = vals
+    Q = mod.base.dequantize() if quant else mod.base.weight
+    want = x.double() @ (Q.double() + 0.7 * F.double() @ T_of(n)).T + mod.bias.double()
+    torch.testing.assert_close(mod.delta_weight().double(), 0.7 * F.double() @ T_of(n), rtol=1e-5, atol=1e-6)
+    outs = {}
+    for path in ("activations", "merged"):
+        mod.path = path
+        outs[path] = mod(x)
+        torch.testing.assert_close(outs[path].double(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outs["activations"], outs["merged"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x @ mod.merge().T + mod.bias, outs["merged"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mod.merged_linear()(x), outs["merged"], rtol=1e-5, atol=1e-5)
+    mod.path = "auto"
+    assert mod.choose_path(1) == "activations" and mod.choose_path(4096) == "merged"
+
+
+def test_disable_gives_base_output_exactly_and_only_values_train():
+    mod, _, _ = _wha(quant=False)
+    x = torch.randn(4, 24)
+    base_out = mod.base(x)
+    assert not torch.equal(mod(x), base_out)
+    assert torch.equal(mod.disable()(x), base_out)
+    mod.enable()
+    trainable = [name for name, p in mod.named_parameters() if p.requires_grad]
+    assert trainable == ["values"]
+    for path in ("activations", "merged"):
+        mod.zero_grad(set_to_none=True)
+        mod.path = path
+        mod(x).square().sum().backward()
+        assert mod.values.grad is not None and mod.values.grad.abs().sum() > 0
+        assert mod.base.weight.grad is None and mod.base.bias.grad is None
+
+
+def test_gradients_of_both_paths_agree():
+    mod, _, _ = _wha(n=48, quant=True)
+    x = torch.randn(7, 48, generator=torch.Generator().manual_seed(9))
+    grads = []
+    for path in ("activations", "merged"):
+        mod.values.grad = None
+        mod.path = path
+        (mod(x) * torch.linspace(-1, 1, mod.out_features)).sum().backward()
+        grads.append(mod.values.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-5)
+
+
+class Toy(nn.Module):
+    def __init__(self, n=24, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.layers = nn.ModuleList([nn.ModuleDict({"up": nn.Linear(n, 48), "down": nn.Linear(48, n)}) for _ in range(2)])
+
+    def forward(self, x):
+        for blk in self.layers:
+            x = x + blk["down"](torch.relu(blk["up"](x)))
+        return x
+
+
+def _toy_quantized(seed=0):
+    """A toy model whose linears hold a crudely 'quantized' weight, plus the original weights and Hessians."""
+    model = Toy(seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    names = [f"layers.{i}.{p}" for i in range(2) for p in ("up", "down")]
+    weights, hessians = {}, {}
+    for name in names:
+        lin = model.get_submodule(name)
+        weights[name] = lin.weight.detach().clone()
+        with torch.no_grad():
+            lin.weight.copy_(torch.round(lin.weight * 8) / 8)
+        hessians[name] = spd(lin.in_features, g)
+    return model, names, weights, hessians
+
+
+def test_init_qwha_wraps_and_reports(capsys):
+    model, names, weights, hessians = _toy_quantized()
+    report = qwha.init_qwha(model, hessians, weights, budget_rank=4, scale=2.0, compute_rank=True)
+    assert [r["layer"] for r in report] == names
+    err = capsys.readouterr().err
+    assert "mean" in err and names[-1] in err
+    for r in report:
+        mod = model.get_submodule(r["layer"])
+        assert isinstance(mod, qwha.WHALinear) and mod.scale == 2.0
+        m, n = r["shape"]
+        assert r["budget"] == 4 * (m + n) and mod.values.numel() == r["budget"]
+        assert r["err_refined"] < r["err_select"] <= r["err_before"] * (1 + 1e-9)
+        assert r["k_min"] >= 2 and r["rank_F"] == min(m, n)
+        # the stored values (÷ scale) reproduce the reported error through the module's own ΔW
+        E = (weights[r["layer"]] - mod.base.weight).double()
+        got = qwha.layer_error(E, hessians[r["layer"]], mod.delta_weight().double())
+        assert float(got.detach()) == pytest.approx(r["err_refined"], rel=1e-4)
+    x = torch.randn(3, 24)
+    assert torch.isfinite(model(x)).all()
+    with pytest.raises(ValueError, match="original weight"):
+        qwha.init_qwha(Toy(), hessians, {}, quiet=True)
+
+
+def test_save_load_round_trip_is_bitwise(tmp_path):
+    model, names, weights, hessians = _toy_quantized()
+    qwha.init_qwha(model, hessians, weights, budget_rank=3, scale=0.5, quiet=True)
+    for mod in qwha.adapters(model).values():                    # as after some training
+        with torch.no_grad():
+            mod.values.add_(torch.randn_like(mod.values) * 1e-3)
+    path = tmp_path / "adapters.safetensors"
+    qwha.save_adapters(path, model, {"budget_rank": 3, "temperature": 1.0})
+    fresh, _, _, _ = _toy_quantized()                             # same quantized base, no adapters
+    settings_back = qwha.load_adapters(path, fresh)
+    assert settings_back == {"budget_rank": 3, "temperature": 1.0}
+    x = torch.randn(5, 24)
+    assert torch.equal(model(x), fresh(x))
+    for name, mod in qwha.adapters(model).items():
+        other = fresh.get_submodule(name)
+        assert torch.equal(mod.indices, other.indices) and mod.indices.dtype == other.indices.dtype
+        assert torch.equal(mod.values, other.values) and other.scale == mod.scale
+    qwha.load_adapters(path, fresh)                               # loading onto existing adapters replaces them
+    assert torch.equal(model(x), fresh(x))
+    with pytest.raises(FileNotFoundError):
+        qwha.load_adapters(tmp_path / "missing.safetensors", fresh)
+
+
+def test_wha_on_a_real_quantlinear_base():
+    import gptq
+    g = torch.Generator().manual_seed(11)
+    m, n = 24, 128
+    W, b = torch.randn(m, n, generator=g), torch.randn(m, generator=g)
+    base = gptq.QuantLinear.from_state(gptq.quantize_rtn(W, 3, 64), bias=b)
+    H = spd(n, g)
+    E = W.double() - base.dequantize().double()
+    idx, val = qwha.init_layer(E, H, 4 * (m + n))
+    mod = qwha.WHALinear(base, idx, val / 2.0, scale=2.0)
+    x = torch.randn(6, n, generator=g)
+    outs = []
+    for path in ("activations", "merged"):
+        mod.path = path
+        outs.append(mod(x))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outs[1], x @ mod.merge().T + b, rtol=1e-5, atol=1e-5)
+    assert [name for name, p in mod.named_parameters() if p.requires_grad] == ["values"]
+    # the adapter lowers the output error against the full-precision layer on data shaped like H
+    X = torch.linalg.cholesky(H).T.float()                       # rows whose XᵀX is H: error measured on them
+    ref = X @ W.T + b
+    assert (mod(X) - ref).norm() < 0.9 * (base(X) - ref).norm()
