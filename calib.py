@@ -79,7 +79,7 @@ def _batch_tensors(batch, device) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 
 @torch.no_grad()
-def _accumulate(model, batches, names, device, offload, progress, label=""):
+def _accumulate(model, batches, names, device, offload, progress, label="", product_dtype=torch.float64):
     """One pass: hooks on `names`, XᵀX accumulated in float64, returns ({name: sum XᵀX}, {name: N})."""
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {name: 0 for name in names}
@@ -101,8 +101,8 @@ def _accumulate(model, batches, names, device, offload, progress, label=""):
                 xs = xs.reshape(-1, n)
                 if offload:
                     xs = xs.to("cpu")
-                xs = xs.to(torch.float64)
-                xtx, rows = xs.T @ xs, xs.shape[0]                 # (n, n) this batch's XᵀX, float64
+                xs = xs.to(product_dtype)
+                xtx, rows = (xs.T @ xs).to(torch.float64), xs.shape[0]   # (n, n) this batch's XᵀX
                 state["last"] = (x, xtx, rows)
             if name not in sums:
                 sums[name] = torch.zeros(n, n, dtype=torch.float64, device=xtx.device)
@@ -151,6 +151,7 @@ def collect_hessians(
     offload: bool = False,
     sequential: bool = False,
     on_block: Callable[[str, dict[str, torch.Tensor]], None] | None = None,
+    product_dtype: torch.dtype = torch.float64,
     progress: bool = False,
 ) -> dict[str, torch.Tensor]:
     """H = XᵀX / N (n×n, float64) of the input of every named linear over the calibration batches.
@@ -161,6 +162,8 @@ def collect_hessians(
     sequential: GPTQ's sequential mode (module docstring); needs a re-iterable `batches` (a list) and calls
     `on_block(block_name, {name: H})` after each block so the caller can quantize it before the next block.
     Without `sequential`, `on_block` (if given) is called once per block at the end, in order.
+    product_dtype: dtype of each batch's XᵀX product (the running sum is always float64); float32 halves the
+    CPU cost at a relative error of about √(tokens per batch)·6e-8 per batch.
     """
     if device is None:
         p = next(model.parameters(), None)
@@ -184,7 +187,7 @@ def collect_hessians(
         return out
 
     if not sequential:
-        hessians = finish(*_accumulate(model, batches, names, device, offload, progress))
+        hessians = finish(*_accumulate(model, batches, names, device, offload, progress, "", product_dtype))
         if on_block is not None:
             for block, members in blocks.items():
                 on_block(block, {name: hessians[name] for name in members})
@@ -194,7 +197,8 @@ def collect_hessians(
         raise ValueError("collect_hessians(sequential=True) needs a re-iterable `batches` (a list), not an iterator")
     hessians = {}
     for i, (block, members) in enumerate(blocks.items()):
-        h_block = finish(*_accumulate(model, batches, members, device, offload, progress, f"{i + 1}/{len(blocks)} "))
+        h_block = finish(*_accumulate(model, batches, members, device, offload, progress,
+                                          f"{i + 1}/{len(blocks)} ", product_dtype))
         hessians.update(h_block)
         if on_block is not None:
             on_block(block, h_block)

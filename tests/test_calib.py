@@ -79,17 +79,18 @@ def test_default_names_skip_lm_head():
     assert calib.block_of("lm_head") == "lm_head"
 
 
-@pytest.mark.parametrize("offload", [False, True])
-def test_hessians_equal_explicit_xtx_over_unpadded_tokens(offload):
+@pytest.mark.parametrize("offload,product", [(False, torch.float64), (True, torch.float64), (False, torch.float32)])
+def test_hessians_equal_explicit_xtx_over_unpadded_tokens(offload, product):
     model = ToyLM()
     batches = padded_batches()
-    H = calib.collect_hessians(model, batches, offload=offload)
+    H = calib.collect_hessians(model, batches, offload=offload, product_dtype=product)
     X = capture_inputs(model, batches, NAMES)
     assert sorted(H) == sorted(NAMES)
     for name in NAMES:
         assert X[name].shape[0] == 3 * (7 + 4)                     # padded positions excluded
         assert H[name].dtype == torch.float64 and H[name].device.type == "cpu"
-        torch.testing.assert_close(H[name], X[name].T @ X[name] / X[name].shape[0])
+        tol = 1e-12 if product == torch.float64 else 1e-6
+        torch.testing.assert_close(H[name], X[name].T @ X[name] / X[name].shape[0], rtol=tol, atol=tol)
     assert not any(m._forward_pre_hooks for m in model.modules())  # hooks gone
 
 
