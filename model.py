@@ -101,10 +101,12 @@ class ModelConfig:
         if "dtype" in d and "torch_dtype" not in d:
             d["torch_dtype"] = d.pop("dtype")
         names = {f.name for f in fields(cls)} - {"extra"}
+        if d["model_type"] != "mistral":
+            names.discard("sliding_window")  # LlamaForCausalLM has no window: keep the key, ignore it
         known = {k: v for k, v in d.items() if k in names}
         extra = {k: v for k, v in d.items() if k not in names}
         if d["model_type"] == "mistral":
-            known.setdefault("sliding_window", None)
+            known.setdefault("sliding_window", 4096)  # the reference's MistralConfig default when the key is absent
         return cls(**known, extra=extra)
 
     @classmethod
@@ -117,7 +119,7 @@ class ModelConfig:
     def to_dict(self) -> dict:
         d = dict(self.extra)
         for f in fields(self):
-            if f.name != "extra":
+            if f.name != "extra" and not (f.name == "sliding_window" and self.model_type != "mistral"):
                 d[f.name] = getattr(self, f.name)
         d.pop("rope_parameters", None)
         d["architectures"] = ["MistralForCausalLM" if self.model_type == "mistral" else "LlamaForCausalLM"]
@@ -692,11 +694,12 @@ def generate(model: LlamaForCausalLM, prompts: list[list[int]], max_new_tokens: 
              temperature: float = 0.0, top_p: float = 1.0, generator: torch.Generator | None = None,
              pad_id: int | None = None, use_cache: bool = True) -> list[list[int]]:
     """Continue each prompt (left-padded into one batch) by up to max_new_tokens; a row stops at its first
-    eos (eos_id: an id or a list of ids; the eos is not returned). Returns the new tokens of each prompt."""
+    eos (eos_id: an id or a list of ids; the eos is not returned). Returns the new tokens of each prompt.
+    Sampling (temperature > 0) draws from `generator`, which must live on the model's device."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt and no empty prompt")
-    eos = torch.tensor([] if eos_id is None else ([eos_id] if isinstance(eos_id, int) else list(eos_id)),
-                       dtype=torch.long, device=model.device)
+    eos_list = [] if eos_id is None else [int(e) for e in torch.as_tensor(eos_id).reshape(-1).tolist()]
+    eos = torch.tensor(eos_list, dtype=torch.long, device=model.device)
     pad = pad_id if pad_id is not None else (int(eos[0]) if len(eos) else 0)
     B, L = len(prompts), max(len(p) for p in prompts)
     ids = torch.full((B, L), pad, dtype=torch.long)

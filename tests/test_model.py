@@ -227,7 +227,10 @@ def test_transformers4_config_layout_reads_the_same():
     assert a.torch_dtype == b.torch_dtype == "bfloat16" and a.rope_theta == b.rope_theta == 500000.0
     assert not torch.equal(M.rope_inv_freq(a), M.rope_inv_freq(M.ModelConfig(**{**a.__dict__, "rope_scaling": None})))
     c = M.ModelConfig.from_dict({"model_type": "mistral", "hidden_size": 64, "num_attention_heads": 4})
-    assert c.head_dim == 16 and c.num_key_value_heads == 4 and c.sliding_window is None
+    assert c.head_dim == 16 and c.num_key_value_heads == 4 and c.sliding_window == 4096  # the reference's default
+    assert M.ModelConfig.from_dict({"model_type": "mistral", "sliding_window": None}).sliding_window is None
+    llama = M.ModelConfig.from_dict({"model_type": "llama", "sliding_window": 8})  # not a llama field: ignored
+    assert llama.sliding_window is None and llama.to_dict()["sliding_window"] == 8
 
 
 def test_checkpoint_mismatch_lists_every_tensor(tmp_path):
@@ -348,3 +351,19 @@ def test_init_weights_is_seeded_and_tied_head_follows():
     assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
     assert a.lm_head.weight is a.model.embed_tokens.weight and float(a.model.norm.weight.detach().mean()) == 1.0
     assert float(a.model.layers[0].self_attn.q_proj.bias.detach().abs().sum()) == 0.0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_load_and_generate_match_cpu():
+    ref = load_file(str(FIX / "mistral_sw" / "reference.safetensors"))
+    m = M.from_pretrained(FIX / "mistral_sw", device="cuda").eval()
+    assert all(p.device.type == "cuda" for p in m.parameters())
+    ids, mask = ref["input_ids"].cuda(), ref["attention_mask"].cuda()
+    with torch.no_grad():
+        got = m(ids, mask).cpu()
+    real = ref["attention_mask"].bool()
+    assert (got[real] - ref["logits"][real]).abs().max() < 1e-3
+    assert M.generate(m, prompts_of(ref), 8) == ref["gen_tokens"].tolist()
+    bf16 = M.from_pretrained(FIX / "mistral_sw", dtype=torch.bfloat16, device="cuda")
+    out = M.generate(bf16, prompts_of(ref), 4, temperature=0.7, generator=torch.Generator("cuda").manual_seed(0))
+    assert [len(o) for o in out] == [4, 4]
