@@ -367,3 +367,15 @@ def test_cuda_load_and_generate_match_cpu():
     bf16 = M.from_pretrained(FIX / "mistral_sw", dtype=torch.bfloat16, device="cuda")
     out = M.generate(bf16, prompts_of(ref), 4, temperature=0.7, generator=torch.Generator("cuda").manual_seed(0))
     assert [len(o) for o in out] == [4, 4]
+
+
+def test_llama31_template_opens_with_the_dated_system_turn(tmp_path):
+    template = ('{%- if not date_string is defined %}{%- set date_string = "26 Jul 2024" %}{%- endif %}'
+                "{{- bos_token }}{{- '<|start_header_id|>system<|end_header_id|>\\n\\n' }}"
+                '{{- "Cutting Knowledge Date: December 2023\\n" }}' + LLAMA3_TEMPLATE)
+    tok = make_tokenizer(tmp_path, ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+                         {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "chat_template": template})
+    text = tok.apply_chat_template([{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}])
+    assert text == ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: "
+                    "December 2023\nToday Date: 26 Jul 2024\n\nbe brief<|eot_id|><|start_header_id|>user"
+                    "<|end_header_id|>\n\nhi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
