@@ -74,6 +74,33 @@ def timed(fn, x) -> float:
     return time.perf_counter() - t
 
 
+def padded_ref_checks(args, ours, ref, x, result, rows):
+    """A left-padded batch (real positions) and greedy generation from a chat prompt, against transformers."""
+    ids = x.reshape(-1)[:128].view(2, 64).clone()
+    mask = torch.ones_like(ids)
+    ids[1, :24], mask[1, :24] = 0, 0
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    real = mask.bool()
+    err = (ours(ids, mask)[real] - ref(input_ids=ids, attention_mask=mask, position_ids=pos).logits[real]).abs().max()
+    result["max_abs_logit_diff_padded"] = err.item()
+    rows.append(("padded batch vs transformers", f"max abs {err.item():.2e}", "2x64, row 1 left-padded by 24",
+                 "PASS" if err < 1e-3 else "FAIL"))
+    tok = M.Tokenizer.from_pretrained(args.model)
+    chat = [[{"role": "user", "content": q}] for q in ("What is the capital of France?", "Name a primary color.")]
+    prompts = [tok.encode(tok.apply_chat_template(c)) for c in chat]
+    mine = M.generate(ours, prompts, 24, eos_id=tok.eos_id, pad_id=tok.pad_id)
+    L = max(len(p) for p in prompts)
+    pids = torch.tensor([[tok.pad_id] * (L - len(p)) + p for p in prompts])
+    pmask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in prompts])
+    theirs = ref.generate(input_ids=pids, attention_mask=pmask, max_new_tokens=24, do_sample=False,
+                          eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)[:, L:].tolist()
+    theirs = [t[:t.index(tok.eos_id)] if tok.eos_id in t else t for t in theirs]
+    same = mine == theirs
+    result["generate_equal"] = same
+    rows.append(("greedy generate vs transformers", "equal" if same else "DIFFERENT", "2 chat prompts, 24 tokens",
+                 repr(tok.decode(mine[0], skip_special_tokens=True))[:40]))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=str(ROOT / "assets" / "smollm2-135m"))
@@ -126,6 +153,7 @@ def main():
             result["max_abs_logit_diff"] = err
             rows.append(("logits vs transformers", f"max abs {err:.2e}", f"on {args.batch}x{args.tokens} wikitext tokens",
                          "bar < 1e-3: " + ("PASS" if err < 1e-3 else "FAIL")))
+            padded_ref_checks(args, ours, ref, x, result, rows)
         t_ours, t_ref = [], []
         for i in range(args.reps):
             log(args, f"forward {i + 1}/{args.reps}")
