@@ -71,7 +71,7 @@ def fit_groups(W: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tenso
 
 def _round_codes(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, maxq: int) -> torch.Tensor:
     """Codes (as float) of w on the grid (s, z): clamp(round(w/s) + z, 0, maxq). The one rounding rule."""
-    return torch.clamp(torch.round(w / s) + z, 0, maxq)
+    return torch.clamp(torch.round(w / s) + z, 0.0, float(maxq))
 
 
 def _dequant(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
@@ -178,6 +178,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
     if not static_groups and block_size % group_size != 0:
         raise ValueError(f"static_groups=False needs block_size ({block_size}) divisible by group_size ({group_size})")
     maxq = 2 ** bits - 1
+    fmaxq = float(maxq)
     dev = W.device
 
     Hd = H.detach().to(dev, torch.float64 if H.dtype == torch.float64 else torch.float32)
@@ -216,25 +217,31 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
     for i1 in range(0, n, block_size):
         i2 = min(i1 + block_size, n)
         W1 = Wt[i1:i2]                                                # (c, m): carries all updates from earlier blocks
-        L1 = U[i1:i2, i1:i2].T.contiguous()                           # (c, c) lower: L1[i, :i] = U[:i, i]
-        d1 = torch.diagonal(U)[i1:i2]
-        E1 = torch.zeros_like(W1)                                     # (c, m) scaled errors of the block's columns
-        for i in range(i2 - i1):
+        d1 = torch.diagonal(U)[i1:i2]                                 # (c,) U_ii
+        # D1[j] = w_j − ŵ_j (unscaled); err_j·U[j, i] = D1[j]·(U[j, i]/U_jj), so fold 1/U_jj into the factor.
+        L1 = (U[i1:i2, i1:i2] / d1[:, None]).T.contiguous()           # (c, c) lower: L1[i, j] = U[j, i]/U_jj
+        D1 = torch.zeros_like(W1)                                     # (c, m)
+        DT = D1.T                                                     # (m, c) view for the matrix-vector products
+        rows = zip(W1.unbind(0), St[i1:i2].unbind(0), Zt[i1:i2].unbind(0), Qt[i1:i2].unbind(0), D1.unbind(0),
+                   L1.unbind(0))                                      # per-column views, made in one call each
+        for i, (w, s, z, q, e, l) in enumerate(rows):
             col = i1 + i
             if not static_groups and col % group_size == 0:           # fit the group on the updated weights
-                Wg = W1[i:i + group_size] - L1[i:i + group_size, :i] @ E1[:i]      # (g, m)
+                Wg = W1[i:i + group_size] - L1[i:i + group_size, :i] @ D1[:i]      # (g, m)
                 s16, z8 = fit_groups(Wg.T, bits, group_size)
                 gi = col // group_size
                 scales[:, gi], zeros[:, gi] = s16[:, 0], z8[:, 0]
-                St[col:col + group_size] = s16.float().T
+                St[col:col + group_size] = s16.float().T              # s, z are views of these rows
                 Zt[col:col + group_size] = z8.float().T
-            w = W1[i] - L1[i, :i] @ E1[:i] if i else W1[i]          # (m,) column i after the in-block updates
-            s, z = St[col], Zt[col]
-            q = _round_codes(w, s, z, maxq)
-            Qt[col] = q
-            E1[i] = (w - (q - z) * s) / d1[i]                         # err = (w_i − ŵ_i) / U_ii
-        if i2 < n:
-            Wt[i2:].addmm_(U[i1:i2, i2:].T, E1, alpha=-1.0)           # lazy update: W[:, i2:] −= Err · U[i1:i2, i2:]
+            if i:                                                     # (m,) column i after the in-block updates
+                w = torch.addmv(w, DT[:, :i], l[:i], alpha=-1.0)      #   w_i − Σ_{j<i} err_j U[j, i]
+            torch.div(w, s, out=q)                                    # q = clamp(round(w/s) + z, 0, maxq):
+            q.round_().add_(z).clamp_(0.0, fmaxq)                     #   _round_codes, in place
+            torch.sub(q, z, out=e)
+            e.mul_(s)                                                 # ŵ_i = (q − z)·s, as _dequant computes it
+            torch.sub(w, e, out=e)                                    # w_i − ŵ_i
+        if i2 < n:                                                    # lazy update: W[:, i2:] −= Err · U[i1:i2, i2:]
+            Wt[i2:].addmm_(U[i1:i2, i2:].T, D1 / d1[:, None], alpha=-1.0)
 
     codes = Qt.T                                                      # (m, n), permuted order
     if perm is not None:

@@ -1,0 +1,235 @@
+"""Benchmark gptq.py on every linear layer of the demo model (SmolLM2-135M: 30 blocks × 7 linears = 210).
+
+  python bench/bench_gptq.py [--hessians FILE] [--weights FILE] [--magr-blocks 0,15,29] [--threads 2] [--quiet]
+
+Measures (CPU unless --device says otherwise):
+  * the time to GPTQ-quantize all 210 layers given their Hessians, at 2, 3 and 4 bits (group 64), with the time
+    of RTN on the same layers measured alternately in the same process after a warm-up;
+  * the mean layer output error ‖(W − Q)Rᵀ‖ / ‖W Rᵀ‖ (RᵀR = H) of RTN vs GPTQ over all layers, and of
+    RTN vs GPTQ vs MagR+GPTQ over the linears of a few sampled blocks (MagR's 200 iterations are slow on CPU);
+  * the bytes of the 2-bit, group-64 QuantLinears against the fp16 weights.
+
+Hessians: --hessians FILE (safetensors {linear name: H (n, n)}, as calib.save_hessians writes), else random
+correlated ones, seeded, one per input site (q/k/v share one, gate/up share one, as in a real model):
+H = (A Aᵀ/n) ⊙ d dᵀ + 1e-3·mean(diag)·I, the columns of A scaled by k^−0.75 (a decaying spectrum) and d
+log-normal channel scales (outlier channels). Weights: --weights FILE (default the demo checkpoint,
+assets/smollm2-135m/model.safetensors, when present), else random N(0, 0.02²) of the demo shapes.
+Prints a table and one JSON line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+import gptq  # noqa: E402
+
+PROJ = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+SITE = {"self_attn.q_proj": "attn_in", "self_attn.k_proj": "attn_in", "self_attn.v_proj": "attn_in",
+        "self_attn.o_proj": "o_in", "mlp.gate_proj": "mlp_in", "mlp.up_proj": "mlp_in", "mlp.down_proj": "down_in"}
+
+
+@dataclass
+class BenchConfig:
+    weights: str = str(ROOT / "assets" / "smollm2-135m" / "model.safetensors")  # used when it exists
+    hessians: str | None = None       # safetensors {name: H}; None: random correlated Hessians
+    bits: tuple = (2, 3, 4)
+    group_size: int = 64
+    magr_blocks: tuple = (0, 15, 29)  # blocks whose 7 linears also get MagR+GPTQ
+    magr_iters: int = 200
+    magr_alpha: float = 1e-4
+    layers: int = 30                  # blocks: the demo's 30 (fewer for a quick run; at most the file's)
+    hidden: int = 576
+    kv_dim: int = 192
+    intermediate: int = 1536
+    seed: int = 0
+    threads: int = 2
+    device: str = "cpu"
+    quiet: bool = False
+
+
+def progress(cfg: BenchConfig, msg: str) -> None:
+    if not cfg.quiet:
+        sys.stderr.write("\r" + msg[:110].ljust(110))
+        sys.stderr.flush()
+
+
+def load_weights(cfg: BenchConfig) -> tuple[dict[str, torch.Tensor], str]:
+    """{linear name: W (m, n) fp32} from the checkpoint, or random weights of the demo shapes."""
+    path = Path(cfg.weights)
+    if path.exists():
+        from safetensors import safe_open
+        out = {}
+        with safe_open(str(path), framework="pt") as f:
+            keys = set(f.keys())
+            i = 0
+            while i < cfg.layers and f"model.layers.{i}.{PROJ[0]}.weight" in keys:
+                for p in PROJ:
+                    out[f"model.layers.{i}.{p}"] = f.get_tensor(f"model.layers.{i}.{p}.weight").float()
+                i += 1
+        if not out:
+            raise ValueError(f"--weights {path}: no tensors named model.layers.<i>.{PROJ[0]}.weight")
+        return out, str(path)
+    g = torch.Generator().manual_seed(cfg.seed)
+    shapes = {"self_attn.q_proj": (cfg.hidden, cfg.hidden), "self_attn.k_proj": (cfg.kv_dim, cfg.hidden),
+              "self_attn.v_proj": (cfg.kv_dim, cfg.hidden), "self_attn.o_proj": (cfg.hidden, cfg.hidden),
+              "mlp.gate_proj": (cfg.intermediate, cfg.hidden), "mlp.up_proj": (cfg.intermediate, cfg.hidden),
+              "mlp.down_proj": (cfg.hidden, cfg.intermediate)}
+    return {f"model.layers.{i}.{p}": torch.randn(*shapes[p], generator=g) * 0.02
+            for i in range(cfg.layers) for p in PROJ}, "random"
+
+
+def random_hessian(n: int, seed: int) -> torch.Tensor:
+    """A correlated, ill-conditioned H (n, n): decaying spectrum, log-normal channel scales, small ridge."""
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(n, n, generator=g) * torch.arange(1, n + 1, dtype=torch.float32) ** -0.75
+    d = torch.exp(0.75 * torch.randn(n, generator=g))
+    H = (A @ A.T / n) * d[:, None] * d[None, :]
+    return H + 1e-3 * torch.diagonal(H).mean() * torch.eye(n)
+
+
+def load_hessians(cfg: BenchConfig, weights: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
+    if cfg.hessians:
+        from safetensors import safe_open
+        path = Path(cfg.hessians)
+        if not path.exists():
+            raise FileNotFoundError(f"--hessians {path} does not exist (write it with calib.save_hessians)")
+        with safe_open(str(path), framework="pt") as f:
+            missing = [n for n in weights if n not in f.keys()]
+            if missing:
+                raise ValueError(f"--hessians {path}: no Hessian for {missing[0]} (and {len(missing) - 1} more); "
+                                 "expected keys named like model.layers.0.self_attn.q_proj")
+            return {n: f.get_tensor(n) for n in weights}, str(path)
+    out, cache = {}, {}
+    for k, (name, W) in enumerate(weights.items()):
+        block, proj = name.split(".")[2], name.split(".", 3)[3]
+        key = (block, SITE[proj])
+        if key not in cache:
+            cache[key] = random_hessian(W.shape[1], cfg.seed * 100003 + len(cache))
+        out[name] = cache[key]
+    return out, "random-correlated"
+
+
+def rel_err(W, Q, H) -> float:
+    return gptq.output_error(W, Q, H)[1]
+
+
+def run(cfg: BenchConfig) -> dict:
+    torch.set_num_threads(cfg.threads)
+    dev = torch.device(cfg.device)
+    weights, wsrc = load_weights(cfg)
+    hessians, hsrc = load_hessians(cfg, weights)
+    weights = {n: W.to(dev) for n, W in weights.items()}
+    hessians = {n: H.to(dev) for n, H in hessians.items()}
+    names = list(weights)
+    sync = (lambda: torch.cuda.synchronize()) if dev.type == "cuda" else (lambda: None)  # noqa: E731
+
+    # warm-up: one layer of every shape
+    seen = set()
+    for n in names:
+        if weights[n].shape not in seen:
+            seen.add(weights[n].shape)
+            gptq.gptq_quantize(weights[n], hessians[n], 4, cfg.group_size)
+            gptq.quantize_rtn(weights[n], 4, cfg.group_size)
+
+    res = {"gptq_time_s": {}, "rtn_time_s": {}, "err_rtn": {}, "err_gptq": {}, "retries": 0}
+    for b in cfg.bits:                                                   # alternating: RTN pass, GPTQ pass
+        errs_r, errs_g, t_r, t_g = [], [], 0.0, 0.0
+        for i, n in enumerate(names):
+            W, H = weights[n], hessians[n]
+            sync()
+            t = time.perf_counter()
+            r = gptq.quantize_rtn(W, b, cfg.group_size)
+            sync()
+            t_r += time.perf_counter() - t
+            t = time.perf_counter()
+            s = gptq.gptq_quantize(W, H, b, cfg.group_size, name=n)
+            sync()
+            t_g += time.perf_counter() - t
+            errs_r.append(rel_err(W, r.dequantize(), H))
+            errs_g.append(s.stats["rel_err"])
+            res["retries"] += s.stats["retries"]
+            progress(cfg, f"{b}-bit {i + 1}/{len(names)} {n}  gptq {t_g:.1f}s  rtn {t_r:.1f}s")
+        res["gptq_time_s"][b], res["rtn_time_s"][b] = t_g, t_r
+        res["err_rtn"][b], res["err_gptq"][b] = statistics.fmean(errs_r), statistics.fmean(errs_g)
+
+    sample = [n for n in names if int(n.split(".")[2]) in cfg.magr_blocks]
+    res["sampled"] = {"layers": len(sample), "blocks": list(cfg.magr_blocks), "rtn": {}, "gptq": {}, "magr_gptq": {}}
+    magr_w, t0 = {}, time.perf_counter()
+    for i, n in enumerate(sample):
+        progress(cfg, f"magr {i + 1}/{len(sample)} {n}  {time.perf_counter() - t0:.0f}s")
+        magr_w[n] = gptq.magr(weights[n], hessians[n], cfg.magr_alpha, cfg.group_size, cfg.magr_iters)
+    res["magr_time_s"] = time.perf_counter() - t0
+    for b in cfg.bits:
+        e = {"rtn": [], "gptq": [], "magr_gptq": []}
+        for n in sample:
+            W, H = weights[n], hessians[n]
+            e["rtn"].append(rel_err(W, gptq.quantize_rtn(W, b, cfg.group_size).dequantize(), H))
+            e["gptq"].append(gptq.gptq_quantize(W, H, b, cfg.group_size).stats["rel_err"])
+            e["magr_gptq"].append(rel_err(W, gptq.gptq_quantize(magr_w[n], H, b, cfg.group_size).dequantize(), H))
+        for k, v in e.items():
+            res["sampled"][k][b] = statistics.fmean(v) if v else float("nan")
+    if not cfg.quiet:
+        sys.stderr.write("\n")
+
+    q_bytes = sum(gptq.QuantLinear.from_state(gptq.quantize_rtn(weights[n], 2, 64)).nbytes() for n in names)
+    fp16_bytes = sum(W.numel() * 2 for W in weights.values())
+    res.update({"layers": len(names), "weights": wsrc, "hessians": hsrc, "threads": cfg.threads,
+                "device": cfg.device, "group_size": cfg.group_size,
+                "gptq_time_median_s": statistics.median(res["gptq_time_s"].values()),
+                "rtn_time_median_s": statistics.median(res["rtn_time_s"].values()),
+                "ratio_gptq_rtn": {b: res["err_gptq"][b] / res["err_rtn"][b] for b in cfg.bits},
+                "bytes_2bit_g64_vs_fp16": q_bytes / fp16_bytes})
+    return res
+
+
+def report(res: dict, cfg: BenchConfig) -> None:
+    s = res["sampled"]
+    print(f"GPTQ on {res['layers']} linears (weights: {res['weights']}; Hessians: {res['hessians']}; "
+          f"{res['threads']} threads, {res['device']}), group {res['group_size']}")
+    print(f"{'bits':>4} | {'GPTQ s':>7} | {'RTN s':>6} | {'err RTN':>8} | {'err GPTQ':>8} | {'GPTQ/RTN':>8} || "
+          f"sampled {s['layers']} layers: {'RTN':>7} | {'GPTQ':>7} | {'MagR+GPTQ':>9}")
+    for b in cfg.bits:
+        print(f"{b:>4} | {res['gptq_time_s'][b]:7.1f} | {res['rtn_time_s'][b]:6.2f} | {res['err_rtn'][b]:8.4f} | "
+              f"{res['err_gptq'][b]:8.4f} | {res['ratio_gptq_rtn'][b]:8.3f} || {'':>23}{s['rtn'][b]:7.4f} | "
+              f"{s['gptq'][b]:7.4f} | {s['magr_gptq'][b]:9.4f}")
+    print(f"median GPTQ time for all {res['layers']} layers: {res['gptq_time_median_s']:.1f} s (bar < 120 s); "
+          f"MagR ({cfg.magr_iters} it) on {s['layers']} layers: {res['magr_time_s']:.1f} s; damping retries: "
+          f"{res['retries']}; 2-bit g64 QuantLinear bytes / fp16: {res['bytes_2bit_g64_vs_fp16']:.4f} (bar <= 0.16)")
+    print(json.dumps({"bench": "gptq", **res}))
+
+
+def parse(argv=None) -> BenchConfig:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--weights", default=BenchConfig.weights)
+    p.add_argument("--hessians", default=None)
+    p.add_argument("--bits", type=int, nargs="+", default=list(BenchConfig.bits))
+    p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--magr-blocks", default="0,15,29", help="comma-separated block indices ('' for none)")
+    p.add_argument("--magr-iters", type=int, default=200)
+    p.add_argument("--magr-alpha", type=float, default=1e-4)
+    p.add_argument("--blocks", type=int, default=30, help="benchmark the first N blocks only (quick runs)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--quiet", action="store_true")
+    a = p.parse_args(argv)
+    blocks = tuple(int(x) for x in a.magr_blocks.split(",") if x.strip())
+    return BenchConfig(weights=a.weights, hessians=a.hessians, bits=tuple(a.bits), group_size=a.group_size,
+                       magr_blocks=blocks, magr_iters=a.magr_iters, magr_alpha=a.magr_alpha, seed=a.seed, layers=a.blocks,
+                       threads=a.threads, device=a.device, quiet=a.quiet)
+
+
+if __name__ == "__main__":
+    cfg = parse()
+    report(run(cfg), cfg)
