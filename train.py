@@ -50,13 +50,13 @@ class TrainConfig:
     rank: int = 64                      # adapter budget per linear: rank·(m + n) values ("LoRA-rank equivalent")
     temperature: float = 1.0            # AdaAlloc temperature t
     magr: bool = False                  # MagR preprocessing before GPTQ
-    data: str | None = None             # JSON/JSONL: alpaca, gsm8k or prompt/response; None: the demo GSM8K split
+    data: str | None = None             # JSON/JSONL (alpaca, gsm8k, prompt/response) or .txt; None: demo GSM8K
     eval_data: str | None = None        # held-out file; None: --n-eval examples split off --data
     n_eval: int | None = None           # held-out examples (default 64; demo 16)
     calib: str | None = None            # calibration text (train split); None: the demo Wikipedia train split
     n_calib: int = 32                   # calibration windows
     calib_len: int = 256                # tokens per calibration window
-    steps: int | None = None            # optimizer steps (or --epochs; default 1 epoch, demo 40 steps)
+    steps: int | None = None            # optimizer steps, 0: init only (or --epochs; default 1 epoch, demo 40)
     epochs: float | None = None
     lr: float = 5e-4
     warmup: float = 0.1                 # fraction of the steps with linear warmup
@@ -151,10 +151,10 @@ def validate(cfg: TrainConfig) -> model_lib.ModelConfig:
     if cfg.calib is None:
         raise ValueError(f"--calib: a calibration text file is needed (no demo text at {ASSETS / 'wikitext'})")
     for path in (cfg.data, cfg.eval_data):
-        if path is not None:
+        if path is not None and Path(path).suffix not in data.TEXT_SUFFIXES:
             data.detect_format(data.read_records(path), path)  # raises naming the file and the fields expected
-    if cfg.steps is not None and cfg.steps < 1 or cfg.epochs is not None and cfg.epochs <= 0:
-        raise ValueError("--steps / --epochs must be positive")
+    if cfg.steps is not None and cfg.steps < 0 or cfg.epochs is not None and cfg.epochs <= 0:
+        raise ValueError("--steps must be >= 0 (0: initialize and save, no training) and --epochs > 0")
     if cfg.steps is not None and cfg.epochs is not None:
         raise ValueError("give --steps or --epochs, not both")
     if min(cfg.batch_size, cfg.grad_accum, cfg.max_len, cfg.n_calib, cfg.calib_len) < 1:
@@ -180,7 +180,8 @@ def calibrate(model, tok, cfg: TrainConfig, log) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(cfg.seed)
     windows = calib.calibration_windows(stream, cfg.n_calib, cfg.calib_len, gen)   # (n_calib, calib_len)
     batches = calib.window_batches(windows, 4)
-    hessians = calib.collect_hessians(model, batches, model_lib.linear_names(model), progress=not cfg.quiet)
+    hessians = calib.collect_hessians(model, batches, model_lib.linear_names(model), progress=not cfg.quiet,
+                                      product_dtype=torch.float32)   # float64 running sums of float32 products
     log(f"hessians: {len(hessians)} layers from {cfg.n_calib}x{cfg.calib_len} tokens of {cfg.calib} "
         f"({time.time() - t0:.1f}s)")
     if cfg.hessians:
@@ -315,7 +316,7 @@ def train(model, train_ex, held_ex, cfg: TrainConfig, out: Path, pad_id: int, lo
     if not params:
         raise ValueError("no trainable parameters: the adapters were not attached")
     sched = Schedule([len(ids) for ids, _ in train_ex], cfg.batch_size, cfg.seed)
-    total = cfg.steps or max(1, math.ceil(cfg.epochs * sched.per_epoch / cfg.grad_accum))
+    total = cfg.steps if cfg.steps is not None else max(1, math.ceil(cfg.epochs * sched.per_epoch / cfg.grad_accum))
     warmup = int(cfg.warmup * total)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup))
