@@ -19,14 +19,16 @@ written there.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import os
+import re
 import resource
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -37,6 +39,7 @@ import data
 import gptq
 import model as model_lib
 import qwha
+import wht
 from eval import load_model
 
 ASSETS = Path(os.environ.get("QWHA_ASSETS", Path(__file__).resolve().parent / "assets"))
@@ -57,24 +60,24 @@ class TrainConfig:
     n_calib: int = 32                   # calibration windows
     calib_len: int = 256                # tokens per calibration window
     steps: int | None = None            # optimizer steps, 0: init only (or --epochs; default 1 epoch, demo 40)
-    epochs: float | None = None
-    lr: float = 5e-4
+    epochs: float | None = None         # passes over the training examples (instead of --steps)
+    lr: float = 5e-4                    # AdamW peak learning rate (for scale s = 1; see qwha.py)
     warmup: float = 0.1                 # fraction of the steps with linear warmup
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0           # AdamW weight decay on the adapter values
     batch_size: int | None = None       # examples per micro-batch (default 4; demo 2)
     grad_accum: int = 1                 # micro-batches per optimizer step
     clip: float = 1.0                   # gradient norm clipping (0: off)
     max_len: int | None = None          # longest example in tokens, longer ones are dropped and counted (512; demo 256)
     eval_every: int | None = None       # steps between held-out evaluations (default: 4 per run)
-    out: str = "runs/qwha"
+    out: str = "runs/qwha"              # output folder
     resume: bool = False                # continue from OUT/checkpoint.pt
     stop_after: int | None = None       # stop (checkpointed) after this many steps of this run; --resume continues
     quantized: str | None = None        # reuse this quantized base if the file exists, else write it there
     hessians: str | None = None         # reuse these Hessians if the file exists, else write them there
     merge: bool = False                 # also export OUT/merged/: dense Q + s·F·T in bf16, HF layout
     grad_checkpoint: bool = False       # recompute block activations in the backward pass (less memory)
-    seed: int = 0
-    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    seed: int = 0                       # calibration windows, held-out split, data order
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"  # cpu, cuda, cuda:1 ...
     dtype: str = "float32"              # dtype of the model's weights and activations (float32 | bfloat16)
     quiet: bool = False                 # no progress line on stderr
 
@@ -86,18 +89,21 @@ RESUME_KEYS = ("model", "bits", "group_size", "rank", "temperature", "magr", "da
 
 
 def parse_args(argv=None) -> TrainConfig:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    """Flags are TrainConfig's fields (--group-size for group_size), their help the fields' comments."""
+    comments = dict(re.findall(r"^    (\w+): [^#\n]*#\s*(.*)$", inspect.getsource(TrainConfig), re.M))
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     for f in fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
+        flag, help_ = "--" + f.name.replace("_", "-"), comments.get(f.name, "")
+        if f.default not in (None, MISSING) and not isinstance(f.default, bool) and "default" not in help_:
+            help_ += f" (default {f.default})"
         if f.type == "bool" or isinstance(f.default, bool):
-            p.add_argument(flag, action="store_true")
+            p.add_argument(flag, action="store_true", help=help_)
             continue
         kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
         if f.name == "model":
-            p.add_argument(flag, required=True)
+            p.add_argument(flag, required=True, help=help_)
         else:
-            p.add_argument(flag, type=kind, default=f.default)
+            p.add_argument(flag, type=kind, default=f.default, help=help_)
     return TrainConfig(**vars(p.parse_args(argv)))
 
 
@@ -140,6 +146,10 @@ def validate(cfg: TrainConfig) -> model_lib.ModelConfig:
     for name, (m, n) in block_shapes(mc).items():
         if cfg.group_size <= 0 or n % cfg.group_size:
             raise ValueError(f"--group-size {cfg.group_size} does not divide the input width {n} of {name}")
+        try:
+            wht.factorize(n)                     # the adapter transforms along the input width
+        except ValueError as e:
+            raise ValueError(f"{name} of {folder}: {e}") from None
         budget = min(cfg.rank * (m + n), m * n)  # init_qwha caps the budget at a dense F
         if cfg.rank < 1 or budget < 2 * m:
             raise ValueError(f"--rank {cfg.rank}: the budget rank·(m+n) = {budget} of {name} ({m}×{n}) is below "
