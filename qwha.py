@@ -235,13 +235,22 @@ def refine(P: torch.Tensor, G: torch.Tensor, support: torch.Tensor, *, chunk_byt
     and chunk (≤ chunk_bytes of blocks), in float64; blocks whose Cholesky fails fall back to least squares.
     Returns values (B,) float64 in the support's (CSR) order.
     """
+    return _solve_support(P, G, support, chunk_bytes=chunk_bytes)[0]
+
+
+def _solve_support(P, G, support, extra=None, chunk_bytes=1 << 27):
+    """refine(), plus the quadratic forms Σ_i v_i G[Ω_i,Ω_i] v_iᵀ of the solution and of `extra` (B,) values
+    on the same support, from the gathered blocks (for the error report without another m×n×n product)."""
     m, n = P.shape
     rows, cols = support[0], support[1]
     B = rows.numel()
-    Pd, Gd = P.to(torch.float64), G.to(torch.float64)
+    Pd, Gd = P.to(torch.float64).reshape(-1), G.to(torch.float64).reshape(-1)
     values = torch.zeros(B, dtype=torch.float64, device=P.device)
+    quad_f = torch.zeros((), dtype=torch.float64, device=P.device)
+    quad_x = torch.zeros((), dtype=torch.float64, device=P.device)
     if B == 0:
-        return values
+        return values, quad_f, quad_x
+    xd = None if extra is None else extra.to(torch.float64)
     k = torch.bincount(rows, minlength=m)                              # (m,)
     ptr = torch.cumsum(k, 0) - k                                       # start of each row in the support
     for kk in torch.unique(k).tolist():
@@ -249,18 +258,24 @@ def refine(P: torch.Tensor, G: torch.Tensor, support: torch.Tensor, *, chunk_byt
             continue
         rsel = torch.nonzero(k == kk).flatten()                        # rows with k_i = kk
         per_chunk = max(1, chunk_bytes // (kk * kk * 8))
+        ar = torch.arange(kk, device=P.device)
         for r in rsel.split(per_chunk):
-            pos = ptr[r][:, None] + torch.arange(kk, device=P.device)  # (r, kk) positions in the support
+            pos = ptr[r][:, None] + ar                                 # (r, kk) positions in the support
             c = cols[pos]                                              # (r, kk)
-            A = Gd[c[:, :, None], c[:, None, :]]                       # (r, kk, kk)  G[Ω,Ω]
-            b = Pd[r[:, None], c]                                      # (r, kk)      P[i,Ω]
+            # flat index_select: ~3× faster than 3-D advanced indexing on CPU
+            A = Gd.index_select(0, (c[:, :, None] * n + c[:, None, :]).view(-1)).view(-1, kk, kk)  # G[Ω,Ω]
+            b = Pd.index_select(0, (r[:, None] * n + c).view(-1)).view(-1, kk)                     # P[i,Ω]
             L, info = torch.linalg.cholesky_ex(A)
             x = torch.cholesky_solve(b[..., None], L)[..., 0]          # (r, kk)
             bad = (info != 0) | ~torch.isfinite(x).all(dim=1)
             if bad.any():
                 x[bad] = torch.linalg.lstsq(A[bad].cpu(), b[bad, :, None].cpu(), driver="gelsd").solution[..., 0].to(x)
             values[pos] = x
-    return values
+            quad_f += (x * (A @ x[..., None])[..., 0]).sum()
+            if xd is not None:
+                xe = xd[pos]
+                quad_x += (xe * (A @ xe[..., None])[..., 0]).sum()
+    return values, quad_f, quad_x
 
 
 _refine = refine  # init_layer_full's `refine` flag shadows the function
@@ -343,11 +358,15 @@ def init_layer_full(E: torch.Tensor, H: torch.Tensor, budget: int, *, temperatur
                              min_per_row=min_per_row, generator=generator)
     rows, cols = support
     f_sel = C[rows, cols]
-    err_select = math.sqrt(max(_quad_error2(e0sq, C, P_raw, G_raw, support, f_sel), 0.0))
     if refine and rows.numel():
-        f = _refine(P, G, support, chunk_bytes=chunk_bytes)
-        err_refined = math.sqrt(max(_quad_error2(e0sq, C, P_raw, G_raw, support, f), 0.0))
+        # errors from the blocks: ‖(E − F T)Rᵀ‖² = ‖ERᵀ‖² − 2 Σ_Ω f·P_raw + Σ_i f_i G_raw[Ω,Ω] f_iᵀ,
+        # with G_raw = G − λμ I on the support
+        f, qf, qs = _solve_support(P, G, support, extra=f_sel, chunk_bytes=chunk_bytes)
+        p_raw = P_raw[rows, cols]
+        err_select = math.sqrt(max(e0sq - 2 * float(f_sel @ p_raw) + float(qs) - lam_mu * float(f_sel @ f_sel), 0.0))
+        err_refined = math.sqrt(max(e0sq - 2 * float(f @ p_raw) + float(qf) - lam_mu * float(f @ f), 0.0))
     else:
+        err_select = math.sqrt(max(_quad_error2(e0sq, C, P_raw, G_raw, support, f_sel), 0.0))
         f, err_refined = f_sel, err_select
     k = torch.bincount(rows, minlength=m)
     return LayerInit(support, f.to(torch.float32), k, math.sqrt(e0sq), err_select, err_refined,
