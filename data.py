@@ -338,7 +338,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path, progress: Callable[[str], None]
 
     progress("writing model.safetensors")
     atomic_write(out_dir / "model.safetensors",
-                 lambda p: save_file(state, str(p), metadata={"format": "pt", "source": gguf_path.name}))
+                 lambda p: save_file(state, str(p), metadata={"format": "pt"}))  # one key: byte-reproducible
     tokenizer = build_tokenizer(tokens, list(_meta(reader, "tokenizer.ggml.merges")),
                                 [int(k) for k in _meta(reader, "tokenizer.ggml.token_type")])
     atomic_write(out_dir / "tokenizer.json", lambda p: tokenizer.save(str(p)))
