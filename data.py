@@ -282,45 +282,41 @@ def _meta(reader, key: str, default=None):
     return float(f"{value:.7g}") if isinstance(value, float) else value  # float32 metadata: 1e-05, not 9.99e-06
 
 
-def convert_gguf(gguf_path: Path, out_dir: Path, progress: Callable[[str], None] = lambda s: None) -> dict:
-    """Write config.json, generation_config.json, model.safetensors (fp32), tokenizer.json and
-    tokenizer_config.json for the llama GGUF at `gguf_path`; returns the config."""
-    try:
-        import gguf  # optional extra: only this conversion needs it
-        from gguf.quants import dequantize
-    except ImportError:
-        raise ImportError("converting the demo checkpoint needs the `gguf` package: pip install -e '.[demo]'") from None
-    import numpy as np
-    import torch
-    from safetensors.torch import save_file
-
-    reader = gguf.GGUFReader(str(gguf_path))
+def gguf_llama_config(reader) -> dict:
+    """HF LlamaConfig fields from a llama GGUF's metadata (tied embeddings when it has no output.weight)."""
     arch = _meta(reader, "general.architecture")
     if arch != "llama":
-        raise ValueError(f"{gguf_path}: architecture {arch!r}, expected 'llama'")
-    n_head, n_kv = int(_meta(reader, "llama.attention.head_count")), int(_meta(reader, "llama.attention.head_count_kv"))
-    tokens = list(_meta(reader, "tokenizer.ggml.tokens"))
-    names = [t.name for t in reader.tensors]
-    tied = "output.weight" not in names
+        raise ValueError(f"GGUF architecture {arch!r}, expected 'llama'")
+    eos = int(_meta(reader, "tokenizer.ggml.eos_token_id"))
     config = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "hidden_size": int(_meta(reader, "llama.embedding_length")),
         "intermediate_size": int(_meta(reader, "llama.feed_forward_length")),
         "num_hidden_layers": int(_meta(reader, "llama.block_count")),
-        "num_attention_heads": n_head, "num_key_value_heads": n_kv,
+        "num_attention_heads": int(_meta(reader, "llama.attention.head_count")),
+        "num_key_value_heads": int(_meta(reader, "llama.attention.head_count_kv")),
         "head_dim": int(_meta(reader, "llama.rope.dimension_count")),
-        "vocab_size": int(_meta(reader, "llama.vocab_size", len(tokens))),
+        "vocab_size": int(_meta(reader, "llama.vocab_size", len(_meta(reader, "tokenizer.ggml.tokens")))),
         "max_position_embeddings": int(_meta(reader, "llama.context_length")),
         "rms_norm_eps": _meta(reader, "llama.attention.layer_norm_rms_epsilon"),
         "rope_theta": _meta(reader, "llama.rope.freq_base", 10000.0), "rope_scaling": None,
-        "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": tied,
-        "bos_token_id": int(_meta(reader, "tokenizer.ggml.bos_token_id")),
-        "eos_token_id": int(_meta(reader, "tokenizer.ggml.eos_token_id")),
-        "pad_token_id": int(_meta(reader, "tokenizer.ggml.padding_token_id", _meta(reader, "tokenizer.ggml.eos_token_id"))),
+        "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
+        "tie_word_embeddings": "output.weight" not in {t.name for t in reader.tensors},
+        "bos_token_id": int(_meta(reader, "tokenizer.ggml.bos_token_id")), "eos_token_id": eos,
+        "pad_token_id": int(_meta(reader, "tokenizer.ggml.padding_token_id", eos)),
         "initializer_range": 0.02, "use_cache": True, "torch_dtype": "float32",
     }
-    if config["head_dim"] * n_head != config["hidden_size"]:
-        raise ValueError(f"{gguf_path}: head_dim {config['head_dim']} * {n_head} heads != hidden {config['hidden_size']}")
+    if config["head_dim"] * config["num_attention_heads"] != config["hidden_size"]:
+        raise ValueError(f"GGUF head_dim {config['head_dim']} * {config['num_attention_heads']} heads != "
+                         f"hidden size {config['hidden_size']}")
+    return config
+
+
+def gguf_state_dict(reader, config: dict, progress: Callable[[str], None] = lambda s: None) -> dict:
+    """Every tensor of the GGUF dequantized to fp32, under its HF name, shaped (out, in), q/k rows un-permuted."""
+    import numpy as np
+    import torch
+    from gguf.quants import dequantize
 
     state = {}
     for i, t in enumerate(reader.tensors, 1):
@@ -328,36 +324,58 @@ def convert_gguf(gguf_path: Path, out_dir: Path, progress: Callable[[str], None]
         shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists dims innermost first; HF: (out, in)
         w = torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape))  # a copy
         if ".attn_q." in t.name:
-            w = unpermute_qk(w, n_head)
+            w = unpermute_qk(w, config["num_attention_heads"])
         elif ".attn_k." in t.name:
-            w = unpermute_qk(w, n_kv)
+            w = unpermute_qk(w, config["num_key_value_heads"])
         state[hf_name(t.name)] = w.contiguous()
-    if tuple(state["model.embed_tokens.weight"].shape) != (config["vocab_size"], config["hidden_size"]):
-        raise ValueError(f"{gguf_path}: embedding shape {tuple(state['model.embed_tokens.weight'].shape)} does not "
-                         f"match vocab_size x hidden_size")
+    embed = tuple(state["model.embed_tokens.weight"].shape)
+    if embed != (config["vocab_size"], config["hidden_size"]):
+        raise ValueError(f"GGUF token_embd.weight has shape {embed}, expected (vocab_size, hidden_size) = "
+                         f"{(config['vocab_size'], config['hidden_size'])}")
+    return state
 
+
+def gguf_tokenizer_config(reader, config: dict) -> dict:
+    """tokenizer_config.json: special tokens (GGUF control tokens) and the chat template."""
+    tokens, types = _meta(reader, "tokenizer.ggml.tokens"), _meta(reader, "tokenizer.ggml.token_type")
+    bos, eos, pad = (tokens[config[k]] for k in ("bos_token_id", "eos_token_id", "pad_token_id"))
+    return {
+        "tokenizer_class": "GPT2Tokenizer", "add_prefix_space": False, "add_bos_token": False,
+        "clean_up_tokenization_spaces": False, "model_max_length": config["max_position_embeddings"],
+        "bos_token": bos, "eos_token": eos, "pad_token": pad,
+        "unk_token": tokens[int(_meta(reader, "tokenizer.ggml.unknown_token_id", 0))],
+        "additional_special_tokens": [bos, eos],
+        "added_tokens_decoder": {str(i): {"content": t, "special": True, "normalized": False, "lstrip": False,
+                                          "rstrip": False, "single_word": False}
+                                 for i, (t, k) in enumerate(zip(tokens, types)) if int(k) == 3},
+        "chat_template": _meta(reader, "tokenizer.chat_template", ""),
+    }
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path, progress: Callable[[str], None] = lambda s: None) -> dict:
+    """Write config.json, generation_config.json, model.safetensors (fp32), tokenizer.json and
+    tokenizer_config.json for the llama GGUF at `gguf_path`; returns the config."""
+    try:
+        import gguf  # optional extra: only this conversion needs it
+    except ImportError:
+        raise ImportError("converting the demo checkpoint needs the `gguf` package: pip install -e '.[demo]'") from None
+    from safetensors.torch import save_file
+
+    reader = gguf.GGUFReader(str(gguf_path))
+    try:
+        config = gguf_llama_config(reader)
+        state = gguf_state_dict(reader, config, progress)
+    except ValueError as e:
+        raise ValueError(f"{gguf_path}: {e}") from None
     progress("writing model.safetensors")
     atomic_write(out_dir / "model.safetensors",
                  lambda p: save_file(state, str(p), metadata={"format": "pt"}))  # one key: byte-reproducible
-    tokenizer = build_tokenizer(tokens, list(_meta(reader, "tokenizer.ggml.merges")),
+    tokenizer = build_tokenizer(_meta(reader, "tokenizer.ggml.tokens"), _meta(reader, "tokenizer.ggml.merges"),
                                 [int(k) for k in _meta(reader, "tokenizer.ggml.token_type")])
     atomic_write(out_dir / "tokenizer.json", lambda p: tokenizer.save(str(p)))
-    special = {i: tokens[i] for i, k in enumerate(_meta(reader, "tokenizer.ggml.token_type")) if int(k) == 3}
-    tok_config = {
-        "tokenizer_class": "GPT2Tokenizer", "add_prefix_space": False, "add_bos_token": False,
-        "clean_up_tokenization_spaces": False, "model_max_length": config["max_position_embeddings"],
-        "bos_token": tokens[config["bos_token_id"]], "eos_token": tokens[config["eos_token_id"]],
-        "pad_token": tokens[config["pad_token_id"]],
-        "unk_token": tokens[int(_meta(reader, "tokenizer.ggml.unknown_token_id", 0))],
-        "additional_special_tokens": [tokens[config["bos_token_id"]], tokens[config["eos_token_id"]]],
-        "added_tokens_decoder": {str(i): {"content": t, "special": True, "normalized": False, "lstrip": False,
-                                          "rstrip": False, "single_word": False} for i, t in special.items()},
-        "chat_template": _meta(reader, "tokenizer.chat_template", ""),
-    }
-    write_json(out_dir / "tokenizer_config.json", tok_config)
-    write_json(out_dir / "generation_config.json", {"bos_token_id": config["bos_token_id"],
-                                                    "eos_token_id": config["eos_token_id"],
-                                                    "pad_token_id": config["pad_token_id"]})
+    write_json(out_dir / "tokenizer_config.json", gguf_tokenizer_config(reader, config))
+    write_json(out_dir / "generation_config.json", {k: config[k] for k in ("bos_token_id", "eos_token_id",
+                                                                           "pad_token_id")})
     write_json(out_dir / "config.json", config)
     return config
 
