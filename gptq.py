@@ -30,6 +30,7 @@ FORMAT = "qwha-gptq"          # safetensors metadata "format"
 FORMAT_VERSION = "1"
 _FP16_MAX = 65504.0
 _FP16_TINY = 2.0 ** -24       # smallest positive fp16 (subnormal)
+_SUB = 32                     # GPTQ: columns per sub-block inside a block (bounds the per-column work to 32·m)
 
 
 # --------------------------------------------------------------------------------------------- checks
@@ -154,7 +155,7 @@ def _inverse_cholesky(H: torch.Tensor, damp: float, name: str, max_retries: int 
 
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int = 64, damp: float = 0.01,
                   block_size: int = 128, act_order: bool = False, static_groups: bool = True,
-                  name: str = "") -> QuantState:
+                  name: str = "", measure: bool = True) -> QuantState:
     """GPTQ (Frantar et al. 2023) on the eq. 1 grid; H = XᵀX/N (n, n). See METHOD.md, "Quantization".
 
     Columns are quantized one at a time (in blocks of `block_size`, with lazy updates of the columns right of the
@@ -162,7 +163,9 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
     W[:, j] −= err·U[i, j], where U is the upper Cholesky factor of the damped H⁻¹. Dead inputs (diag H = 0)
     get H_ii = 1 and W[:, i] = 0. With `static_groups` every group's (scale, zero) is fitted once on the
     original weight in the original column order, so `act_order` (columns by decreasing diag H) keeps the
-    grid of the original order and needs no g_idx. stats: damp, retries, time_s, out_err, rel_err.
+    grid of the original order and needs no g_idx. stats: damp, retries, dead, time_s, and with `measure`
+    out_err = ‖(W − Q)Rᵀ‖ and rel_err = out_err/‖W Rᵀ‖ (RᵀR = H undamped; two m·n² products, more than
+    the quantization's own arithmetic: measure=False skips them).
     """
     t0 = time.perf_counter()
     _check_weight(W, bits, group_size, what=f"W of {name!r}" if name else "W")
@@ -203,11 +206,10 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
     Wt = Wf.T.contiguous()                                            # (n, m)
     Qt = torch.empty_like(Wt)                                         # codes, as float
     if static_groups:
-        col_group = torch.arange(n, device=dev) // group_size
+        per_col = lambda t: t.float().T.repeat_interleave(group_size, dim=0)                    # noqa: E731
+        St, Zt = per_col(scales), per_col(zeros)                      # (n, m) scale and zero of each column
         if perm is not None:
-            col_group = col_group[perm]
-        St = scales.float().T[col_group].contiguous()                 # (n, m) scale of each column
-        Zt = zeros.float().T[col_group].contiguous()                  # (n, m)
+            St, Zt = St[perm], Zt[perm]
     else:
         St = torch.empty_like(Wt)
         Zt = torch.empty_like(Wt)
@@ -222,24 +224,29 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
         L1 = (U[i1:i2, i1:i2] / d1[:, None]).T.contiguous()           # (c, c) lower: L1[i, j] = U[j, i]/U_jj
         D1 = torch.zeros_like(W1)                                     # (c, m)
         DT = D1.T                                                     # (m, c) view for the matrix-vector products
-        rows = zip(W1.unbind(0), St[i1:i2].unbind(0), Zt[i1:i2].unbind(0), Qt[i1:i2].unbind(0), D1.unbind(0),
-                   L1.unbind(0))                                      # per-column views, made in one call each
-        for i, (w, s, z, q, e, l) in enumerate(rows):
-            col = i1 + i
-            if not static_groups and col % group_size == 0:           # fit the group on the updated weights
-                Wg = W1[i:i + group_size] - L1[i:i + group_size, :i] @ D1[:i]      # (g, m)
-                s16, z8 = fit_groups(Wg.T, bits, group_size)
-                gi = col // group_size
-                scales[:, gi], zeros[:, gi] = s16[:, 0], z8[:, 0]
-                St[col:col + group_size] = s16.float().T              # s, z are views of these rows
-                Zt[col:col + group_size] = z8.float().T
-            if i:                                                     # (m,) column i after the in-block updates
-                w = torch.addmv(w, DT[:, :i], l[:i], alpha=-1.0)      #   w_i − Σ_{j<i} err_j U[j, i]
-            torch.div(w, s, out=q)                                    # q = clamp(round(w/s) + z, 0, maxq):
-            q.round_().add_(z).clamp_(0.0, fmaxq)                     #   _round_codes, in place
-            torch.sub(q, z, out=e)
-            e.mul_(s)                                                 # ŵ_i = (q − z)·s, as _dequant computes it
-            torch.sub(w, e, out=e)                                    # w_i − ŵ_i
+        rows = list(zip(W1.unbind(0), St[i1:i2].unbind(0), Zt[i1:i2].unbind(0), Qt[i1:i2].unbind(0),
+                        D1.unbind(0), L1.unbind(0)))                  # per-column views, made in one call each
+        for j1 in range(0, i2 - i1, _SUB):                            # sub-blocks: W1[j1:] has all updates < j1
+            j2 = min(j1 + _SUB, i2 - i1)
+            for i in range(j1, j2):
+                w, s, z, q, e, l = rows[i]
+                col = i1 + i
+                if not static_groups and col % group_size == 0:       # fit the group on the updated weights
+                    Wg = W1[i:i + group_size] - L1[i:i + group_size, j1:i] @ D1[j1:i]      # (g, m)
+                    s16, z8 = fit_groups(Wg.T, bits, group_size)
+                    gi = col // group_size
+                    scales[:, gi], zeros[:, gi] = s16[:, 0], z8[:, 0]
+                    St[col:col + group_size] = s16.float().T          # s, z are views of these rows
+                    Zt[col:col + group_size] = z8.float().T
+                if i > j1:                                            # (m,) column i after the in-block updates:
+                    w = torch.addmv(w, DT[:, j1:i], l[j1:i], alpha=-1.0)   # w_i − Σ_{j1<=j<i} err_j U[j, i]
+                torch.div(w, s, out=q)                                # q = clamp(round(w/s) + z, 0, maxq):
+                q.round_().add_(z).clamp_(0.0, fmaxq)                 #   _round_codes, in place
+                torch.sub(q, z, out=e)
+                e.mul_(s)                                             # ŵ_i = (q − z)·s, as _dequant computes it
+                torch.sub(w, e, out=e)                                # w_i − ŵ_i
+            if j2 < i2 - i1:                                          # lazy update inside the block
+                W1[j2:].addmm_(L1[j2:, j1:j2], D1[j1:j2], alpha=-1.0)
         if i2 < n:                                                    # lazy update: W[:, i2:] −= Err · U[i1:i2, i2:]
             Wt[i2:].addmm_(U[i1:i2, i2:].T, D1 / d1[:, None], alpha=-1.0)
 
@@ -247,10 +254,10 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
     if perm is not None:
         codes = codes[:, torch.argsort(perm)]
     state = QuantState(codes.to(torch.uint8).contiguous(), scales, zeros, bits, group_size)
-    err, rel = output_error(W.detach(), state.dequantize(), H.detach())
     state.stats = {"method": "gptq", "name": name, "damp": lam, "retries": retries, "dead": int(dead.sum()),
-                   "act_order": act_order, "static_groups": static_groups,
-                   "time_s": time.perf_counter() - t0, "out_err": err, "rel_err": rel}
+                   "act_order": act_order, "static_groups": static_groups, "time_s": time.perf_counter() - t0}
+    if measure:
+        state.stats["out_err"], state.stats["rel_err"] = output_error(W.detach(), state.dequantize(), H.detach())
     return state
 
 
