@@ -1,0 +1,354 @@
+"""The paper's init-error table on the demo model, and batched refinement against the authors' per-row loop.
+
+    python bench/bench_init.py                      # 4/3/2 bits, r = 8 and 64, blocks 0,5,...,25; timing on all 210 layers
+    python bench/bench_init.py --layers all --bits 4 --rank 64 --hessians runs/hessians-32x256.safetensors
+
+1. Calibration: n_calib random windows of seq_len tokens from assets/wikitext/train.txt (seeded), Hessians of
+   all 210 linears collected once (calib.collect_hessians, full-precision inputs) and cached to a file.
+2. Each layer GPTQ-quantized (gptq.gptq_quantize, group 64) at each bit width (cached per bit width), E = W − Q.
+3. Average layer output error ‖(E − ΔW)Rᵀ‖_F after init, for None, Random, Magnitude (|C|, global top-B),
+   AdaAlloc (each refined) and AdaAlloc unrefined, at the same budget B = r(m+n); also AdaAlloc with the
+   channel score 'weight' (‖e_i‖, the authors' code) against 'output' (‖e_i Rᵀ‖). Reported absolute and
+   relative to bare GPTQ (None), as the ratio of the layer means (the paper's 7.21 → 3.86 is 0.54×).
+4. Timing (one process, alternating per layer, after warm-up): init of every layer (qwha.init_layer_full,
+   r = 64, AdaAlloc + refinement), and the refinement alone, batched (qwha.refine) against a per-row
+   normal-equations loop (the authors' approach) on the same P, G, support. Agreement: the batched values
+   against a per-row least-squares solve of the whitened problem on a few layers (max relative error gap).
+Prints a table and one JSON line (also appended to runs/bench_init.jsonl).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+import calib  # noqa: E402
+import gptq  # noqa: E402
+import model as modellib  # noqa: E402
+import qwha  # noqa: E402
+
+
+@dataclass
+class BenchConfig:
+    assets: str = "assets"
+    bits: tuple = (4, 3, 2)
+    ranks: tuple = (8, 64)
+    n_calib: int = 32              # calibration windows
+    seq_len: int = 256             # tokens per window
+    batch_size: int = 4
+    seed: int = 0
+    layers: str = "0,5,10,15,20,25"  # block indices for the error table, or "all"
+    hessians: str = ""             # Hessian cache file (default runs/hessians-<n>x<len>.safetensors)
+    timing: bool = True            # the whole-model init time and batched-vs-loop refinement
+    timing_rank: int = 64
+    timing_layers: str = "0,5,10,15,20,25"  # blocks for batched-vs-loop refinement ("all": slow, the loops)
+    threads: int = 1               # torch threads (1: no oversubscription on shared cores; CPU time reported too)
+    verify_layers: int = 3         # layers checked against a per-row lstsq of the whitened problem
+    quiet: bool = False
+
+
+def log(cfg, msg):
+    if not cfg.quiet:
+        print(msg, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def get_hessians(cfg: BenchConfig, model, names):
+    path = Path(cfg.hessians or ROOT / f"runs/hessians-{cfg.n_calib}x{cfg.seq_len}.safetensors")
+    if path.exists():
+        H, meta = calib.load_hessians(path)
+        if all(n in H for n in names):
+            log(cfg, f"Hessians from {path} ({meta})")
+            return H, str(path)
+    tok = modellib.Tokenizer.from_pretrained(Path(cfg.assets) / "smollm2-135m")
+    train = Path(cfg.assets) / "wikitext" / "train.txt"
+    if not train.exists():
+        raise FileNotFoundError(f"{train} missing: run `python data.py fetch-demo --out {cfg.assets}`")
+    t0 = time.perf_counter()
+    ids = tok.encode(train.read_text())
+    windows = calib.calibration_windows(ids, cfg.n_calib, cfg.seq_len, torch.Generator().manual_seed(cfg.seed))
+    log(cfg, f"tokenized {train}: {len(ids)} tokens ({time.perf_counter() - t0:.1f}s); "
+             f"{cfg.n_calib} windows × {cfg.seq_len}")
+    t0 = time.perf_counter()
+    # float32 products per batch of 1024 tokens, float64 running sum: half the CPU time of float64 products
+    H = calib.collect_hessians(model, calib.window_batches(windows, cfg.batch_size), names,
+                               product_dtype=torch.float32, progress=not cfg.quiet)
+    log(cfg, f"Hessians of {len(H)} layers in {time.perf_counter() - t0:.1f}s -> {path}")
+    calib.save_hessians(path, H, {"n_calib": cfg.n_calib, "seq_len": cfg.seq_len, "seed": cfg.seed,
+                                  "source": str(train)})
+    return H, str(path)
+
+
+def get_quantized(cfg: BenchConfig, weights, H, names, bits):
+    """{name: Q (dequantized fp32)} from gptq_quantize, cached per bit width and calibration."""
+    from safetensors.torch import load_file, save_file
+    path = ROOT / f"runs/gptq-{bits}b-{cfg.n_calib}x{cfg.seq_len}.safetensors"
+    Q = load_file(str(path)) if path.exists() else {}
+    todo = [n for n in names if n not in Q]
+    t0 = time.perf_counter()
+    for i, name in enumerate(todo):
+        Q[name] = gptq.gptq_quantize(weights[name], H[name], bits, group_size=64, name=name).dequantize()
+        if not cfg.quiet:
+            print(f"\rGPTQ {bits}b {i + 1}/{len(todo)} ({time.perf_counter() - t0:.0f}s)", end="", file=sys.stderr)
+    if todo:
+        log(cfg, "")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in Q.items()}, str(path))
+    return Q
+
+
+# ---------------------------------------------------------------------------------------------- references
+
+
+def per_row_normal_equations(P, G, support):
+    """The authors' refinement: one normal-equations solve per output row in a Python loop (float64)."""
+    rows, cols = support
+    m = P.shape[0]
+    k = torch.bincount(rows, minlength=m).tolist()
+    out = torch.empty(rows.numel(), dtype=torch.float64)
+    start = 0
+    for i in range(m):
+        if k[i]:
+            c = cols[start:start + k[i]]
+            out[start:start + k[i]] = torch.linalg.solve(G[c][:, c], P[i, c])
+            start += k[i]
+    return out
+
+
+def authors_per_row(bases, RE, support):
+    """The authors' refinement loop (QHFT initialize_adapter): for each output row, the whitened basis columns
+    of its support (n × k), the normal equations formed from them and solved: f = (BᵀB)⁻¹ Bᵀ (R e_i).
+    bases = R Tᵀ (n × n) and RE = R Eᵀ (n × m) are computed once per layer, outside the timed part."""
+    rows, cols = support
+    m = RE.shape[1]
+    k = torch.bincount(rows, minlength=m).tolist()
+    out = torch.empty(rows.numel(), dtype=torch.float64)
+    start = 0
+    for i in range(m):
+        if k[i]:
+            Bc = bases[:, cols[start:start + k[i]]]                       # (n, k)
+            out[start:start + k[i]] = torch.linalg.solve(Bc.T @ Bc, Bc.T @ RE[:, i])
+            start += k[i]
+    return out
+
+
+def per_row_lstsq(E, H, support, lam):
+    """Plain METHOD.md least squares, row by row: min_f ‖(e_i − f T_Ω) Rᵀ‖ with R from the damped H."""
+    n = E.shape[1]
+    T = wht_matrix(n)
+    R = calib.whitening_root(calib.damp(H, lam))
+    rows, cols = support
+    out = torch.empty(rows.numel(), dtype=torch.float64)
+    for i in range(E.shape[0]):
+        sel = rows == i
+        c = cols[sel]
+        A = (T[c] @ R.T).T                                            # (n, k)
+        out[sel] = torch.linalg.lstsq(A, (E[i] @ R.T)[:, None], driver="gelsd").solution[:, 0]
+    return out
+
+
+def wht_matrix(n):
+    import wht
+    return wht.hadamard_matrix(n, dtype=torch.float64)
+
+
+# ---------------------------------------------------------------------------------------------- the table
+
+
+METHODS = [  # (label, init_layer_full keywords)
+    ("None", dict(select="none")),
+    ("Random", dict(select="random")),
+    ("Magnitude", dict(select="magnitude", rule="magnitude")),
+    ("AdaAlloc", dict(select="adaalloc")),
+    ("AdaAlloc unrefined", dict(select="adaalloc", refine=False)),
+    ("AdaAlloc score=weight", dict(select="adaalloc", score="weight")),
+]
+
+
+def error_table(cfg, weights, H, names, bits):
+    Q = get_quantized(cfg, weights, H, names, bits)
+    rows = {}
+    for r in cfg.ranks:
+        for label, kw in METHODS:
+            errs, gptq_errs = [], []
+            t0 = time.perf_counter()
+            for j, name in enumerate(names):
+                E = weights[name].double() - Q[name].double()
+                m, n = E.shape
+                li = qwha.init_layer_full(E, H[name], min(r * (m + n), m * n), generator=torch.Generator().manual_seed(j), **kw)
+                errs.append(li.err_refined)
+                gptq_errs.append(li.err_before)
+            key = f"{bits}b r={r} {label}"
+            rows[key] = {"bits": bits, "rank": r, "method": label, "mean_err": statistics.fmean(errs),
+                         "gptq_err": statistics.fmean(gptq_errs),
+                         "ratio": statistics.fmean(errs) / statistics.fmean(gptq_errs),
+                         "mean_layer_ratio": statistics.fmean(e / g for e, g in zip(errs, gptq_errs)),
+                         "seconds": time.perf_counter() - t0}
+            log(cfg, f"  {key:<34} mean err {rows[key]['mean_err']:.4g}  ×{rows[key]['ratio']:.3f} of GPTQ")
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- timing
+
+
+def timing(cfg, weights, H, all_names, names):
+    """Whole-model init time (all_names), and on `names` the refinement alone: batched vs the authors' loop vs
+    a per-row loop on G blocks (same P, G, support; order rotated per layer)."""
+    Q = get_quantized(cfg, weights, H, all_names, 4)
+    r = cfg.timing_rank
+    E0 = weights[all_names[0]].double() - Q[all_names[0]].double()   # warm-up
+    qwha.init_layer_full(E0, H[all_names[0]], r * sum(E0.shape))
+    wall0, cpu0 = time.perf_counter(), time.process_time()
+    for j, name in enumerate(all_names):
+        E = weights[name].double() - Q[name].double()
+        m, n = E.shape
+        qwha.init_layer_full(E, H[name], min(r * (m + n), m * n))
+        if not cfg.quiet:
+            print(f"\rinit {j + 1}/{len(all_names)} {time.perf_counter() - wall0:.1f}s", end="", file=sys.stderr)
+    init_wall, init_cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+    log(cfg, "")
+    t = {"batched": [], "authors": [], "rowloop": []}
+    gaps = {"authors": 0.0, "rowloop": 0.0}
+    for j, name in enumerate(names):
+        E = weights[name].double() - Q[name].double()
+        m, n = E.shape
+        li = qwha.init_layer_full(E, H[name], min(r * (m + n), m * n), refine=False)
+        # the same damped problem for every side; precomputations outside the timed part
+        Hd = calib.damp(H[name].double(), 1e-4)
+        G = qwha.hadamard_hessian(Hd)
+        P = qwha.spectrum(E) @ G
+        R = calib.whitening_root(Hd)
+        bases, RE = wht_rows(R), R @ E.T                              # R Tᵀ (n, n), R Eᵀ (n, m)
+        sides = [("batched", lambda: qwha.refine(P, G, li.indices)),
+                 ("authors", lambda: authors_per_row(bases, RE, li.indices)),
+                 ("rowloop", lambda: per_row_normal_equations(P, G, li.indices))]
+        sides = sides[j % 3:] + sides[:j % 3]                         # alternate the order
+        res = {}
+        for side, fn in sides:
+            t0 = time.perf_counter()
+            res[side] = fn()
+            t[side].append(time.perf_counter() - t0)
+        for side in gaps:
+            gap = float((res["batched"] - res[side]).abs().max() / res[side].abs().max())
+            gaps[side] = max(gaps[side], gap)
+        if not cfg.quiet:
+            print(f"\rrefine {j + 1}/{len(names)} batched {sum(t['batched']):.1f}s "
+                  f"authors {sum(t['authors']):.1f}s row-loop {sum(t['rowloop']):.1f}s",
+                  end="", file=sys.stderr, flush=True)
+    log(cfg, "")
+    # agreement with plain per-row least squares of the whitened problem (no normal equations), a few layers
+    err_gaps = []
+    for name in names[: cfg.verify_layers]:
+        E = weights[name].double() - Q[name].double()
+        m, n = E.shape
+        li = qwha.init_layer_full(E, H[name], min(r * (m + n), m * n))
+        ref = per_row_lstsq(E, H[name].double(), li.indices, 1e-4)
+        F = torch.zeros(m, n, dtype=torch.float64)
+        F[li.indices[0], li.indices[1]] = ref
+        err_ref = float(qwha.layer_error(E, H[name], F @ wht_matrix(n)))
+        err_gaps.append(abs(li.err_refined - err_ref) / err_ref)
+    tot = {k: sum(v) for k, v in t.items()}
+    return {"init_layers": len(all_names), "init_wall_s": init_wall, "init_cpu_s": init_cpu,
+            "layers": len(names), "rank": r, "refine_batched_s": tot["batched"],
+            "authors_loop_s": tot["authors"], "row_loop_s": tot["rowloop"],
+            "speedup_vs_authors": tot["authors"] / tot["batched"], "speedup_vs_row_loop": tot["rowloop"] / tot["batched"],
+            "median_layer_speedup_vs_authors": statistics.median(a / b for a, b in zip(t["authors"], t["batched"])),
+            "max_rel_value_gap_vs_authors": gaps["authors"], "max_rel_value_gap_vs_row_loop": gaps["rowloop"],
+            "verify_layers": names[: cfg.verify_layers],
+            "max_rel_err_gap_vs_lstsq": max(err_gaps) if err_gaps else None, "threads": torch.get_num_threads()}
+
+
+def wht_rows(R):
+    import wht
+    return wht.wht(R)
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def select_layers(all_names, spec):
+    if spec == "all":
+        return all_names
+    blocks = {int(b) for b in spec.split(",")}
+    return [n for n in all_names if int(n.split(".")[2]) in blocks]
+
+
+def parse(argv=None) -> BenchConfig:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    d = BenchConfig()
+    p.add_argument("--assets", default=d.assets)
+    p.add_argument("--bits", default=",".join(map(str, d.bits)), help="comma list, e.g. 4,3,2")
+    p.add_argument("--rank", default=",".join(map(str, d.ranks)), help="comma list of r (B = r(m+n))")
+    p.add_argument("--n-calib", type=int, default=d.n_calib)
+    p.add_argument("--seq-len", type=int, default=d.seq_len)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--layers", default=d.layers, help="block indices (comma list) for the error table, or 'all'")
+    p.add_argument("--hessians", default=d.hessians, help="Hessian cache file (made if missing)")
+    p.add_argument("--no-timing", action="store_true")
+    p.add_argument("--timing-layers", default=d.timing_layers, help="block indices for the timing, or 'all'")
+    p.add_argument("--timing-rank", type=int, default=d.timing_rank)
+    p.add_argument("--threads", type=int, default=d.threads)
+    p.add_argument("--verify-layers", type=int, default=d.verify_layers)
+    p.add_argument("--quiet", action="store_true")
+    a = p.parse_args(argv)
+    return BenchConfig(a.assets, tuple(int(b) for b in a.bits.split(",")), tuple(int(r) for r in a.rank.split(",")),
+                       a.n_calib, a.seq_len, d.batch_size, a.seed, a.layers, a.hessians, not a.no_timing,
+                       a.timing_rank, a.timing_layers, a.threads, a.verify_layers, a.quiet)
+
+
+def main(argv=None):
+    cfg = parse(argv)
+    torch.set_num_threads(cfg.threads)
+    mpath = Path(cfg.assets) / "smollm2-135m"
+    if not (mpath / "config.json").exists():
+        raise FileNotFoundError(f"{mpath} missing: run `python data.py fetch-demo --out {cfg.assets}`")
+    model = modellib.from_pretrained(mpath)
+    model.eval()
+    all_names = modellib.linear_names(model)
+    weights = {n: modellib.get_module(model, n).weight.detach().clone() for n in all_names}
+    H, hpath = get_hessians(cfg, model, all_names)
+    names = select_layers(all_names, cfg.layers)
+    table = {}
+    for bits in cfg.bits:
+        table.update(error_table(cfg, weights, H, names, bits))
+    tim = timing(cfg, weights, H, all_names, select_layers(all_names, cfg.timing_layers)) if cfg.timing else None
+
+    print(f"\nAverage layer output error after init, {len(names)} layers of SmolLM2-135M, GPTQ g64, "
+          f"Hessians {cfg.n_calib}×{cfg.seq_len} tokens ({hpath})")
+    print(f"{'bits':>4} {'r':>3} {'method':<24} {'mean err':>10} {'× GPTQ':>8} {'mean of ratios':>15}")
+    for row in table.values():
+        print(f"{row['bits']:>4} {row['rank']:>3} {row['method']:<24} {row['mean_err']:>10.4g} "
+              f"{row['ratio']:>8.3f} {row['mean_layer_ratio']:>15.3f}")
+    if tim:
+        print(f"\nInit of all {tim['init_layers']} layers at r={tim['rank']} (AdaAlloc + refinement, given Hessians): "
+              f"{tim['init_wall_s']:.1f}s wall, {tim['init_cpu_s']:.1f}s CPU, {tim['threads']} thread(s)")
+        print(f"Refinement alone over {tim['layers']} layers: batched {tim['refine_batched_s']:.2f}s | authors' per-row loop "
+              f"{tim['authors_loop_s']:.2f}s ({tim['speedup_vs_authors']:.1f}×, median layer "
+              f"{tim['median_layer_speedup_vs_authors']:.1f}×) | per-row loop on G blocks {tim['row_loop_s']:.2f}s "
+              f"({tim['speedup_vs_row_loop']:.1f}×)")
+        print(f"Max relative value gap: vs authors' loop {tim['max_rel_value_gap_vs_authors']:.1e}, vs row loop "
+              f"{tim['max_rel_value_gap_vs_row_loop']:.1e}; layer-error gap vs per-row lstsq of the whitened problem "
+              f"({len(tim['verify_layers'])} layers) {tim['max_rel_err_gap_vs_lstsq']:.1e}")
+    result = {"bench": "init", "config": asdict(cfg), "table": list(table.values()), "timing": tim}
+    line = json.dumps(result)
+    print(line)
+    out = ROOT / "runs" / "bench_init.jsonl"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "a") as f:
+        f.write(line + "\n")
+
+
+if __name__ == "__main__":
+    main()
