@@ -9,13 +9,16 @@ matrix and H_K a ±1 Hadamard matrix of order K ∈ {1, 12, 20, 28, 36, 40, 52, 
     doubling       H_40 = H_20 ⊗ H_2, so H_40 ⊗ H_P = H_20 ⊗ H_2P      (40)
     Williamson     four symmetric circulants of order m, order 4m       (156 = 4·39, 172 = 4·43; tabulated rows)
 
-`wht(x)` computes x Tᵀ along the last dimension without ever forming T: the row is viewed as a tensor
-(K, f_1, ..., f_r) with P = f_1···f_r, and since H_P = H_f1 ⊗ ... ⊗ H_fr (Sylvester), T is applied one small
-axis at a time, each a GEMM against a ±1 block of order ≤ 64 (a radix-64 butterfly: one pass over memory
-does six radix-2 stages). On a CPU this beats both a dense x Tᵀ and the textbook radix-2 butterfly
-(`fwht_butterfly_`, kept for reference and for the benchmark) by a wide margin; see bench/bench_wht.py.
-Rows are processed in cache-sized chunks with a fixed workspace, so `wht_` overwrites its input in place
-with O(chunk) extra memory. fp16/bf16 inputs are transformed in fp32 and rounded once on output.
+`wht(x)` computes x Tᵀ along the last dimension without forming T: the row is viewed as a tensor
+(K, f_1, ..., f_r) with P = f_1···f_r (each f ≤ 16) and, since H_P = H_f1 ⊗ ... ⊗ H_fr (Sylvester), T is
+applied one axis at a time as a batched GEMM against a small ±1 block (a radix-16 butterfly: one pass over
+memory does four radix-2 stages), the K×K core being one more such axis. Each pass writes its axis to the front
+so the next one reads a contiguous last axis. On a CPU this is several times faster than the textbook in-place
+radix-2 butterfly (`fwht_butterfly_`, kept as a reference and benchmark baseline) and 10-50x faster than a dense
+x Tᵀ; see bench/bench_wht.py. Rows go through in chunks of ≈4M elements with a fixed workspace (two chunk
+buffers), so `wht_` overwrites its input with bounded extra memory (16 MB per buffer in fp32).
+Precision: fp32 and fp64 in their own dtype; fp16/bf16 inputs are transformed in fp32 and rounded once on
+output (error ≤ one half-precision rounding of each output, relative 2^-8 for bf16, 2^-11 for fp16).
 """
 from __future__ import annotations
 
@@ -44,9 +47,12 @@ _WILLIAMSON = {
          "++-++++++----+-+--++-++-++--+-+----++++++-+", "+---++--++++-+-+++-++--++-+++-+-++++--++---"),
 }
 
-# Largest Sylvester block applied as one GEMM, and rows per chunk ≈ _CHUNK_ELEMS / n (tuned in bench/).
-_RADIX = 64
-_CHUNK_ELEMS = 1 << 18
+# Largest Sylvester block applied as one GEMM, and rows per chunk ≈ _CHUNK_ELEMS / n. Measured on 2 shared
+# cores (bench/bench_wht.py, /tmp tuning runs): radix 16 beat 32 and 64 (fewer flops per element, same passes
+# for the LLaMA widths); 4M-element chunks beat 256K-1M ones: every op is a parallel region, and on a loaded
+# machine each costs a scheduler slice, so a few large GEMMs win over many cache-sized ones.
+_RADIX = 16
+_CHUNK_ELEMS = 1 << 22
 
 
 def _is_pow2(v: int) -> bool:
@@ -56,7 +62,7 @@ def _is_pow2(v: int) -> bool:
 def factorize(n: int) -> tuple[int, int]:
     """n = K·P with P a power of two and K in SUPPORTED_K (the smallest such K; 40·P is returned as 20·2P)."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"Hadamard width must be a positive int, got {n!r}")
+        raise ValueError(f"Hadamard width {n!r}: must be a positive int")
     for k in SUPPORTED_K:
         if n % k == 0 and _is_pow2(n // k):
             return k, n // k
@@ -185,3 +191,186 @@ def hadamard_matrix(n: int, dtype: torch.dtype = torch.float32, device=None) -> 
     K, P = factorize(n)
     T = torch.kron(_core(K).to(device=device, dtype=dtype), sylvester(P).to(device=device, dtype=dtype))
     return T.mul_(1.0 / math.sqrt(n))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The fast transform
+
+
+def _split_pow2(P: int, radix: int) -> list[int]:
+    """P = f_1···f_r, each a power of two ≤ radix, as even as possible (largest first); [] for P = 1."""
+    p, r = P.bit_length() - 1, radix.bit_length() - 1
+    if p == 0:
+        return []
+    k = -(-p // r)
+    return [1 << (p // k + (i < p % k)) for i in range(k)]
+
+
+@functools.lru_cache(maxsize=256)
+def _plan(n: int, inverse: bool, dtype: torch.dtype, device: torch.device) -> tuple:
+    """Stages (d, M) of x ↦ x Tᵀ (inverse: x T), in order of application, each mapping one axis of size d of
+    the row tensor (K, f_1, ..., f_r) by v ↦ M v. 1/√n is folded into the first stage's M."""
+    K, P = factorize(n)
+    dims = [K] + _split_pow2(P, _RADIX)
+    mats = [_core(K).T if inverse else _core(K)] + [sylvester(f) for f in dims[1:]]
+    stages = [[d, M.to(torch.float64)] for d, M in zip(reversed(dims), reversed(mats)) if d > 1]
+    if not stages:  # n = 1
+        stages = [[1, torch.ones(1, 1, dtype=torch.float64)]]
+    stages[0][1] = stages[0][1] / math.sqrt(n)
+    return tuple((d, M.to(device=device, dtype=dtype).contiguous()) for d, M in stages)
+
+
+def _apply_stage(stage: tuple, src: torch.Tensor, dst: torch.Tensor) -> None:
+    """dst[a] = M @ src[a]ᵀ with src[a] viewed (n/d, d) and dst[a] (d, n/d): transforms the last axis and rotates
+    it to the front, so after one stage per axis the row is back in its (K, f_1, ..., f_r) order. One batched
+    GEMM per stage (the transposed operand is a strided view, not a copy)."""
+    d, M = stage
+    A, n = src.shape
+    torch.bmm(M.expand(A, d, d), src.view(A, n // d, d).transpose(1, 2), out=dst.view(A, d, n // d))
+
+
+def _transform_into(x: torch.Tensor, out: torch.Tensor, inverse: bool) -> None:
+    """out (m, n) ← x (m, n) Tᵀ (or x T); x and out contiguous, same device; out may be x (in place).
+    Computes in fp32 (fp64 for fp64 inputs), chunk by chunk of rows with a fixed workspace."""
+    m, n = x.shape
+    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    stages = _plan(n, inverse, cdt, x.device)
+    rows = max(1, min(m, _CHUNK_ELEMS // n))
+    direct = x.dtype == cdt and out.dtype == cdt
+    work = [torch.empty(rows, n, dtype=cdt, device=x.device) for _ in range(2 if direct else 3)]
+    for s in range(0, m, rows):
+        e = min(m, s + rows)
+        src = x[s:e] if direct else work[2][: e - s].copy_(x[s:e])
+        dst = (src if out.data_ptr() == x.data_ptr() else out[s:e]) if direct else src
+        bufs = [w[: e - s] for w in work[:2]]
+        cur = src
+        for i, st in enumerate(stages):
+            if i == len(stages) - 1 and cur is not dst:
+                tgt = dst
+            else:
+                tgt = bufs[0] if cur is not bufs[0] else bufs[1]
+            _apply_stage(st, cur, tgt)
+            cur = tgt
+        if direct and cur is not dst:
+            dst.copy_(cur)
+        elif not direct:
+            out[s:e].copy_(cur)
+
+
+def fwht_butterfly_(x: torch.Tensor) -> torch.Tensor:
+    """Unnormalized Sylvester transform x ↦ x H_P along the last dim (P = 2^p), in place: log2 P radix-2
+    passes of adds and subtracts on views. The textbook algorithm, kept as a reference and benchmark baseline."""
+    P = x.shape[-1]
+    if not _is_pow2(P):
+        raise ValueError(f"fwht_butterfly_: last dim must be a power of two, got {P}")
+    v = x.view(-1, P)
+    h = P // 2
+    tmp = torch.empty(v.shape[0], P // 2, dtype=x.dtype, device=x.device)
+    while h >= 1:
+        w = v.view(v.shape[0], -1, 2, h)
+        a, b = w[:, :, 0], w[:, :, 1]
+        t = tmp.view(v.shape[0], -1, h)
+        t.copy_(a)
+        a.add_(b)
+        torch.sub(t, b, out=b)  # elementwise, so writing b from b is safe
+        h //= 2
+    return x
+
+
+# ----------------------------------------------------------------------------------------------------
+# CUDA dispatch (issue 10): kernels/wht_cuda.py may provide `load() -> fn or None`, where
+# fn(x2d, core, inverse) -> x2d Tᵀ (or x2d T) for x2d (m, n) contiguous on CUDA, core = H_K (K, K) fp32 on the
+# same device, same dtype out as in. Without it (or with QWHA_DISABLE_CUDA_WHT=1) the pure-torch path runs.
+
+
+@functools.lru_cache(maxsize=1)
+def _load_cuda_kernel():
+    try:
+        mod = importlib.import_module("kernels.wht_cuda")
+    except ImportError:
+        return None
+    try:
+        return mod.load()
+    except Exception as e:  # a failed build must not break the pure-torch path
+        warnings.warn(f"wht: CUDA kernel kernels/wht_cuda.py unavailable ({e}); using the pure-torch path")
+        return None
+
+
+def _cuda_wht():
+    """The CUDA kernel's entry point, or None (not built/available, or QWHA_DISABLE_CUDA_WHT=1)."""
+    if os.environ.get("QWHA_DISABLE_CUDA_WHT", "0") not in ("", "0"):
+        return None
+    if not torch.cuda.is_available():
+        return None
+    return _load_cuda_kernel()
+
+
+def _transform(x: torch.Tensor, inverse: bool, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x Tᵀ (inverse: x T) along the last dim, into `out` (may be x itself) or a new tensor."""
+    if not (x.is_floating_point() and x.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16)):
+        raise ValueError(f"wht: expected a float32/float64/float16/bfloat16 tensor, got {x.dtype}")
+    if x.dim() == 0:
+        raise ValueError("wht: expected at least one dimension (the transformed one is the last)")
+    n = x.shape[-1]
+    factorize(n)  # raises for an unsupported width
+    if x.numel() == 0:
+        return x if out is None else out
+    if x.is_cuda:
+        fn = _cuda_wht()
+        if fn is not None and x.dtype != torch.float64:
+            K, _ = factorize(n)
+            y = fn(x.reshape(-1, n).contiguous(), _core(K).to(device=x.device, dtype=torch.float32), inverse)
+            y = y.view(x.shape)
+            return y if out is None else out.copy_(y)
+    x2 = x.reshape(-1, n)
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
+    if out is None:
+        res = torch.empty_like(x2)
+        _transform_into(x2, res, inverse)
+        return res.view(x.shape)
+    o2 = out.view(-1, n) if out.is_contiguous() else None
+    if o2 is not None and (out is not x or x2.data_ptr() == out.data_ptr()):
+        _transform_into(x2, o2, inverse)
+    else:  # strided target: compute, then copy back
+        res = torch.empty_like(x2)
+        _transform_into(x2, res, inverse)
+        out.copy_(res.view(x.shape))
+    return out
+
+
+class _WHT(torch.autograd.Function):
+    """y = x Tᵀ (inverse: x T); the backward of a linear map is its transpose: ḡ = g T (inverse: g Tᵀ)."""
+
+    @staticmethod
+    def forward(ctx, x, inverse):
+        ctx.inverse = inverse
+        return _transform(x, inverse)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _WHT.apply(g, not ctx.inverse), None
+
+
+class _WHTInplace(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, inverse):
+        ctx.inverse = inverse
+        _transform(x, inverse, out=x)
+        ctx.mark_dirty(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, g):
+        return _WHT.apply(g, not ctx.inverse), None
+
+
+def wht(x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """x Tᵀ along the last dim (inverse=True: x T = x T⁻ᵀ), T = hadamard_matrix(x.shape[-1]); any leading
+    shape; fp32/fp64, and fp16/bf16 computed in fp32 (one rounding on output). Differentiable."""
+    return _WHT.apply(x, bool(inverse))
+
+
+def wht_(x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """In-place wht: overwrites x with x Tᵀ (or x T) using O(rows-per-chunk · n) workspace; returns x."""
+    return _WHTInplace.apply(x, bool(inverse))
