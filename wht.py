@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import importlib
 import math
+import operator
 import os
 import warnings
 
@@ -61,8 +62,13 @@ def _is_pow2(v: int) -> bool:
 
 def factorize(n: int) -> tuple[int, int]:
     """n = K·P with P a power of two and K in SUPPORTED_K (the smallest such K; 40·P is returned as 20·2P)."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+    try:  # ints and numpy ints; not bools, floats or strings
+        width = None if isinstance(n, bool) else operator.index(n)
+    except TypeError:
+        width = None
+    if width is None or width < 1:
         raise ValueError(f"Hadamard width {n!r}: must be a positive int")
+    n = width
     for k in SUPPORTED_K:
         if n % k == 0 and _is_pow2(n // k):
             return k, n // k
