@@ -14,8 +14,8 @@ matrix and H_K a ±1 Hadamard matrix of order K ∈ {1, 12, 20, 28, 36, 40, 52, 
 applied one axis at a time as a batched GEMM against a small ±1 block (a radix-16 butterfly: one pass over
 memory does four radix-2 stages), the K×K core being one more such axis. Each pass writes its axis to the front
 so the next one reads a contiguous last axis. On a CPU this is several times faster than the textbook in-place
-radix-2 butterfly (`fwht_butterfly_`, kept as a reference and benchmark baseline) and 10-50x faster than a dense
-x Tᵀ; see bench/bench_wht.py. Rows go through in chunks of ≈4M elements with a fixed workspace (two chunk
+radix-2 butterfly (`fwht_butterfly_`, kept as a reference and benchmark baseline) and, at 2048 rows on 2 cores,
+~10x faster than a dense x Tᵀ at n = 4096 and ~30x at 14336; see bench/bench_wht.py. Rows go through in chunks of ≈4M elements with a fixed workspace (two chunk
 buffers), so `wht_` overwrites its input with bounded extra memory (16 MB per buffer in fp32).
 Precision: fp32 and fp64 in their own dtype; fp16/bf16 inputs are transformed in fp32 and rounded once on
 output (error ≤ one half-precision rounding of each output, relative 2^-8 for bf16, 2^-11 for fp16).
@@ -38,9 +38,10 @@ _PALEY_I = {12: 11, 20: 19, 60: 59, 108: 107, 140: 139}
 _PALEY_II = {28: 13, 36: 17, 52: 25}
 
 # Williamson quadruples: first rows of four symmetric circulant ±1 matrices A, B, C, D of order m with
-# AAᵀ + BBᵀ + CCᵀ + DDᵀ = 4m·I (Williamson 1944). m = 43 from Hall, "Combinatorial Theory" (1983); m = 39 from
-# Djoković (1993), as listed by Sloane's library and SageMath. They cannot be derived from a formula, so they
-# are stored; `hadamard_core` checks H Hᵀ = K·I in integers on every build and the tests check it again.
+# AAᵀ + BBᵀ + CCᵀ + DDᵀ = 4m·I (Williamson 1944). Data (not code) as tabulated in SageMath's
+# hadamard_matrix.py: m = 43 from Hall, "Combinatorial Theory" (1983), m = 39 from Londoño (2013). Found by
+# search, not by a formula, so they are stored; `_core` checks H Hᵀ = K·I in integers on every build and the
+# tests check it again.
 _WILLIAMSON = {
     39: ("+++--+-+-----+--++----++--+-----+-+--++", "+++--++-+---+-+--+----+--+-+---+-++--++",
          "++++---+--++----+-+--+-+----++--+---+++", "+---++-+-+-----+++-++-+++-----+-+-++---"),
