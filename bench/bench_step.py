@@ -1,0 +1,252 @@
+"""Training step time and peak memory: QWHA against LoRA (CLoQ), SHiRA, 2-D DHT (SSH) and 2-D DCT (LoCA) adapters.
+
+    python bench/bench_step.py                                  # CPU: batch 1,4,8 × seq 512, 1 block, no head, r = 64
+    python bench/bench_step.py --blocks 30 --head full --device cuda   # the whole model on a GPU
+
+SmolLM2-135M truncated to --blocks decoder blocks (embedding and final norm kept; with --head full the tied
+lm_head and next-token cross-entropy, with --head none the loss is the mean square of the final hidden states,
+which leaves out the 49152×576 head GEMMs that are the same for every adapter), every block linear a frozen dense base (what train.py trains on a CPU: --dense-base auto) wrapped in one adapter per variant,
+all at the same trainable parameter count r·(m + n) per layer. A step = forward, next-token cross-entropy,
+backward, AdamW on the adapter parameters. Step time and memory do not depend on the adapter values or on which
+positions the support holds (only on B), so the supports are random (seeded) and the values random: no init.
+Timing: one process, the variants share the base modules and are swapped in turn; per repetition every variant
+runs one step, the order rotating; after a warm-up step each; the median per variant.
+Memory: on CUDA, torch.cuda.max_memory_allocated per variant (reset before each). On CPU, the peak resident set
+during the variant's first step above the resident set before it (freed heap returned by malloc_trim, the peak
+reset through /proc/self/clear_refs), so it counts activations, gradients, AdamW states and transients; and the
+bytes of the tensors autograd keeps for the backward pass that are not parameters/buffers ("saved"), distinct
+storages counted once (deterministic, noise-free).
+Prints a table and one JSON line (also appended to runs/bench_step.jsonl).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import ctypes
+import gc
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import baselines as bl  # noqa: E402
+import model as modellib  # noqa: E402
+import qwha  # noqa: E402
+
+VARIANTS = ("QWHA", "LoRA (CLoQ)", "SHiRA", "2-D DHT (SSH)", "2-D DCT (LoCA)")
+
+
+@dataclass
+class StepConfig:
+    assets: str = "assets"
+    blocks: int = 1                 # decoder blocks kept (SmolLM2-135M has 30)
+    head: str = "none"              # full: lm_head + cross-entropy; none: mean-square loss on the final hidden states
+    batches: tuple = (1, 4, 8)
+    seq_len: int = 512
+    rank: int = 64                  # r: budget r·(m + n) per layer, LoRA rank r (train.py's default)
+    reps: int = 5                   # timed steps per variant and batch size (after one warm-up step)
+    device: str = "cpu"
+    threads: int = 0                # torch threads (0: leave torch's default)
+    seed: int = 0
+    quiet: bool = False
+
+
+def log(cfg, msg, end="\n"):
+    if not cfg.quiet:
+        print(msg, file=sys.stderr, end=end, flush=True)
+
+
+def build(cfg):
+    """The truncated model with frozen dense bases, and {variant: {name: adapter module}} on those bases."""
+    model = modellib.from_pretrained(Path(cfg.assets) / "smollm2-135m", device=cfg.device)
+    model.model.layers = model.model.layers[: cfg.blocks]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    names = modellib.linear_names(model)
+    g = torch.Generator().manual_seed(cfg.seed)
+    variants = {v: {} for v in VARIANTS}
+    for name in names:
+        base = modellib.get_module(model, name)
+        m, n = base.out_features, base.in_features
+        B = min(cfg.rank * (m + n), m * n)
+        idx = torch.randperm(m * n, generator=g)[:B].sort().values
+        vals = torch.randn(B, generator=g) * 1e-3
+        variants["QWHA"][name] = qwha.WHALinear(base, idx, vals)
+        variants["SHiRA"][name] = bl.SpectralLinear(base, idx, vals, "identity", 1)
+        variants["2-D DHT (SSH)"][name] = bl.SpectralLinear(base, idx, vals, "dht", 2)
+        variants["2-D DCT (LoCA)"][name] = bl.SpectralLinear(base, idx, vals, "dct", 2)
+        r = min(cfg.rank, m, n)
+        A = torch.randn(r, n, generator=g) / n ** 0.5
+        variants["LoRA (CLoQ)"][name] = bl.LoRALinear(base, A, torch.randn(m, r, generator=g) * 1e-3)
+    for mods in variants.values():
+        for mod in mods.values():
+            mod.to(cfg.device)
+    return model, names, variants
+
+
+def attach(model, mods):
+    for name, mod in mods.items():
+        modellib.set_module(model, name, mod)
+
+
+def loss_of(model, ids, head):
+    if head == "full":
+        logits = model(ids)
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+    return model.model(ids).float().square().mean()                     # (B, T, d) final hidden states
+
+
+def step(model, opt, ids, head):
+    loss = loss_of(model, ids, head)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss
+
+
+def sync(cfg):
+    if cfg.device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def saved_bytes(model, ids, head) -> int:
+    """Bytes of the new tensors autograd saves for backward in one forward (parameters/buffers excluded)."""
+    known = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+    seen = {}
+
+    def pack(t):
+        if isinstance(t, torch.Tensor):
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in known:
+                seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss_of(model, ids, head)
+    return sum(seen.values())
+
+
+def _proc_kb(key: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
+
+
+def reset_peak_rss() -> int:
+    """Return freed heap to the OS, reset VmHWM to the current RSS; returns the current RSS in kB."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _proc_kb("VmRSS")
+
+
+def measure(cfg, model, names, variants, batch):
+    ids = torch.randint(0, model.config.vocab_size, (batch, cfg.seq_len),
+                        generator=torch.Generator().manual_seed(batch), device=cfg.device)
+    opts = {v: torch.optim.AdamW([p for mod in mods.values() for p in mod.parameters() if p.requires_grad], lr=1e-4)
+            for v, mods in variants.items()}
+    counts = {v: sum(p.numel() for g in o.param_groups for p in g["params"]) for v, o in opts.items()}
+    times = {v: [] for v in VARIANTS}
+    peak, act = {}, {}
+    for v in VARIANTS:                                                  # warm-up, memory
+        attach(model, variants[v])
+        act[v] = saved_bytes(model, ids, cfg.head)
+        if cfg.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        else:
+            base = reset_peak_rss() * 1024
+        step(model, opts[v], ids, cfg.head)
+        sync(cfg)
+        if cfg.device.startswith("cuda"):
+            peak[v] = (torch.cuda.max_memory_allocated() - base) / 2**20
+        else:
+            peak[v] = (_proc_kb("VmHWM") * 1024 - base) / 2**20
+    for rep in range(cfg.reps):
+        order = VARIANTS[rep % len(VARIANTS):] + VARIANTS[: rep % len(VARIANTS)]
+        for v in order:
+            attach(model, variants[v])
+            sync(cfg)
+            t0 = time.perf_counter()
+            step(model, opts[v], ids, cfg.head)
+            sync(cfg)
+            times[v].append(time.perf_counter() - t0)
+        log(cfg, f"\rbatch {batch} rep {rep + 1}/{cfg.reps} " + " ".join(
+            f"{v.split()[0]} {statistics.median(t):.2f}s" for v, t in times.items()), end="")
+    log(cfg, "")
+    return {v: {"step_s": statistics.median(times[v]), "steps_s": times[v], "trainable": counts[v],
+                "saved_mb": act[v] / 2**20, "peak_mb": peak[v]} for v in VARIANTS}
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    d = StepConfig()
+    p.add_argument("--assets", default=d.assets)
+    p.add_argument("--blocks", type=int, default=d.blocks)
+    p.add_argument("--head", choices=("full", "none"), default=d.head)
+    p.add_argument("--batch", default=",".join(map(str, d.batches)), help="comma list of batch sizes")
+    p.add_argument("--seq-len", type=int, default=d.seq_len)
+    p.add_argument("--rank", type=int, default=d.rank)
+    p.add_argument("--reps", type=int, default=d.reps)
+    p.add_argument("--device", default=d.device)
+    p.add_argument("--threads", type=int, default=d.threads)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--quiet", action="store_true")
+    a = p.parse_args(argv)
+    return StepConfig(a.assets, a.blocks, a.head, tuple(int(b) for b in a.batch.split(",")), a.seq_len, a.rank,
+                      a.reps, a.device, a.threads, a.seed, a.quiet)
+
+
+def main(argv=None):
+    cfg = parse(argv)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if not (Path(cfg.assets) / "smollm2-135m" / "config.json").exists():
+        raise FileNotFoundError(f"{cfg.assets}/smollm2-135m missing: run `python data.py fetch-demo --out {cfg.assets}`")
+    model, names, variants = build(cfg)
+    res = {}
+    for batch in cfg.batches:
+        res[batch] = measure(cfg, model, names, variants, batch)
+    with open("/proc/loadavg") as f:
+        load = f.read().split()[:3]
+    mem_kind = "CUDA max allocated" if cfg.device.startswith("cuda") else "peak RSS"
+    print(f"\nTraining step, SmolLM2-135M with {cfg.blocks} block(s), head {cfg.head}, seq {cfg.seq_len}, r = {cfg.rank} "
+          f"({res[cfg.batches[0]]['QWHA']['trainable']} trainable parameters each), {cfg.device}, "
+          f"{torch.get_num_threads()} threads, load average {' '.join(load)}; peak = {mem_kind} during a step above before it")
+    print(f"{'batch':>5} {'variant':<16} {'step s':>8} {'× LoRA':>7} {'QWHA ×':>7} {'peak MB':>9} {'× LoRA':>7} "
+          f"{'saved MB':>9} {'× LoRA':>7}")
+    summary = {}
+    for batch, r in res.items():
+        lo, q = r["LoRA (CLoQ)"], r["QWHA"]
+        for v in VARIANTS:
+            x = r[v]
+            pk = f"{x['peak_mb']:>9.1f} {x['peak_mb'] / lo['peak_mb']:>7.3f}"
+            print(f"{batch:>5} {v:<16} {x['step_s']:>8.3f} {x['step_s'] / lo['step_s']:>7.3f} "
+                  f"{q['step_s'] / x['step_s']:>7.3f} {pk} {x['saved_mb']:>9.1f} {x['saved_mb'] / lo['saved_mb']:>7.3f}")
+        summary[batch] = {"qwha_over_lora_step": q["step_s"] / lo["step_s"],
+                          "qwha_over_2d_dct_step": q["step_s"] / r["2-D DCT (LoCA)"]["step_s"],
+                          "qwha_over_lora_saved": q["saved_mb"] / lo["saved_mb"],
+                          "qwha_over_lora_peak": q["peak_mb"] / lo["peak_mb"]}
+    result = {"bench": "step", "config": asdict(cfg), "load": load, "threads": torch.get_num_threads(),
+              "results": {str(b): r for b, r in res.items()}, "summary": {str(b): s for b, s in summary.items()}}
+    line = json.dumps(result)
+    print(line)
+    out = ROOT / "runs" / "bench_step.jsonl"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "a") as f:
+        f.write(line + "\n")
+
+
+if __name__ == "__main__":
+    main()
