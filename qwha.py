@@ -11,8 +11,9 @@ METHOD.md, eqs. 4–9 and 33–35, in PyTorch's orientation (y = x Wᵀ, W ∈ R
 All math functions are pure (tensor in, tensor out). The support of F is a (2, B) LongTensor [row, col] in
 CSR order (rows ascending, columns ascending within a row); values are in the same order.
 
-Scale: ΔW = s·F T and WHALinear stores the values of F divided by nothing else: init values = f / s where f is
-the refined solution of the unscaled problem. Default s = 1.0 in our orthonormal normalization (T Tᵀ = I).
+Scale: WHALinear computes ΔW = s·F T from its stored values; init_qwha stores f / s, where f is the refined
+solution of the unscaled problem, so the initial ΔW is the same for every s. Default s = 1.0 in our
+orthonormal normalization (T Tᵀ = I).
 The authors' s = 4000 lives in their ±1 transform with extra 1/(n√m) factors and is not comparable.
 With AdamW the per-step change of a value is ≈ lr regardless of its size, so the per-step change of ΔW is
 ≈ s·lr/√n per entry: s and lr trade one for one (choose lr for s = 1).
@@ -35,8 +36,8 @@ import wht
 
 __all__ = [
     "spectrum", "hadamard_hessian", "channel_scores", "adaalloc", "select_topk", "select_support", "refine",
-    "layer_error", "init_layer", "LayerInit", "WHALinear", "init_qwha", "save_adapters", "load_adapters",
-    "format_report",
+    "layer_error", "init_layer", "init_layer_full", "LayerInit", "WHALinear", "adapters", "init_qwha",
+    "save_adapters", "load_adapters", "format_report",
 ]
 
 SELECT_MODES = ("adaalloc", "magnitude", "random", "random_rows", "none")
