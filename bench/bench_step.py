@@ -10,7 +10,8 @@ all at the same trainable parameter count r·(m + n) per layer. A step = forward
 backward, AdamW on the adapter parameters. Step time and memory do not depend on the adapter values or on which
 positions the support holds (only on B), so the supports are random (seeded) and the values random: no init.
 Timing: one process, the variants share the base modules and are swapped in turn; per repetition every variant
-runs one step, the order rotating; after a warm-up step each; the median per variant.
+runs one step, the order rotating; after a warm-up step each; the median per variant, of the wall time and of the
+process CPU time (on an oversubscribed machine the CPU time is the steadier of the two; use --threads 1 there).
 Memory: on CUDA, torch.cuda.max_memory_allocated per variant (reset before each). On CPU, the peak resident set
 during the variant's first step above the resident set before it (freed heap returned by malloc_trim, the peak
 reset through /proc/self/clear_refs), so it counts activations, gradients, AdamW states and transients; and the
@@ -157,6 +158,7 @@ def measure(cfg, model, names, variants, batch):
             for v, mods in variants.items()}
     counts = {v: sum(p.numel() for g in o.param_groups for p in g["params"]) for v, o in opts.items()}
     times = {v: [] for v in VARIANTS}
+    cpu = {v: [] for v in VARIANTS}
     peak, act = {}, {}
     for v in VARIANTS:                                                  # warm-up, memory
         attach(model, variants[v])
@@ -178,14 +180,16 @@ def measure(cfg, model, names, variants, batch):
         for v in order:
             attach(model, variants[v])
             sync(cfg)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             step(model, opts[v], ids, cfg.head)
             sync(cfg)
             times[v].append(time.perf_counter() - t0)
+            cpu[v].append(time.process_time() - c0)
         log(cfg, f"\rbatch {batch} rep {rep + 1}/{cfg.reps} " + " ".join(
             f"{v.split()[0]} {statistics.median(t):.2f}s" for v, t in times.items()), end="")
     log(cfg, "")
     return {v: {"step_s": statistics.median(times[v]), "steps_s": times[v], "trainable": counts[v],
+                "cpu_s": statistics.median(cpu[v]), "cpus_s": cpu[v],
                 "saved_mb": act[v] / 2**20, "peak_mb": peak[v]} for v in VARIANTS}
 
 
@@ -224,8 +228,8 @@ def main(argv=None):
     print(f"\nTraining step, SmolLM2-135M with {cfg.blocks} block(s), head {cfg.head}, seq {cfg.seq_len}, r = {cfg.rank} "
           f"({res[cfg.batches[0]]['QWHA']['trainable']} trainable parameters each), {cfg.device}, "
           f"{torch.get_num_threads()} threads, load average {' '.join(load)}; peak = {mem_kind} during a step above before it")
-    print(f"{'batch':>5} {'variant':<16} {'step s':>8} {'× LoRA':>7} {'QWHA ×':>7} {'peak MB':>9} {'× LoRA':>7} "
-          f"{'saved MB':>9} {'× LoRA':>7}")
+    print(f"{'batch':>5} {'variant':<16} {'step s':>8} {'× LoRA':>7} {'QWHA ×':>7} {'CPU s':>8} {'× LoRA':>7} "
+          f"{'peak MB':>9} {'× LoRA':>7} {'saved MB':>9} {'× LoRA':>7}")
     summary = {}
     for batch, r in res.items():
         lo, q = r["LoRA (CLoQ)"], r["QWHA"]
@@ -233,9 +237,11 @@ def main(argv=None):
             x = r[v]
             pk = f"{x['peak_mb']:>9.1f} {x['peak_mb'] / lo['peak_mb']:>7.3f}"
             print(f"{batch:>5} {v:<16} {x['step_s']:>8.3f} {x['step_s'] / lo['step_s']:>7.3f} "
-                  f"{q['step_s'] / x['step_s']:>7.3f} {pk} {x['saved_mb']:>9.1f} {x['saved_mb'] / lo['saved_mb']:>7.3f}")
+                  f"{q['step_s'] / x['step_s']:>7.3f} {x['cpu_s']:>8.3f} {x['cpu_s'] / lo['cpu_s']:>7.3f} {pk} {x['saved_mb']:>9.1f} {x['saved_mb'] / lo['saved_mb']:>7.3f}")
         summary[batch] = {"qwha_over_lora_step": q["step_s"] / lo["step_s"],
                           "qwha_over_2d_dct_step": q["step_s"] / r["2-D DCT (LoCA)"]["step_s"],
+                          "qwha_over_lora_cpu": q["cpu_s"] / lo["cpu_s"],
+                          "qwha_over_2d_dct_cpu": q["cpu_s"] / r["2-D DCT (LoCA)"]["cpu_s"],
                           "qwha_over_lora_saved": q["saved_mb"] / lo["saved_mb"],
                           "qwha_over_lora_peak": q["peak_mb"] / lo["peak_mb"]}
     result = {"bench": "step", "config": asdict(cfg), "load": load, "threads": torch.get_num_threads(),
