@@ -125,11 +125,10 @@ def output_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> tuple[flo
 
 
 # --------------------------------------------------------------------------------------------- GPTQ
-def _inverse_cholesky(H: torch.Tensor, damp: float, name: str, max_retries: int = 3):
-    """Upper U with (H + λ·mean(diag H)·I)⁻¹ = UᵀU. Retries with λ ×10 when H is not positive definite.
-
-    With J the order-reversing permutation and J H J = L Lᵀ (lower L), U = J L⁻¹ J: one Cholesky and one
-    triangular solve, no explicit inverse of H. Computed in H's dtype. Returns (U, λ used, retries).
+def _upper_factor(H: torch.Tensor, damp: float, name: str, max_retries: int = 3):
+    """Upper V with H + λ·mean(diag H)·I = V Vᵀ, i.e. V = U⁻¹ for GPTQ's upper Cholesky factor U of the damped
+    H⁻¹ = UᵀU. One Cholesky of the reversed matrix: J H J = L Lᵀ gives V = J L J. Retries with λ ×10 when H is
+    not positive definite. Computed in H's dtype. Returns (V, λ used, retries).
     """
     n = H.shape[0]
     mean_diag = float(torch.diagonal(H).mean())
@@ -137,17 +136,14 @@ def _inverse_cholesky(H: torch.Tensor, damp: float, name: str, max_retries: int 
         raise ValueError(f"gptq_quantize({name!r}): Hessian has mean diagonal {mean_diag:g}; expected > 0 "
                          "(H = XᵀX/N is positive semi-definite)")
     idx = torch.arange(n, device=H.device)
-    eye = torch.eye(n, dtype=H.dtype, device=H.device)
     Hr = H.flip(0, 1)                                                 # J H J
     lam = damp
     for retry in range(max_retries + 1):
         Hd = Hr.clone()
         Hd[idx, idx] += lam * mean_diag
         L, info = torch.linalg.cholesky_ex(Hd)
-        if int(info) == 0:
-            U = torch.linalg.solve_triangular(L, eye, upper=False).flip(0, 1)
-            if torch.isfinite(U).all():
-                return U, lam, retry
+        if int(info) == 0 and torch.isfinite(torch.diagonal(L)).all():
+            return L.flip(0, 1), lam, retry
         lam *= 10.0
     raise ValueError(f"gptq_quantize({name!r}): Hessian is not positive definite even with damping "
                      f"{lam / 10:g}·mean(diag H) after {max_retries} retries (×10 each); check its calibration")
@@ -160,7 +156,10 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
 
     Columns are quantized one at a time (in blocks of `block_size`, with lazy updates of the columns right of the
     block); after column i the error err = (w_i − ŵ_i)/U_ii is spread over the remaining columns by
-    W[:, j] −= err·U[i, j], where U is the upper Cholesky factor of the damped H⁻¹. Dead inputs (diag H = 0)
+    W[:, j] −= err·U[i, j], where U is the upper Cholesky factor of the damped H⁻¹. Computed in its equivalent
+    form (QuIP's LDLQ, Chee et al. 2023, Thm. 6): with V = U⁻¹ (upper, H = V Vᵀ, one Cholesky, no inverse),
+    the column about to be rounded is w̃_i = w_i + Σ_{k<i} (w_k − ŵ_k)·V[k, i]/V_ii, w the original weights:
+    the same numbers as the err·U updates (E U = W − Q), one n×n triangular inversion cheaper. Dead inputs (diag H = 0)
     get H_ii = 1 and W[:, i] = 0. With `static_groups` every group's (scale, zero) is fitted once on the
     original weight in the original column order, so `act_order` (columns by decreasing diag H) keeps the
     grid of the original order and needs no g_idx. stats: damp, retries, dead, time_s, and with `measure`
@@ -199,11 +198,22 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
         perm = torch.argsort(torch.diagonal(Hd), descending=True, stable=True)
         Wf = Wf[:, perm]
         Hd = Hd[perm][:, perm]
-    U, lam, retries = _inverse_cholesky(Hd, damp, name)
-    U = U.to(torch.float32)                                           # (n, n) upper
+    V, lam, retries = _upper_factor(Hd, damp, name)
+    # Column i is rounded at w̃_i = base_i + Σ_{k<i} r_k C[k, i] with r_k = base_k − ŵ_k, where either
+    #  LDLQ form (static grid): base = the original w, C[k, i] = V[k, i]/V_ii;
+    #  GPTQ form (dynamic grid, whose groups are fitted on GPTQ's partially updated columns, which the LDLQ form
+    #  does not produce): base = the updated w̃, C[k, i] = −U[k, i]/U_kk with U = V⁻¹.
+    ldlq = static_groups
+    if ldlq:
+        C = V / torch.diagonal(V)[None, :]
+    else:
+        U = torch.linalg.solve_triangular(V, torch.eye(n, dtype=V.dtype, device=dev), upper=True)
+        C = -U / torch.diagonal(U)[:, None]
+    C = C.to(torch.float32)                                           # (n, n) upper, diagonal unused
 
     # Work transposed: column i of W is the contiguous row Wt[i] (m,).
-    Wt = Wf.T.contiguous()                                            # (n, m)
+    Wt = Wf.T.contiguous()                                            # (n, m), updated in place
+    W0t = Wt.clone() if static_groups else Wt                         # (n, m), the original (LDLQ form)
     Qt = torch.empty_like(Wt)                                         # codes, as float
     if static_groups:
         per_col = lambda t: t.float().T.repeat_interleave(group_size, dim=0)                    # noqa: E731
@@ -219,36 +229,34 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
     for i1 in range(0, n, block_size):
         i2 = min(i1 + block_size, n)
         W1 = Wt[i1:i2]                                                # (c, m): carries all updates from earlier blocks
-        d1 = torch.diagonal(U)[i1:i2]                                 # (c,) U_ii
-        # D1[j] = w_j − ŵ_j (unscaled); err_j·U[j, i] = D1[j]·(U[j, i]/U_jj), so fold 1/U_jj into the factor.
-        L1 = (U[i1:i2, i1:i2] / d1[:, None]).T.contiguous()           # (c, c) lower: L1[i, j] = U[j, i]/U_jj
-        D1 = torch.zeros_like(W1)                                     # (c, m)
-        DT = D1.T                                                     # (m, c) view for the matrix-vector products
-        rows = list(zip(W1.unbind(0), St[i1:i2].unbind(0), Zt[i1:i2].unbind(0), Qt[i1:i2].unbind(0),
-                        D1.unbind(0), L1.unbind(0)))                  # per-column views, made in one call each
+        L1 = C[i1:i2, i1:i2].T.contiguous()                           # (c, c) lower: L1[i, k] = C[k, i]
+        R1 = torch.zeros_like(W1)                                     # (c, m) residuals r_k
+        RT = R1.T                                                     # (m, c) view for the matrix-vector products
+        rows = list(zip(W1.unbind(0), W0t[i1:i2].unbind(0), St[i1:i2].unbind(0), Zt[i1:i2].unbind(0),
+                        Qt[i1:i2].unbind(0), R1.unbind(0), L1.unbind(0)))   # per-column views, one call each
         for j1 in range(0, i2 - i1, _SUB):                            # sub-blocks: W1[j1:] has all updates < j1
             j2 = min(j1 + _SUB, i2 - i1)
             for i in range(j1, j2):
-                w, s, z, q, e, l = rows[i]
+                w, w0, s, z, q, r, l = rows[i]
                 col = i1 + i
                 if not static_groups and col % group_size == 0:       # fit the group on the updated weights
-                    Wg = W1[i:i + group_size] - L1[i:i + group_size, j1:i] @ D1[j1:i]      # (g, m)
+                    Wg = W1[i:i + group_size] + L1[i:i + group_size, j1:i] @ R1[j1:i]      # (g, m) GPTQ form
                     s16, z8 = fit_groups(Wg.T, bits, group_size)
                     gi = col // group_size
                     scales[:, gi], zeros[:, gi] = s16[:, 0], z8[:, 0]
                     St[col:col + group_size] = s16.float().T          # s, z are views of these rows
                     Zt[col:col + group_size] = z8.float().T
                 if i > j1:                                            # (m,) column i after the in-block updates:
-                    w = torch.addmv(w, DT[:, j1:i], l[j1:i], alpha=-1.0)   # w_i − Σ_{j1<=j<i} err_j U[j, i]
+                    w = torch.addmv(w, RT[:, j1:i], l[j1:i])          #   w̃_i += Σ_{j1<=k<i} r_k C[k, i]
                 torch.div(w, s, out=q)                                # q = clamp(round(w/s) + z, 0, maxq):
                 q.round_().add_(z).clamp_(0.0, fmaxq)                 #   _round_codes, in place
-                torch.sub(q, z, out=e)
-                e.mul_(s)                                             # ŵ_i = (q − z)·s, as _dequant computes it
-                torch.sub(w, e, out=e)                                # w_i − ŵ_i
+                torch.sub(q, z, out=r)
+                r.mul_(s)                                             # ŵ_i = (q − z)·s, as _dequant computes it
+                torch.sub(w0 if ldlq else w, r, out=r)                # r_i = base_i − ŵ_i
             if j2 < i2 - i1:                                          # lazy update inside the block
-                W1[j2:].addmm_(L1[j2:, j1:j2], D1[j1:j2], alpha=-1.0)
-        if i2 < n:                                                    # lazy update: W[:, i2:] −= Err · U[i1:i2, i2:]
-            Wt[i2:].addmm_(U[i1:i2, i2:].T, D1 / d1[:, None], alpha=-1.0)
+                W1[j2:].addmm_(L1[j2:, j1:j2], R1[j1:j2])
+        if i2 < n:                                                    # lazy update: W[:, i2:] += R · C[i1:i2, i2:]
+            Wt[i2:].addmm_(C[i1:i2, i2:].T, R1)
 
     codes = Qt.T                                                      # (m, n), permuted order
     if perm is not None:
