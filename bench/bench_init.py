@@ -289,7 +289,7 @@ def parse(argv=None) -> BenchConfig:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     d = BenchConfig()
     p.add_argument("--assets", default=d.assets)
-    p.add_argument("--bits", default=",".join(map(str, d.bits)), help="comma list, e.g. 4,3,2")
+    p.add_argument("--bits", default=",".join(map(str, d.bits)), help="comma list, e.g. 4,3,2 ('' : no error table)")
     p.add_argument("--rank", default=",".join(map(str, d.ranks)), help="comma list of r (B = r(m+n))")
     p.add_argument("--n-calib", type=int, default=d.n_calib)
     p.add_argument("--seq-len", type=int, default=d.seq_len)
@@ -303,7 +303,7 @@ def parse(argv=None) -> BenchConfig:
     p.add_argument("--verify-layers", type=int, default=d.verify_layers)
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
-    return BenchConfig(a.assets, tuple(int(b) for b in a.bits.split(",")), tuple(int(r) for r in a.rank.split(",")),
+    return BenchConfig(a.assets, tuple(int(b) for b in a.bits.split(",") if b), tuple(int(r) for r in a.rank.split(",")),
                        a.n_calib, a.seq_len, d.batch_size, a.seed, a.layers, a.hessians, not a.no_timing,
                        a.timing_rank, a.timing_layers, a.threads, a.verify_layers, a.quiet)
 
@@ -325,9 +325,10 @@ def main(argv=None):
         table.update(error_table(cfg, weights, H, names, bits))
     tim = timing(cfg, weights, H, all_names, select_layers(all_names, cfg.timing_layers)) if cfg.timing else None
 
-    print(f"\nAverage layer output error after init, {len(names)} layers of SmolLM2-135M, GPTQ g64, "
-          f"Hessians {cfg.n_calib}×{cfg.seq_len} tokens ({hpath})")
-    print(f"{'bits':>4} {'r':>3} {'method':<24} {'mean err':>10} {'× GPTQ':>8} {'mean of ratios':>15}")
+    if table:
+        print(f"\nAverage layer output error after init, {len(names)} layers of SmolLM2-135M, GPTQ g64, "
+              f"Hessians {cfg.n_calib}×{cfg.seq_len} tokens ({hpath})")
+        print(f"{'bits':>4} {'r':>3} {'method':<24} {'mean err':>10} {'× GPTQ':>8} {'mean of ratios':>15}")
     for row in table.values():
         print(f"{row['bits']:>4} {row['rank']:>3} {row['method']:<24} {row['mean_err']:>10.4g} "
               f"{row['ratio']:>8.3f} {row['mean_layer_ratio']:>15.3f}")
