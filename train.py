@@ -50,7 +50,7 @@ class TrainConfig:
     model: str                          # HF-style folder: config.json, *.safetensors, tokenizer.json
     bits: int = 2                       # base weight bits: 2, 3 or 4
     group_size: int = 64                # quantization group (consecutive input columns)
-    rank: int = 64                      # adapter budget per linear: rank·(m + n) values ("LoRA-rank equivalent")
+    rank: int | None = None             # adapter budget rank·(m+n) values per linear (default 64, demo 8)
     temperature: float = 1.0            # AdaAlloc temperature t
     magr: bool = False                  # MagR preprocessing before GPTQ
     data: str | None = None             # JSON/JSONL (alpaca, gsm8k, prompt/response) or .txt; None: demo GSM8K
@@ -121,6 +121,8 @@ def resolve_defaults(cfg: TrainConfig) -> TrainConfig:
     if cfg.steps is None and cfg.epochs is None:
         cfg.steps, cfg.epochs = (40, None) if demo else (None, 1.0)
     cfg.batch_size = cfg.batch_size or (2 if demo else 4)
+    # demo: r = 8 is the paper's density (r = 64 on 3072-4096 wide layers, 3-4 % of the weights) on 576/1536 widths
+    cfg.rank = cfg.rank if cfg.rank is not None else (8 if demo else 64)
     cfg.max_len = cfg.max_len or (256 if demo else 512)
     cfg.n_eval = cfg.n_eval if cfg.n_eval is not None else (16 if demo else 64)
     return cfg
