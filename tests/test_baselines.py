@@ -33,7 +33,7 @@ def dense_delta(li, kernel, dims, m, n):
 # ---------------------------------------------------------------------------------------------- kernels
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(kind=st.sampled_from(["dct", "dht", "identity"]), n=st.integers(1, 97))
 def test_dense_kernels_orthonormal(kind, n):
     T = bl.kernel_matrix(kind, n, torch.float64)
@@ -128,7 +128,7 @@ def test_ssh_half_by_weight_spectrum():
     assert not torch.equal(sup, other)                                # the random half follows the seed
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=8, deadline=None)
 @given(seed=st.integers(0, 10_000), r=st.integers(1, 8), damp=st.sampled_from([0.0, 1e-2]))
 def test_cloq_error_is_the_svd_tail(seed, r, damp):
     W, E, H = problem(m=10, n=16, seed=seed)
