@@ -236,6 +236,22 @@ def refine(P: torch.Tensor, G: torch.Tensor, support: torch.Tensor, *, chunk_byt
     return _solve_support(P, G, support, chunk_bytes=chunk_bytes)[0]
 
 
+def _block_solve(Gd, Pd, r, c, n):
+    """Gather and solve one chunk of rows with equal k: Gd, Pd the flat float64 G (n·n,) and P (m·n,), r (R,) row
+    ids, c (R, k) their support columns. Returns A = G[Ω,Ω] (R,k,k), b = P[i,Ω] (R,k), the solution x (R,k) of
+    x·A = b, the Cholesky factor L (R,k,k) and bad (R,) bool: rows whose Cholesky failed (solved by lstsq)."""
+    kk = c.shape[1]
+    # flat index_select: ~3× faster than 3-D advanced indexing on CPU
+    A = Gd.index_select(0, (c[:, :, None] * n + c[:, None, :]).reshape(-1)).view(-1, kk, kk)  # G[Ω,Ω]
+    b = Pd.index_select(0, (r[:, None] * n + c).reshape(-1)).view(-1, kk)                     # P[i,Ω]
+    L, info = torch.linalg.cholesky_ex(A)
+    x = torch.cholesky_solve(b[..., None], L)[..., 0]                  # (R, k)
+    bad = (info != 0) | ~torch.isfinite(x).all(dim=1)
+    if bad.any():
+        x[bad] = torch.linalg.lstsq(A[bad].cpu(), b[bad, :, None].cpu(), driver="gelsd").solution[..., 0].to(x)
+    return A, b, x, L, bad
+
+
 def _solve_support(P, G, support, extra=None, chunk_bytes=1 << 27):
     """refine(), plus the quadratic forms Σ_i v_i G[Ω_i,Ω_i] v_iᵀ of the solution and of `extra` (B,) values
     on the same support, from the gathered blocks (for the error report without another m×n×n product)."""
@@ -260,14 +276,8 @@ def _solve_support(P, G, support, extra=None, chunk_bytes=1 << 27):
         for r in rsel.split(per_chunk):
             pos = (ptr[r][:, None] + ar).view(-1)                      # (r·kk,) positions in the support
             c = cols.index_select(0, pos).view(-1, kk)                 # (r, kk)
-            # flat index_select: ~3× faster than 3-D advanced indexing on CPU
-            A = Gd.index_select(0, (c[:, :, None] * n + c[:, None, :]).view(-1)).view(-1, kk, kk)  # G[Ω,Ω]
-            b = Pd.index_select(0, (r[:, None] * n + c).view(-1)).view(-1, kk)                     # P[i,Ω]
-            L, info = torch.linalg.cholesky_ex(A)
-            x = torch.cholesky_solve(b[..., None], L)[..., 0]          # (r, kk)
-            bad = (info != 0) | ~torch.isfinite(x).all(dim=1)
+            A, b, x, _, bad = _block_solve(Gd, Pd, r, c, n)
             if bad.any():
-                x[bad] = torch.linalg.lstsq(A[bad].cpu(), b[bad, :, None].cpu(), driver="gelsd").solution[..., 0].to(x)
                 quad_f += (x[bad] * (A[bad] @ x[bad, :, None])[..., 0]).sum()
                 quad_f += (x[~bad] * b[~bad]).sum()
             else:
