@@ -456,8 +456,8 @@ def run(cfg: TrainConfig):
         prev = json.loads((out / "config.json").read_text())["train"]
         changed = [k for k in RESUME_KEYS if prev.get(k) != getattr(cfg, k)]
         if changed:
-            raise ValueError(f"--resume: settings differ from the run in {out}: "
-                             + ", ".join(f"--{k.replace('_', '-')} {prev.get(k)} -> {getattr(cfg, k)}" for k in changed))
+            diffs = [f"--{k.replace('_', '-')} {prev.get(k)} -> {getattr(cfg, k)}" for k in changed]
+            raise ValueError(f"--resume: settings differ from the run in {out}: " + ", ".join(diffs))
     dtype = getattr(torch, cfg.dtype)
     tok = model_lib.Tokenizer.from_pretrained(cfg.model)
     pad_id = tok.pad_id if tok.pad_id is not None else tok.eos_id

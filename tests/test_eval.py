@@ -79,7 +79,8 @@ def test_gsm8k_scoring(tiny, monkeypatch):
     # a model that answers every question with its gold solution scores 1; one always saying 0 scores 0
     answers = {}
     for r in recs:
-        answers[tuple(tok.encode(ev.data.format_example(r, "gsm8k")[0]))] = r["answer"].replace("####", "The final answer is:")
+        prompt = tok.encode(ev.data.format_example(r, "gsm8k")[0])
+        answers[tuple(prompt)] = r["answer"].replace("####", "The final answer is:")
 
     def fake_generate(model, prompts, max_new_tokens, eos_id=None, **kw):
         return [tok.encode(answers[tuple(p)]) for p in prompts]

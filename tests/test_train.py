@@ -129,11 +129,10 @@ def test_resume_equals_uninterrupted(tiny, tmp_path):
     first = [json.loads(line) for line in (part / "log.jsonl").read_text().splitlines()]
     assert max(r["step"] for r in first) == 3
     train.main(argv(tiny, part, "--steps", "6", "--eval-every", "2", "--resume", *cache))
-    losses = lambda d: [(r["step"], r["loss"], r["lr"]) for r in map(json.loads, (d / "log.jsonl").read_text().splitlines())
-                        if "loss" in r]
+    rows = lambda d: [json.loads(line) for line in (d / "log.jsonl").read_text().splitlines()]  # noqa: E731
+    losses = lambda d: [(r["step"], r["loss"], r["lr"]) for r in rows(d) if "loss" in r]  # noqa: E731
     assert losses(part) == losses(full)            # bitwise: same batches, same optimizer and scheduler state
-    evals = lambda d: [(r["step"], r["eval_loss"]) for r in map(json.loads, (d / "log.jsonl").read_text().splitlines())
-                       if "eval_loss" in r]
+    evals = lambda d: [(r["step"], r["eval_loss"]) for r in rows(d) if "eval_loss" in r]  # noqa: E731
     assert evals(part) == evals(full)
     from safetensors.torch import load_file
     a, b = load_file(str(full / "adapter.safetensors")), load_file(str(part / "adapter.safetensors"))
