@@ -36,6 +36,7 @@ import wht
 
 __all__ = [
     "spectrum", "hadamard_hessian", "channel_scores", "adaalloc", "select_topk", "select_support", "refine",
+    "swap_search",
     "layer_error", "init_layer", "init_layer_full", "LayerInit", "WHALinear", "adapters", "init_qwha",
     "save_adapters", "load_adapters", "format_report",
 ]
@@ -292,6 +293,91 @@ def _solve_support(P, G, support, extra=None, chunk_bytes=1 << 27):
 _refine = refine  # init_layer_full's `refine` flag shadows the function
 
 
+def swap_search(P: torch.Tensor, G: torch.Tensor, support: torch.Tensor, values: torch.Tensor, rounds: int, *,
+                P_raw: torch.Tensor | None = None, row_err2: torch.Tensor | None = None, lam_mu: float = 0.0,
+                chunk_bytes: int = 1 << 27) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Exchange search on each row's support (issue 9), between selection and the final refinement.
+
+    Each round, each row i with refined values f on Ω_i (f·G[Ω,Ω] = P[i,Ω]):
+      gain of adding j ∉ Ω    g_j² / G_jj,  g = P[i] − f·G[Ω,:] (the residual gradient; exact for one addition)
+      cost of dropping j ∈ Ω  f_j² / (G[Ω,Ω]⁻¹)_jj                   (exact for one removal)
+    the s = max(1, k_i // 4) best additions are paired with the s cheapest removals (best with cheapest) and the
+    pairs with gain > cost are exchanged; the new support is refined, and the row keeps it only where its error
+    ‖(e_i − f T_Ω)Rᵀ‖² drops. Stops early when no row improves. k_i is unchanged.
+    Batched like `refine`: rows grouped by k_i, gathered (R, k, k) blocks, batched Cholesky and its inverse
+    diagonal, chunks of ≤ chunk_bytes; g for all rows from one sparse(F)·G product per round (B·n).
+    P, G: the (damped) problem that the values solve. The acceptance error is measured with P_raw and
+    G − lam_mu·I (the undamped problem, as reported by init_layer_full) plus row_err2 = ‖e_i Rᵀ‖² (m,); by default
+    P_raw = P, lam_mu = 0 (the row constant then does not matter: zeros).
+    Returns (support (2, B) CSR, values (B,) float64, info {'rounds', 'rows_improved': [per round]}).
+    """
+    m, n = P.shape
+    if rounds < 0:
+        raise ValueError(f"swap_search: rounds must be >= 0, got {rounds}")
+    rows, cols = support[0], support[1].clone()
+    f = values.to(torch.float64).clone()
+    info = {"rounds": 0, "rows_improved": []}
+    if rounds == 0 or rows.numel() == 0:
+        return support, f, info
+    Pd, Gd = P.to(torch.float64).reshape(-1), G.to(torch.float64).reshape(-1)
+    Prd = Pd if P_raw is None else P_raw.to(torch.float64).reshape(-1)
+    e2 = torch.zeros(m, dtype=torch.float64, device=P.device) if row_err2 is None else row_err2.to(torch.float64)
+    gdiag = G.to(torch.float64).diagonal()
+    k = torch.bincount(rows, minlength=m)
+    ptr = torch.cumsum(k, 0) - k
+    groups = [kk for kk in torch.unique(k).tolist() if 0 < kk < n]
+
+    def row_err(r, c, x, A):                                           # undamped ‖(e_i − x T_Ω)Rᵀ‖² (R,)
+        p_raw = Prd.index_select(0, (r[:, None] * n + c).reshape(-1)).view_as(x)
+        quad = (x * (A @ x[..., None])[..., 0]).sum(1)
+        return e2[r] - 2 * (x * p_raw).sum(1) + quad - lam_mu * x.square().sum(1)
+
+    for _ in range(rounds):
+        Fs = torch.sparse_coo_tensor(torch.stack([rows, cols]), f, (m, n), check_invariants=False).coalesce()
+        g = P.to(torch.float64) - torch.sparse.mm(Fs, G.to(torch.float64))     # (m, n) residual gradient
+        gain = g.square_() / gdiag                                     # (m, n) gain of each single addition
+        gain[rows, cols] = -math.inf                                   # selected: not candidates
+        improved = 0
+        for kk in groups:
+            s = max(1, kk // 4)
+            rsel = torch.nonzero(k == kk).flatten()
+            ar = torch.arange(kk, device=P.device)
+            for r in rsel.split(max(1, chunk_bytes // (kk * kk * 8 * 3))):
+                pos = (ptr[r][:, None] + ar).reshape(-1)
+                c = cols.index_select(0, pos).view(-1, kk)             # (R, k)
+                x = f.index_select(0, pos).view(-1, kk)                # (R, k) current refined values
+                A = Gd.index_select(0, (c[:, :, None] * n + c[:, None, :]).reshape(-1)).view(-1, kk, kk)
+                L, inf_ = torch.linalg.cholesky_ex(A)
+                eye = torch.eye(kk, dtype=A.dtype, device=A.device).expand_as(A)
+                Linv = torch.linalg.solve_triangular(L, eye, upper=False)
+                dinv = Linv.square().sum(1)                            # (R, k) diag(A⁻¹) = column norms² of L⁻¹
+                cost = x.square() / dinv
+                cost[(inf_ != 0) | ~torch.isfinite(cost).all(1)] = math.inf   # singular block: no exchange
+                ga, ja = gain[r].topk(min(s, n - kk), dim=1)           # (R, s') best additions, descending
+                cr, ir = cost.topk(ga.shape[1], dim=1, largest=False)  # (R, s') cheapest removals, ascending
+                do = ga > cr                                           # a prefix per row (monotone)
+                changed = do.any(1)
+                if not changed.any():
+                    continue
+                r2, c_old, x_old, A_old = r[changed], c[changed], x[changed], A[changed]
+                c_new = c_old.scatter(1, ir[changed], torch.where(do[changed], ja[changed], c_old.gather(1, ir[changed])))
+                c_new = c_new.sort(1).values                           # CSR order within the row
+                A_new, _, x_new, _, _ = _block_solve(Gd, Pd, r2, c_new, n)
+                err_old, err_new = row_err(r2, c_old, x_old, A_old), row_err(r2, c_new, x_new, A_new)
+                acc = torch.isfinite(x_new).all(1) & (err_new < err_old - 1e-12 * err_old.abs())
+                if not acc.any():
+                    continue
+                pacc = pos.view(-1, kk)[changed][acc].reshape(-1)
+                cols.index_copy_(0, pacc, c_new[acc].reshape(-1))
+                f.index_copy_(0, pacc, x_new[acc].reshape(-1))
+                improved += int(acc.sum())
+        info["rounds"] += 1
+        info["rows_improved"].append(improved)
+        if improved == 0:
+            break
+    return torch.stack([rows, cols]), f, info
+
+
 def layer_error(E: torch.Tensor, H: torch.Tensor, dW: torch.Tensor | None = None) -> torch.Tensor:
     """‖(E − ΔW) Rᵀ‖_F = sqrt(tr((E − ΔW) H (E − ΔW)ᵀ)) without forming R (float64 scalar)."""
     D = E.to(torch.float64) if dW is None else E.to(torch.float64) - dW.to(torch.float64)
@@ -338,11 +424,15 @@ def init_layer(E: torch.Tensor, H: torch.Tensor, budget: int, **kw) -> tuple[tor
 def init_layer_full(E: torch.Tensor, H: torch.Tensor, budget: int, *, temperature: float = 1.0,
                     select: str = "adaalloc", refine: bool = True, score: str = "output",
                     rule: str = "output", damp: float = 1e-4, min_per_row: int = 2,
-                    generator: torch.Generator | None = None, chunk_bytes: int = 1 << 27) -> LayerInit:
+                    generator: torch.Generator | None = None, chunk_bytes: int = 1 << 27,
+                    swap_rounds: int = 0) -> LayerInit:
     """init_layer with its report. E = W − Q (m×n), H = XᵀX/N (n×n, undamped; damped by λ·mean(diag H) for
     the solve). score: AdaAlloc's σ_i ('output' ‖e_i Rᵀ‖ or 'weight' ‖e_i‖); rule: per-row ranking
-    ('output' C²·G_jj or 'magnitude' |C|). Errors are reported with the undamped H."""
+    ('output' C²·G_jj or 'magnitude' |C|). Errors are reported with the undamped H. swap_rounds: rounds of
+    `swap_search` (issue 9) between the refinement and a final refinement (0: off); err_select stays that of
+    the top-k support, info['err_refined_noswap'] the refined error before the exchanges."""
     t0 = time.perf_counter()
+    info: dict = {}
     m, n = E.shape
     if H.shape != (n, n):
         raise ValueError(f"init_layer: H has shape {tuple(H.shape)}, expected ({n}, {n}) for E of shape ({m}, {n})")
@@ -376,12 +466,22 @@ def init_layer_full(E: torch.Tensor, H: torch.Tensor, budget: int, *, temperatur
         p_raw = P_raw[rows, cols]
         err_select = math.sqrt(max(e0sq - 2 * float(f_sel @ p_raw) + float(qs) - lam_mu * float(f_sel @ f_sel), 0.0))
         err_refined = math.sqrt(max(e0sq - 2 * float(f @ p_raw) + float(qf) - lam_mu * float(f @ f), 0.0))
+        if swap_rounds:                                                # issue 9: exchange search, then refine
+            info["err_refined_noswap"] = err_refined
+            support, f, sw = swap_search(P, G, support, f, swap_rounds, P_raw=P_raw, row_err2=e_out,
+                                         lam_mu=lam_mu, chunk_bytes=chunk_bytes)
+            info.update(swap_rounds_done=sw["rounds"], swap_rows_improved=sw["rows_improved"])
+            rows, cols = support
+            f, qf, _ = _solve_support(P, G, support, chunk_bytes=chunk_bytes)
+            err_refined = math.sqrt(max(e0sq - 2 * float(f @ P_raw[rows, cols]) + float(qf) - lam_mu * float(f @ f), 0.0))
     else:
+        if swap_rounds:
+            raise ValueError("init_layer: swap_rounds > 0 needs refine=True (exchanges compare refined supports)")
         err_select = math.sqrt(max(_quad_error2(e0sq, C, P_raw, G_raw, support, f_sel), 0.0))
         f, err_refined = f_sel, err_select
     k = torch.bincount(rows, minlength=m)
     return LayerInit(support, f.to(torch.float32), k, math.sqrt(e0sq), err_select, err_refined,
-                     time.perf_counter() - t0)
+                     time.perf_counter() - t0, info)
 
 
 # ---------------------------------------------------------------------------------------------- the module
@@ -558,7 +658,7 @@ def init_qwha(model: nn.Module, hessians: Mapping[str, torch.Tensor], weights: M
               budget_rank: int = 64, temperature: float = 1.0, scale: float = 1.0, select: str = "adaalloc",
               refine: bool = True, score: str = "output", rule: str = "output", damp: float = 1e-4,
               names: list[str] | None = None, device: torch.device | str | None = None, seed: int = 0,
-              compute_rank: bool = False, quiet: bool = False) -> list[dict]:
+              compute_rank: bool = False, quiet: bool = False, swap_rounds: int = 0) -> list[dict]:
     """Wrap every target linear of `model` in a WHALinear initialized by init_layer (eqs. 5–9).
 
     hessians: {name: H = XᵀX/N} (undamped). weights: {name: W}, the ORIGINAL full-precision weights (the
@@ -566,6 +666,7 @@ def init_qwha(model: nn.Module, hessians: Mapping[str, torch.Tensor], weights: M
     `name` holds the quantized base Q (QuantLinear, or nn.Linear); E = W − Q. Budget per layer:
     B = budget_rank·(m + n), capped at m·n. Values stored as f / scale. Returns one report dict per layer
     and prints them as a table to stderr unless quiet. device: where the math runs (default: H's device).
+    swap_rounds: exchange-search rounds per layer (issue 9, `swap_search`; 0 = plain AdaAlloc + refinement).
     """
     names = list(names) if names is not None else list(hessians)
     gen = torch.Generator().manual_seed(seed)
@@ -588,7 +689,7 @@ def init_qwha(model: nn.Module, hessians: Mapping[str, torch.Tensor], weights: M
         E = W.to(dev, torch.float64) - Q.to(dev, torch.float64)
         budget = min(budget_rank * (m + n), m * n)
         li = init_layer_full(E, H.to(dev), budget, temperature=temperature, select=select, refine=refine,
-                             score=score, rule=rule, damp=damp, generator=gen)
+                             score=score, rule=rule, damp=damp, generator=gen, swap_rounds=swap_rounds)
         wrapped = WHALinear(base, li.indices, li.values / scale, scale=scale)
         _set_module(model, name, wrapped)
         row = {"layer": name, "shape": [m, n], "budget": int(li.values.numel()),
@@ -596,6 +697,8 @@ def init_qwha(model: nn.Module, hessians: Mapping[str, torch.Tensor], weights: M
                "rel_select": li.err_select / max(li.err_before, 1e-30),
                "rel_refined": li.err_refined / max(li.err_before, 1e-30),
                "k_min": int(li.k.min()), "k_max": int(li.k.max()), "seconds": li.seconds}
+        if swap_rounds:
+            row["err_noswap"] = li.info.get("err_refined_noswap", li.err_refined)
         if compute_rank:
             row["rank_F"] = int(torch.linalg.matrix_rank(wrapped.dense_F().float()))
         report.append(row)
