@@ -55,6 +55,8 @@ class BenchConfig:
     threads: int = 1               # torch threads (1: no oversubscription on shared cores; CPU time reported too)
     verify_layers: int = 3         # layers checked against a per-row lstsq of the whitened problem
     quiet: bool = False
+    swap_rounds: tuple = (1, 2, 4)  # rows "AdaAlloc + swaps (N rounds)"
+    methods: str = ""              # comma list of method labels to run ('' = all; "AdaAlloc + swaps" = every N)
 
 
 def log(cfg, msg):
@@ -177,11 +179,23 @@ METHODS = [  # (label, init_layer_full keywords)
 ]
 
 
+def methods(cfg):
+    ms = METHODS + [(f"AdaAlloc + swaps ({n} rounds)", dict(select="adaalloc", swap_rounds=n)) for n in cfg.swap_rounds]
+    if cfg.methods:
+        keep = {m.strip() for m in cfg.methods.split(",")}
+        ms = [(label, kw) for label, kw in ms if label in keep or label.split(" (")[0] in keep]
+    return ms
+
+
+def layer_type(name):
+    return name.rsplit(".", 1)[-1]
+
+
 def error_table(cfg, weights, H, names, bits):
     Q = get_quantized(cfg, weights, H, names, bits)
     rows = {}
     for r in cfg.ranks:
-        for label, kw in METHODS:
+        for label, kw in methods(cfg):
             errs, gptq_errs = [], []
             t0 = time.perf_counter()
             for j, name in enumerate(names):
@@ -195,9 +209,19 @@ def error_table(cfg, weights, H, names, bits):
                          "gptq_err": statistics.fmean(gptq_errs),
                          "ratio": statistics.fmean(errs) / statistics.fmean(gptq_errs),
                          "mean_layer_ratio": statistics.fmean(e / g for e, g in zip(errs, gptq_errs)),
-                         "seconds": time.perf_counter() - t0}
+                         "seconds": time.perf_counter() - t0,
+                         "per_type": per_type_ratio(names, errs, gptq_errs)}
             log(cfg, f"  {key:<34} mean err {rows[key]['mean_err']:.4g}  ×{rows[key]['ratio']:.3f} of GPTQ")
     return rows
+
+
+def per_type_ratio(names, errs, gptq_errs):
+    """{q_proj: mean err / mean GPTQ err over the layers of that type, ...} (the issue-9 per-type figures)."""
+    out = {}
+    for t in dict.fromkeys(layer_type(n) for n in names):
+        sel = [i for i, n in enumerate(names) if layer_type(n) == t]
+        out[t] = sum(errs[i] for i in sel) / sum(gptq_errs[i] for i in sel)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- timing
@@ -302,10 +326,15 @@ def parse(argv=None) -> BenchConfig:
     p.add_argument("--threads", type=int, default=d.threads)
     p.add_argument("--verify-layers", type=int, default=d.verify_layers)
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--swap-rounds", default=",".join(map(str, d.swap_rounds)),
+                   help="comma list of N for the rows 'AdaAlloc + swaps (N rounds)' ('' : none)")
+    p.add_argument("--methods", default=d.methods,
+                   help="comma list of method labels to run, e.g. 'AdaAlloc,AdaAlloc + swaps' ('' : all)")
     a = p.parse_args(argv)
     return BenchConfig(a.assets, tuple(int(b) for b in a.bits.split(",") if b), tuple(int(r) for r in a.rank.split(",")),
                        a.n_calib, a.seq_len, d.batch_size, a.seed, a.layers, a.hessians, not a.no_timing,
-                       a.timing_rank, a.timing_layers, a.threads, a.verify_layers, a.quiet)
+                       a.timing_rank, a.timing_layers, a.threads, a.verify_layers, a.quiet,
+                       tuple(int(x) for x in a.swap_rounds.split(",") if x), a.methods)
 
 
 def main(argv=None):
@@ -328,10 +357,17 @@ def main(argv=None):
     if table:
         print(f"\nAverage layer output error after init, {len(names)} layers of SmolLM2-135M, GPTQ g64, "
               f"Hessians {cfg.n_calib}×{cfg.seq_len} tokens ({hpath})")
-        print(f"{'bits':>4} {'r':>3} {'method':<24} {'mean err':>10} {'× GPTQ':>8} {'mean of ratios':>15}")
+        print(f"{'bits':>4} {'r':>3} {'method':<28} {'mean err':>10} {'× GPTQ':>8} {'mean of ratios':>15} {'time':>9}")
     for row in table.values():
-        print(f"{row['bits']:>4} {row['rank']:>3} {row['method']:<24} {row['mean_err']:>10.4g} "
-              f"{row['ratio']:>8.3f} {row['mean_layer_ratio']:>15.3f}")
+        print(f"{row['bits']:>4} {row['rank']:>3} {row['method']:<28} {row['mean_err']:>10.4g} "
+              f"{row['ratio']:>8.3f} {row['mean_layer_ratio']:>15.3f} {row['seconds']:>8.1f}s")
+    if table:
+        types = list(next(iter(table.values()))["per_type"])
+        print(f"\n× GPTQ per layer type (ratio of the type's mean errors)\n{'bits':>4} {'r':>3} {'method':<28} "
+              + " ".join(f"{t:>9}" for t in types))
+        for row in table.values():
+            print(f"{row['bits']:>4} {row['rank']:>3} {row['method']:<28} "
+                  + " ".join(f"{row['per_type'][t]:>9.3f}" for t in types))
     if tim:
         print(f"\nInit of all {tim['init_layers']} layers at r={tim['rank']} (AdaAlloc + refinement, given Hessians): "
               f"{tim['init_wall_s']:.1f}s wall, {tim['init_cpu_s']:.1f}s CPU, {tim['threads']} thread(s)")
