@@ -295,7 +295,8 @@ _refine = refine  # init_layer_full's `refine` flag shadows the function
 
 def swap_search(P: torch.Tensor, G: torch.Tensor, support: torch.Tensor, values: torch.Tensor, rounds: int, *,
                 P_raw: torch.Tensor | None = None, row_err2: torch.Tensor | None = None, lam_mu: float = 0.0,
-                chunk_bytes: int = 1 << 27) -> tuple[torch.Tensor, torch.Tensor, dict]:
+                chunk_bytes: int = 1 << 27, exchange_frac: float = 0.25,
+                retry_single: bool = True) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Exchange search on each row's support (issue 9), between selection and the final refinement.
 
     Each round, each row i with refined values f on Ω_i (f·G[Ω,Ω] = P[i,Ω]):
@@ -303,7 +304,8 @@ def swap_search(P: torch.Tensor, G: torch.Tensor, support: torch.Tensor, values:
       cost of dropping j ∈ Ω  f_j² / (G[Ω,Ω]⁻¹)_jj                   (exact for one removal)
     the s = max(1, k_i // 4) best additions are paired with the s cheapest removals (best with cheapest) and the
     pairs with gain > cost are exchanged; the new support is refined, and the row keeps it only where its error
-    ‖(e_i − f T_Ω)Rᵀ‖² drops. Stops early when no row improves. k_i is unchanged.
+    ‖(e_i − f T_Ω)Rᵀ‖² drops; a row that rejects its batch of exchanges retries the best pair alone
+    (retry_single). s = max(1, ⌊k_i·exchange_frac⌋). Stops early when no row improves. k_i is unchanged.
     Batched like `refine`: rows grouped by k_i, gathered (R, k, k) blocks, batched Cholesky and its inverse
     diagonal, chunks of ≤ chunk_bytes; g for all rows from one sparse(F)·G product per round (B·n).
     P, G: the (damped) problem that the values solve. The acceptance error is measured with P_raw and
@@ -339,7 +341,7 @@ def swap_search(P: torch.Tensor, G: torch.Tensor, support: torch.Tensor, values:
         gain[rows, cols] = -math.inf                                   # selected: not candidates
         improved = 0
         for kk in groups:
-            s = max(1, kk // 4)
+            s = max(1, int(kk * exchange_frac))
             rsel = torch.nonzero(k == kk).flatten()
             ar = torch.arange(kk, device=P.device)
             for r in rsel.split(max(1, chunk_bytes // (kk * kk * 8 * 3))):
@@ -356,21 +358,30 @@ def swap_search(P: torch.Tensor, G: torch.Tensor, support: torch.Tensor, values:
                 ga, ja = gain[r].topk(min(s, n - kk), dim=1)           # (R, s') best additions, descending
                 cr, ir = cost.topk(ga.shape[1], dim=1, largest=False)  # (R, s') cheapest removals, ascending
                 do = ga > cr                                           # a prefix per row (monotone)
-                changed = do.any(1)
-                if not changed.any():
-                    continue
-                r2, c_old, x_old, A_old = r[changed], c[changed], x[changed], A[changed]
-                c_new = c_old.scatter(1, ir[changed], torch.where(do[changed], ja[changed], c_old.gather(1, ir[changed])))
-                c_new = c_new.sort(1).values                           # CSR order within the row
-                A_new, _, x_new, _, _ = _block_solve(Gd, Pd, r2, c_new, n)
-                err_old, err_new = row_err(r2, c_old, x_old, A_old), row_err(r2, c_new, x_new, A_new)
-                acc = torch.isfinite(x_new).all(1) & (err_new < err_old - 1e-12 * err_old.abs())
-                if not acc.any():
-                    continue
-                pacc = pos.view(-1, kk)[changed][acc].reshape(-1)
-                cols.index_copy_(0, pacc, c_new[acc].reshape(-1))
-                f.index_copy_(0, pacc, x_new[acc].reshape(-1))
-                improved += int(acc.sum())
+                err_cur = None
+                for attempt in range(2):                               # all s' pairs; then the best pair alone
+                    if attempt == 1:                                   # for the rows that rejected the batch
+                        do = do & (torch.arange(do.shape[1], device=P.device) == 0) & pending[:, None]
+                    changed = do.any(1)
+                    if not changed.any():
+                        break
+                    if err_cur is None:
+                        err_cur = row_err(r, c, x, A)                  # (R,) current error per row
+                    r2, c_old = r[changed], c[changed]
+                    c_new = c_old.scatter(1, ir[changed], torch.where(do[changed], ja[changed], c_old.gather(1, ir[changed])))
+                    c_new = c_new.sort(1).values                       # CSR order within the row
+                    A_new, _, x_new, _, _ = _block_solve(Gd, Pd, r2, c_new, n)
+                    err_old, err_new = err_cur[changed], row_err(r2, c_new, x_new, A_new)
+                    acc = torch.isfinite(x_new).all(1) & (err_new < err_old - 1e-12 * err_old.abs())
+                    pending = changed.clone()
+                    pending[changed] = ~acc & (do[changed].sum(1) > 1)
+                    if acc.any():
+                        pacc = pos.view(-1, kk)[changed][acc].reshape(-1)
+                        cols.index_copy_(0, pacc, c_new[acc].reshape(-1))
+                        f.index_copy_(0, pacc, x_new[acc].reshape(-1))
+                        improved += int(acc.sum())
+                    if not retry_single or not pending.any():
+                        break
         info["rounds"] += 1
         info["rows_improved"].append(improved)
         if improved == 0:
