@@ -55,6 +55,10 @@ class BenchConfig:
     threads: int = 1               # torch threads (1: no oversubscription on shared cores; CPU time reported too)
     verify_layers: int = 3         # layers checked against a per-row lstsq of the whitened problem
     quiet: bool = False
+    ppl_bits: int = 0              # > 0: held-out perplexity after init at this bit width (all 210 layers)
+    ppl_rank: int = 8
+    ppl_rounds: tuple = (0, 1, 2, 4)
+    ppl_windows: int = 16
     swap_rounds: tuple = (1, 2, 4)  # rows "AdaAlloc + swaps (N rounds)"
     methods: str = ""              # comma list of method labels to run ('' = all; "AdaAlloc + swaps" = every N)
 
@@ -294,6 +298,49 @@ def timing(cfg, weights, H, all_names, names):
             "max_rel_err_gap_vs_lstsq": max(err_gaps) if err_gaps else None, "threads": torch.get_num_threads()}
 
 
+def ppl_after_init(cfg, weights, H, all_names):
+    """Held-out perplexity of the demo model right after init (issue 9): every linear GPTQ'd at cfg.ppl_bits,
+    wrapped by qwha.init_qwha at r = cfg.ppl_rank with swap_rounds N ∈ cfg.ppl_rounds; also full precision and
+    bare GPTQ. A fixed subset: cfg.ppl_windows windows of cfg.seq_len tokens evenly spaced over
+    assets/wikitext/test.txt (eval.perplexity). Whole-model init time per N (wall and process CPU)."""
+    import copy
+
+    import data
+    import eval as evallib
+    mpath = Path(cfg.assets) / "smollm2-135m"
+    test = Path(cfg.assets) / "wikitext" / "test.txt"
+    if not test.exists():
+        raise FileNotFoundError(f"{test} missing: run `python data.py fetch-demo --out {cfg.assets}`")
+    tok = modellib.Tokenizer.from_pretrained(mpath)
+    ids = data.text_token_stream(tok, data.read_text(test))
+    Q = get_quantized(cfg, weights, H, all_names, cfg.ppl_bits)
+    fp = modellib.from_pretrained(mpath).eval()
+    ppl = lambda mdl: evallib.perplexity(mdl, ids, cfg.seq_len, cfg.ppl_windows)["ppl"]
+    out = {"bits": cfg.ppl_bits, "rank": cfg.ppl_rank, "windows": cfg.ppl_windows, "seq_len": cfg.seq_len,
+           "fp_ppl": ppl(fp), "runs": []}
+    base = copy.deepcopy(fp)
+    for name in all_names:
+        lin = modellib.get_module(base, name)
+        with torch.no_grad():
+            lin.weight.copy_(Q[name])
+    out["gptq_ppl"] = ppl(base)
+    log(cfg, f"ppl: fp {out['fp_ppl']:.3f}, GPTQ {cfg.ppl_bits}b {out['gptq_ppl']:.3f}")
+    for n_rounds in cfg.ppl_rounds:
+        mdl = copy.deepcopy(base)
+        wall0, cpu0 = time.perf_counter(), time.process_time()
+        rep = qwha.init_qwha(mdl, H, weights, budget_rank=cfg.ppl_rank, names=all_names, quiet=True,
+                             swap_rounds=n_rounds)
+        wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+        err = statistics.fmean(r["err_refined"] for r in rep)
+        g = statistics.fmean(r["err_before"] for r in rep)
+        row = {"swap_rounds": n_rounds, "ppl": ppl(mdl.eval()), "init_wall_s": wall, "init_cpu_s": cpu,
+               "mean_err": err, "ratio": err / g}
+        out["runs"].append(row)
+        log(cfg, f"ppl: swaps {n_rounds}: {row['ppl']:.3f}, init {wall:.0f}s wall {cpu:.0f}s CPU, ×{row['ratio']:.3f} of GPTQ")
+        del mdl
+    return out
+
+
 def wht_rows(R):
     import wht
     return wht.wht(R)
@@ -330,10 +377,16 @@ def parse(argv=None) -> BenchConfig:
                    help="comma list of N for the rows 'AdaAlloc + swaps (N rounds)' ('' : none)")
     p.add_argument("--methods", default=d.methods,
                    help="comma list of method labels to run, e.g. 'AdaAlloc,AdaAlloc + swaps' ('' : all)")
+    p.add_argument("--ppl-bits", type=int, default=d.ppl_bits,
+                   help="held-out perplexity right after init of all layers at these bits (0: skip)")
+    p.add_argument("--ppl-rank", type=int, default=d.ppl_rank)
+    p.add_argument("--ppl-rounds", default=",".join(map(str, d.ppl_rounds)), help="swap_rounds values compared")
+    p.add_argument("--ppl-windows", type=int, default=d.ppl_windows, help="windows of --seq-len tokens of test.txt")
     a = p.parse_args(argv)
     return BenchConfig(a.assets, tuple(int(b) for b in a.bits.split(",") if b), tuple(int(r) for r in a.rank.split(",")),
                        a.n_calib, a.seq_len, d.batch_size, a.seed, a.layers, a.hessians, not a.no_timing,
                        a.timing_rank, a.timing_layers, a.threads, a.verify_layers, a.quiet,
+                       a.ppl_bits, a.ppl_rank, tuple(int(x) for x in a.ppl_rounds.split(",") if x), a.ppl_windows,
                        tuple(int(x) for x in a.swap_rounds.split(",") if x), a.methods)
 
 
@@ -353,6 +406,7 @@ def main(argv=None):
     for bits in cfg.bits:
         table.update(error_table(cfg, weights, H, names, bits))
     tim = timing(cfg, weights, H, all_names, select_layers(all_names, cfg.timing_layers)) if cfg.timing else None
+    ppl = ppl_after_init(cfg, weights, H, all_names) if cfg.ppl_bits else None
 
     if table:
         print(f"\nAverage layer output error after init, {len(names)} layers of SmolLM2-135M, GPTQ g64, "
@@ -378,7 +432,14 @@ def main(argv=None):
         print(f"Max relative value gap: vs authors' loop {tim['max_rel_value_gap_vs_authors']:.1e}, vs row loop "
               f"{tim['max_rel_value_gap_vs_row_loop']:.1e}; layer-error gap vs per-row lstsq of the whitened problem "
               f"({len(tim['verify_layers'])} layers) {tim['max_rel_err_gap_vs_lstsq']:.1e}")
-    result = {"bench": "init", "config": asdict(cfg), "table": list(table.values()), "timing": tim}
+    if ppl:
+        print(f"\nHeld-out perplexity right after init, all {len(all_names)} layers GPTQ {ppl['bits']}b, r={ppl['rank']}, "
+              f"{ppl['windows']} windows × {ppl['seq_len']} of wikitext test: full precision {ppl['fp_ppl']:.3f}, "
+              f"GPTQ {ppl['gptq_ppl']:.3f}")
+        print(f"{'swap rounds':>11} {'ppl':>9} {'× GPTQ err':>11} {'init wall':>10} {'init CPU':>9}")
+        for r in ppl["runs"]:
+            print(f"{r['swap_rounds']:>11} {r['ppl']:>9.3f} {r['ratio']:>11.3f} {r['init_wall_s']:>9.0f}s {r['init_cpu_s']:>8.0f}s")
+    result = {"bench": "init", "config": asdict(cfg), "table": list(table.values()), "timing": tim, "ppl": ppl}
     line = json.dumps(result)
     print(line)
     out = ROOT / "runs" / "bench_init.jsonl"
