@@ -1,6 +1,6 @@
 """Benchmark gptq.py on every linear layer of the demo model (SmolLM2-135M: 30 blocks × 7 linears = 210).
 
-  python bench/bench_gptq.py [--hessians FILE] [--weights FILE] [--magr-blocks 0,15,29] [--threads 2] [--quiet]
+  python bench/bench_gptq.py [--hessians FILE] [--weights FILE] [--magr-blocks 0,15,29] [--threads 1] [--quiet]
 
 Measures (CPU unless --device says otherwise):
   * the time to GPTQ-quantize all 210 layers given their Hessians, at 2, 3 and 4 bits (group 64), with the time
@@ -15,6 +15,10 @@ H = (A Aᵀ/n) ⊙ d dᵀ + 1e-3·mean(diag)·I, the columns of A scaled by k^�
 log-normal channel scales (outlier channels). Weights: --weights FILE (default the demo checkpoint,
 assets/smollm2-135m/model.safetensors, when present), else random N(0, 0.02²) of the demo shapes.
 Prints a table and one JSON line.
+
+Threads: GPTQ's column loop is serial work on (m,) vectors, so a second intra-op thread buys little, and on a
+shared, oversubscribed 2-core machine (load average 7-11 during our runs) it costs a lot: the same 210 layers took
+a median 198 s wall / 73 s CPU with 2 threads against 31 s wall / 16 s CPU with 1. Hence --threads 1 by default.
 """
 from __future__ import annotations
 
@@ -54,7 +58,7 @@ class BenchConfig:
     kv_dim: int = 192
     intermediate: int = 1536
     seed: int = 0
-    threads: int = 2
+    threads: int = 1                  # intra-op threads; see the module docstring
     device: str = "cpu"
     quiet: bool = False
 
@@ -223,7 +227,7 @@ def parse(argv=None) -> BenchConfig:
     p.add_argument("--magr-alpha", type=float, default=1e-4)
     p.add_argument("--blocks", type=int, default=30, help="benchmark the first N blocks only (quick runs)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: see the docstring)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
