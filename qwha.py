@@ -42,6 +42,7 @@ __all__ = [
 ]
 
 SELECT_MODES = ("adaalloc", "magnitude", "random", "random_rows", "none")
+SWAP_ROUNDS_DEFAULT = 2   # init_qwha's exchange-search rounds (issue 9; see init_qwha)
 
 
 # ---------------------------------------------------------------------------------------------- spectrum
@@ -669,7 +670,7 @@ def init_qwha(model: nn.Module, hessians: Mapping[str, torch.Tensor], weights: M
               budget_rank: int = 64, temperature: float = 1.0, scale: float = 1.0, select: str = "adaalloc",
               refine: bool = True, score: str = "output", rule: str = "output", damp: float = 1e-4,
               names: list[str] | None = None, device: torch.device | str | None = None, seed: int = 0,
-              compute_rank: bool = False, quiet: bool = False, swap_rounds: int = 0) -> list[dict]:
+              compute_rank: bool = False, quiet: bool = False, swap_rounds: int = SWAP_ROUNDS_DEFAULT) -> list[dict]:
     """Wrap every target linear of `model` in a WHALinear initialized by init_layer (eqs. 5–9).
 
     hessians: {name: H = XᵀX/N} (undamped). weights: {name: W}, the ORIGINAL full-precision weights (the
@@ -678,6 +679,9 @@ def init_qwha(model: nn.Module, hessians: Mapping[str, torch.Tensor], weights: M
     B = budget_rank·(m + n), capped at m·n. Values stored as f / scale. Returns one report dict per layer
     and prints them as a table to stderr unless quiet. device: where the math runs (default: H's device).
     swap_rounds: exchange-search rounds per layer (issue 9, `swap_search`; 0 = plain AdaAlloc + refinement).
+    Default SWAP_ROUNDS_DEFAULT = 2, by issue 9's rule (measured on the demo model at 2 bits, r = 8, all 210
+    layers: held-out perplexity after init 26387 → 7864 (16 windows of 256), mean layer error 0.873 → 0.818 of
+    GPTQ's, init 2.4× the plain init's CPU time). The per-layer primitives keep 0.
     """
     names = list(names) if names is not None else list(hessians)
     gen = torch.Generator().manual_seed(seed)
