@@ -38,6 +38,7 @@ import calib
 import data
 import gptq
 import model as model_lib
+import baselines
 import qwha
 import wht
 from eval import load_model
@@ -52,6 +53,11 @@ class TrainConfig:
     group_size: int = 64                # quantization group (consecutive input columns)
     rank: int | None = None             # adapter budget rank·(m+n) values per linear (default 64, demo 8)
     temperature: float = 1.0            # AdaAlloc temperature t
+    adapter: str = "wha"                # wha (QWHA) | dca | dha | sparse (SHiRA) | lora (baselines.py, same budget)
+    transform_dims: int = 1             # spectral adapters: 1 (ΔW = F·T, as WHA) or 2 (T_mᵀ·F·T_n, as LoCA/SSH)
+    select: str = "adaalloc"            # support selection: adaalloc | magnitude | random | ssh | loca
+    refine: bool = True                 # least-squares refinement of the selected values (eq. 9)
+    qa_init: bool | None = None         # quantization-aware values (LoRA: CLoQ) or zero (LoRA: A random, B 0); default on, off for loca
     magr: bool = False                  # MagR preprocessing before GPTQ
     data: str | None = None             # JSON/JSONL (alpaca, gsm8k, prompt/response) or .txt; None: demo GSM8K
     eval_data: str | None = None        # held-out file; None: --n-eval examples split off --data
@@ -84,7 +90,8 @@ class TrainConfig:
 
 
 # Settings that must not change between a run and its --resume.
-RESUME_KEYS = ("model", "bits", "group_size", "rank", "temperature", "magr", "data", "eval_data", "n_eval", "calib",
+RESUME_KEYS = ("model", "bits", "group_size", "rank", "temperature", "adapter", "transform_dims", "select", "refine",
+               "qa_init", "magr", "data", "eval_data", "n_eval", "calib",
                "n_calib", "calib_len", "steps", "epochs", "lr", "warmup", "weight_decay", "batch_size", "grad_accum",
                "clip", "max_len", "seed", "dtype")
 
@@ -97,8 +104,11 @@ def parse_args(argv=None) -> TrainConfig:
         flag, help_ = "--" + f.name.replace("_", "-"), comments.get(f.name, "")
         if f.default not in (None, MISSING) and not isinstance(f.default, bool) and "default" not in help_:
             help_ += f" (default {f.default})"
-        if f.type == "bool" or isinstance(f.default, bool):
-            p.add_argument(flag, action="store_true", help=help_)
+        if str(f.type).startswith("bool") or isinstance(f.default, bool):
+            if f.default is False:
+                p.add_argument(flag, action="store_true", help=help_)
+            else:                                # default on (or auto): --flag / --no-flag
+                p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
             continue
         kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
         if f.name == "model":
@@ -150,7 +160,10 @@ def validate(cfg: TrainConfig) -> model_lib.ModelConfig:
         if cfg.group_size <= 0 or n % cfg.group_size:
             raise ValueError(f"--group-size {cfg.group_size} does not divide the input width {n} of {name}")
         try:
-            wht.factorize(n)                     # the adapter transforms along the input width
+            if cfg.adapter == "wha":
+                wht.factorize(n)                 # the adapter transforms along the input width
+                if cfg.transform_dims == 2:
+                    wht.factorize(m)             # ... and along the output width
         except ValueError as e:
             raise ValueError(f"{name} of {folder}: {e}") from None
         budget = min(cfg.rank * (m + n), m * n)  # init_qwha caps the budget at a dense F
@@ -172,6 +185,7 @@ def validate(cfg: TrainConfig) -> model_lib.ModelConfig:
         raise ValueError("give --steps or --epochs, not both")
     if min(cfg.batch_size, cfg.grad_accum, cfg.max_len, cfg.n_calib, cfg.calib_len) < 1:
         raise ValueError("--batch-size, --grad-accum, --max-len, --n-calib and --calib-len must be >= 1")
+    adapter_config(cfg)                          # ValueError naming the flag for a bad adapter combination
     if cfg.dense_base not in ("auto", "on", "off"):
         raise ValueError(f"--dense-base {cfg.dense_base}: expected auto, on or off")
     if cfg.dtype not in ("float32", "bfloat16"):
@@ -242,18 +256,33 @@ def quantize(model, hessians, cfg: TrainConfig, log) -> dict[str, torch.Tensor]:
     return originals
 
 
+def adapter_config(cfg: TrainConfig) -> baselines.AdapterConfig:
+    return baselines.AdapterConfig(cfg.adapter, cfg.transform_dims, cfg.select, cfg.refine, cfg.qa_init, cfg.rank,
+                                   cfg.temperature, seed=cfg.seed)
+
+
+def is_qwha(cfg: TrainConfig) -> bool:
+    """The paper's method: WHA, 1-D, AdaAlloc, refined, quantization-aware (qwha.init_qwha)."""
+    return (cfg.adapter, cfg.transform_dims, cfg.select, cfg.refine, cfg.qa_init in (None, True)) == \
+        ("wha", 1, "adaalloc", True, True)
+
+
 def init_adapters(model, hessians, originals, cfg: TrainConfig, log) -> dict:
-    """Wrap every QuantLinear with a WHA adapter initialized by AdaAlloc + refinement (paper eqs. 5-9).
+    """Wrap every QuantLinear with a WHA adapter initialized by AdaAlloc + refinement (paper eqs. 5-9), or with
+    the baseline adapter of --adapter/--transform-dims/--select/--refine/--qa-init (baselines.init_adapters).
 
     Returns the mean layer-output errors (bare quantization, after selection, after refinement) and the
-    per-layer report of qwha.init_qwha."""
+    per-layer report."""
     t0 = time.time()
-    rows = qwha.init_qwha(model, hessians, originals, budget_rank=cfg.rank, temperature=cfg.temperature,
-                          seed=cfg.seed, quiet=cfg.quiet)
+    if is_qwha(cfg):
+        rows = qwha.init_qwha(model, hessians, originals, budget_rank=cfg.rank, temperature=cfg.temperature,
+                              seed=cfg.seed, quiet=cfg.quiet)
+    else:
+        rows = baselines.init_adapters(model, originals, hessians, adapter_config(cfg), quiet=cfg.quiet)
     mean = lambda k: sum(r[k] for r in rows) / len(rows)  # noqa: E731
     summary = {"err_before": mean("err_before"), "err_select": mean("err_select"), "err_refined": mean("err_refined"),
                "rel_refined": mean("rel_refined"), "seconds": time.time() - t0, "layers": rows}
-    log(f"qwha init: {len(rows)} adapters, rank-equivalent {cfg.rank}, mean layer output error "
+    log(f"{cfg.adapter} init: {len(rows)} adapters, rank-equivalent {cfg.rank}, mean layer output error "
         f"{summary['err_before']:.4g} -> {summary['err_refined']:.4g} ({summary['seconds']:.1f}s)")
     return summary
 
@@ -266,8 +295,11 @@ def save_base(model, path: Path, cfg: TrainConfig) -> None:
 
 
 def save_adapter(model, path: Path, cfg: TrainConfig) -> None:
-    meta = {"model": cfg.model, "rank": cfg.rank, "temperature": cfg.temperature, "bits": cfg.bits}
-    data.atomic_write(path, lambda p: qwha.save_adapters(p, model, meta))
+    meta = {"model": cfg.model, "rank": cfg.rank, "temperature": cfg.temperature, "bits": cfg.bits,
+            "adapter": cfg.adapter, "transform_dims": cfg.transform_dims, "select": cfg.select}
+    # QWHA keeps qwha's file format; the other adapters use baselines' (whose loader also reads qwha's)
+    save = qwha.save_adapters if is_qwha(cfg) else baselines.save_adapters
+    data.atomic_write(path, lambda p: save(p, model, meta))
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -406,7 +438,7 @@ def dense_bases(model) -> dict:
     """Give every adapter a frozen nn.Linear holding its QuantLinear's dequantized weight (the base is fixed,
     so this only saves unpacking it at every forward). Returns {adapter: QuantLinear} to put back."""
     restore = {}
-    for mod in qwha.adapters(model).values():
+    for mod in baselines.adapter_modules(model).values():
         q = mod.base
         if not hasattr(q, "dequantize"):
             continue
@@ -473,10 +505,14 @@ def run(cfg: TrainConfig):
               "n_train": len(train_ex), "n_heldout": len(held_ex)}
 
     if cfg.resume:
-        model, _ = load_model(cfg.model, out / "quantized.safetensors", out / "adapter.safetensors",
-                              cfg.device, dtype)
-        for mod in qwha.adapters(model).values():
-            mod.values.requires_grad_(True)
+        model, _ = load_model(cfg.model, out / "quantized.safetensors", None, cfg.device, dtype)
+        baselines.load_adapters(out / "adapter.safetensors", model)
+        model.to(cfg.device)
+        for mod in baselines.adapter_modules(model).values():
+            for p in mod.parameters():
+                p.requires_grad_(True)
+            for p in mod.base.parameters():
+                p.requires_grad_(False)
         record.update({k: v for k, v in json.loads((out / "config.json").read_text()).items()
                        if k in ("init", "timings")})
     else:

@@ -260,3 +260,53 @@ def test_load_delegates_qwha_format_and_config_errors(tmp_path):
         bl.AdapterConfig("lora", transform_dims=2)
     with pytest.raises(ValueError, match="--adapter"):
         bl.AdapterConfig("dft")
+
+
+# ---------------------------------------------------------------------------------------------- train.py
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    from test_train import GSM, CORPUS, make_tiny_model
+    import json
+    root = tmp_path_factory.mktemp("tiny_baselines")
+    make_tiny_model(root / "model")
+    (root / "gsm.jsonl").write_text("\n".join(json.dumps(r) for r in GSM) + "\n")
+    (root / "calib.txt").write_text("\n\n".join(CORPUS * 4))
+    return root
+
+
+@pytest.mark.parametrize("extra", [["--adapter", "lora"], ["--adapter", "dca", "--transform-dims", "2", "--select", "ssh"]])
+def test_train_pipeline_with_baseline_adapters(tiny_run, tmp_path, extra):
+    import json
+    import train
+    from test_train import argv
+    out = tmp_path / "run"
+    record, m = train.run(train.parse_args(argv(tiny_run, out, "--steps", "2", "--stop-after", "1", *extra)))
+    mods = bl.adapter_modules(m)
+    assert len(mods) == 14 and not qwha.adapters(m)                   # no WHALinear: the baseline was attached
+    kind = {"lora": bl.LoRALinear}.get(extra[1], bl.SpectralLinear)
+    assert all(isinstance(x, kind) for x in mods.values())
+    init = json.loads((out / "config.json").read_text())["init"]
+    assert init["err_refined"] < init["err_before"]
+    # resume the second step from the checkpoint (LoRA only, for time), reload the adapter file: same outputs
+    if extra[1] == "lora":
+        record2, m = train.run(train.parse_args(argv(tiny_run, out, "--steps", "2", "--resume", *extra)))
+        assert record2["train_result"]["steps_done"] == 2
+    from eval import load_model
+    base, _ = load_model(tiny_run / "model", out / "quantized.safetensors")
+    bl.load_adapters(out / "adapter.safetensors", base)
+    ids = torch.tensor([[1, 5, 9, 12, 40]])
+    m.eval()
+    with torch.no_grad():
+        assert torch.allclose(base(ids), m(ids), atol=1e-5)
+
+
+def test_train_flags():
+    import train
+    cfg = train.parse_args(["--model", "x", "--adapter", "dha", "--transform-dims", "2", "--no-refine", "--no-qa-init"])
+    assert (cfg.adapter, cfg.transform_dims, cfg.refine, cfg.qa_init) == ("dha", 2, False, False)
+    cfg = train.parse_args(["--model", "x"])
+    assert (cfg.adapter, cfg.refine, cfg.qa_init) == ("wha", True, None) and train.is_qwha(cfg)
+    with pytest.raises(ValueError, match="--select loca"):
+        train.adapter_config(train.parse_args(["--model", "x", "--select", "loca", "--qa-init"]))
