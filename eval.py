@@ -51,8 +51,8 @@ def load_model(path, quantized=None, adapter=None, device="cpu", dtype=torch.flo
         for name, ql in layers.items():
             model_lib.set_module(m, name, ql.to(device))
     if adapter is not None:
-        import qwha
-        qwha.load_adapters(adapter, m)
+        import baselines  # reads every adapter kind; QWHA's own files are handed to qwha.load_adapters
+        baselines.load_adapters(adapter, m)
         m.to(device)
     m.eval()
     for p in m.parameters():

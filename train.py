@@ -58,6 +58,7 @@ class TrainConfig:
     select: str = "adaalloc"            # support selection: adaalloc | magnitude | random | ssh | loca
     refine: bool = True                 # least-squares refinement of the selected values (eq. 9)
     qa_init: bool | None = None         # quantization-aware values (LoRA: CLoQ) or zero (LoRA: A random, B 0); default on, off for loca
+    swap_rounds: int = qwha.SWAP_ROUNDS_DEFAULT  # QWHA: exchange-search rounds after refinement (0: the paper's plain init)
     magr: bool = False                  # MagR preprocessing before GPTQ
     data: str | None = None             # JSON/JSONL (alpaca, gsm8k, prompt/response) or .txt; None: demo GSM8K
     eval_data: str | None = None        # held-out file; None: --n-eval examples split off --data
@@ -91,7 +92,7 @@ class TrainConfig:
 
 # Settings that must not change between a run and its --resume.
 RESUME_KEYS = ("model", "bits", "group_size", "rank", "temperature", "adapter", "transform_dims", "select", "refine",
-               "qa_init", "magr", "data", "eval_data", "n_eval", "calib",
+               "qa_init", "swap_rounds", "magr", "data", "eval_data", "n_eval", "calib",
                "n_calib", "calib_len", "steps", "epochs", "lr", "warmup", "weight_decay", "batch_size", "grad_accum",
                "clip", "max_len", "seed", "dtype")
 
@@ -155,6 +156,8 @@ def validate(cfg: TrainConfig) -> model_lib.ModelConfig:
         raise FileNotFoundError(f"--model {folder}: no config.json in the folder")
     if cfg.bits not in gptq.SUPPORTED_BITS:
         raise ValueError(f"--bits {cfg.bits}: expected one of {gptq.SUPPORTED_BITS}")
+    if cfg.swap_rounds < 0:
+        raise ValueError(f"--swap-rounds {cfg.swap_rounds}: expected 0 (no exchange search) or more rounds")
     mc = model_lib.ModelConfig.from_json(folder / "config.json")
     for name, (m, n) in block_shapes(mc).items():
         if cfg.group_size <= 0 or n % cfg.group_size:
@@ -276,7 +279,7 @@ def init_adapters(model, hessians, originals, cfg: TrainConfig, log) -> dict:
     t0 = time.time()
     if is_qwha(cfg):
         rows = qwha.init_qwha(model, hessians, originals, budget_rank=cfg.rank, temperature=cfg.temperature,
-                              seed=cfg.seed, quiet=cfg.quiet)
+                              seed=cfg.seed, quiet=cfg.quiet, swap_rounds=cfg.swap_rounds)
     else:
         rows = baselines.init_adapters(model, originals, hessians, adapter_config(cfg), quiet=cfg.quiet)
     mean = lambda k: sum(r[k] for r in rows) / len(rows)  # noqa: E731
@@ -296,7 +299,8 @@ def save_base(model, path: Path, cfg: TrainConfig) -> None:
 
 def save_adapter(model, path: Path, cfg: TrainConfig) -> None:
     meta = {"model": cfg.model, "rank": cfg.rank, "temperature": cfg.temperature, "bits": cfg.bits,
-            "adapter": cfg.adapter, "transform_dims": cfg.transform_dims, "select": cfg.select}
+            "adapter": cfg.adapter, "transform_dims": cfg.transform_dims, "select": cfg.select,
+            "swap_rounds": cfg.swap_rounds}
     # QWHA keeps qwha's file format; the other adapters use baselines' (whose loader also reads qwha's)
     save = qwha.save_adapters if is_qwha(cfg) else baselines.save_adapters
     data.atomic_write(path, lambda p: save(p, model, meta))

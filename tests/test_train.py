@@ -190,6 +190,8 @@ def test_bad_inputs_stop_before_heavy_work(tiny, tmp_path, no_heavy_work):
         train.main(["--model", str(tmp_path / "empty")] + base[2:])
     with pytest.raises(ValueError, match=r"--bits 5: expected one of \(2, 3, 4\)"):
         train.main(base + ["--bits", "5"])
+    with pytest.raises(ValueError, match=r"--swap-rounds -1: expected 0"):
+        train.main(base + ["--swap-rounds", "-1"])
     with pytest.raises(ValueError, match=r"--group-size 48 does not divide the input width 64 of q_proj"):
         train.main(base + ["--group-size", "48"])
     bad = tmp_path / "bad.jsonl"
@@ -208,3 +210,16 @@ def test_bad_inputs_stop_before_heavy_work(tiny, tmp_path, no_heavy_work):
     (odd / "config.json").write_text(json.dumps({**cfg, "hidden_size": 88, "head_dim": 22}))
     with pytest.raises(ValueError, match="q_proj.*no Hadamard matrix for width 88"):
         train.main(["--model", str(odd)] + base[2:] + ["--group-size", "8"])
+
+
+def test_swap_rounds_flag_reaches_the_init(tiny, tmp_path):
+    """--swap-rounds goes to qwha.init_qwha: 0 is the paper's plain init, more rounds never raise a layer's error."""
+    errs = {}
+    for rounds in (0, 2):
+        out = tmp_path / f"swaps{rounds}"
+        train.run(train.parse_args(argv(tiny, out, "--steps", "0", "--swap-rounds", str(rounds))))
+        saved = json.loads((out / "config.json").read_text())
+        assert saved["train"]["swap_rounds"] == rounds
+        errs[rounds] = [row["err_refined"] for row in saved["init"]["layers"]]
+    assert all(b <= a * (1 + 1e-9) for a, b in zip(errs[0], errs[2]))
+    assert sum(errs[2]) < sum(errs[0])          # the search did run and found better supports
