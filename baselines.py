@@ -33,7 +33,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as Fn
 from torch import nn
 
 import qwha
@@ -262,7 +261,7 @@ def outlier_coverage(E: torch.Tensor, support: torch.Tensor, kernel: str, top: f
 # ---------------------------------------------------------------------------------------------- modules
 
 
-class SpectralLinear(nn.Module):
+class SpectralLinear(qwha.SparseAdapter):
     """y = base(x) + s·x ΔWᵀ with ΔW = T_mᵀ F T_n (dims=2) or F T_n (dims=1), F sparse with trainable values.
 
     The dca / dha / sparse adapters, and WHA in 2-D; 1-D WHA is qwha.WHALinear. Same conventions as WHALinear:
@@ -272,45 +271,12 @@ class SpectralLinear(nn.Module):
 
     def __init__(self, base: nn.Module, indices: torch.Tensor, values: torch.Tensor | None = None,
                  kernel: str = "dct", dims: int = 1, scale: float = 1.0, path: str = "auto"):
-        super().__init__()
-        self.base = base
-        for p in self.base.parameters():
-            p.requires_grad_(False)
-        self.in_features, self.out_features = int(base.in_features), int(base.out_features)
-        m, n = self.out_features, self.in_features
         if dims not in (1, 2):
             raise ValueError(f"SpectralLinear: dims must be 1 or 2, got {dims}")
+        super().__init__(base, indices, values, scale, path)
         self.kernel, self.dims = kernel, dims
-        self.k_in = Kernel(kernel, n)
-        self.k_out = Kernel(kernel, m) if dims == 2 else None
-        idx = torch.as_tensor(indices)
-        flat = idx[0].long() * n + idx[1].long() if idx.dim() == 2 else idx.long()
-        if flat.numel() and (flat.min() < 0 or flat.max() >= m * n):
-            raise ValueError(f"SpectralLinear: indices outside the ({m}, {n}) weight")
-        dev = next((t.device for t in list(base.parameters()) + list(base.buffers())), torch.device("cpu"))
-        self.register_buffer("indices", flat.to(torch.int32 if m * n < 2**31 else torch.int64).to(dev))
-        values = torch.zeros(flat.numel()) if values is None else values
-        if values.shape != (flat.numel(),):
-            raise ValueError(f"SpectralLinear: values shape {tuple(values.shape)}, expected ({flat.numel()},)")
-        self.values = nn.Parameter(values.detach().to(device=dev, dtype=torch.float32).clone())
-        self.scale = float(scale)
-        if path not in ("auto", "activations", "merged"):
-            raise ValueError(f"SpectralLinear: path must be 'auto', 'activations' or 'merged', got {path!r}")
-        self.path = path
-        self.enabled = True
-
-    @property
-    def bias(self):
-        return getattr(self.base, "bias", None)
-
-    def support(self) -> torch.Tensor:
-        flat = self.indices.long()
-        return torch.stack([flat // self.in_features, flat % self.in_features])
-
-    def dense_F(self, dtype=torch.float32) -> torch.Tensor:
-        m, n = self.out_features, self.in_features
-        F = torch.zeros(m * n, dtype=dtype, device=self.values.device)
-        return F.index_add(0, self.indices, self.values.to(dtype)).view(m, n)
+        self.k_in = Kernel(kernel, self.in_features)
+        self.k_out = Kernel(kernel, self.out_features) if dims == 2 else None
 
     def delta_weight(self, dtype=torch.float32) -> torch.Tensor:
         """ΔW = s·T_mᵀ F T_n (m, n), differentiable in values."""
@@ -336,56 +302,30 @@ class SpectralLinear(nn.Module):
             if self.k_out is not None:
                 y = self.k_out.inverse(y)                              # · T_m
             return self.base(x) + self.scale * y
-        W = qwha._base_weight(self.base).to(torch.float32) + self.delta_weight(torch.float32)
-        b = self.bias
-        return Fn.linear(x, W.to(x.dtype), None if b is None else b.to(x.dtype))
-
-    @torch.no_grad()
-    def merge(self) -> torch.Tensor:
-        return qwha._base_weight(self.base).to(torch.float32) + self.delta_weight(torch.float32)
-
-    def merged_linear(self) -> nn.Linear:
-        return _merged_linear(self)
-
-    def disable(self):
-        self.enabled = False
-        return self
-
-    def enable(self):
-        self.enabled = True
-        return self
+        return self._merged_forward(x)
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, kernel={self.kernel}, dims={self.dims}, "
                 f"nnz={self.indices.numel()}, scale={self.scale}, path={self.path}")
 
 
-class LoRALinear(nn.Module):
+class LoRALinear(qwha.FrozenBaseAdapter):
     """y = base(x) + s·(x Aᵀ) Bᵀ, A (r, n), B (m, r) trainable fp32; frozen base with its bias (as WHALinear)."""
 
     def __init__(self, base: nn.Module, A: torch.Tensor, B: torch.Tensor, scale: float = 1.0):
-        super().__init__()
-        self.base = base
-        for p in self.base.parameters():
-            p.requires_grad_(False)
-        self.in_features, self.out_features = int(base.in_features), int(base.out_features)
+        super().__init__(base)
         r = A.shape[0]
         if A.shape != (r, self.in_features) or B.shape != (self.out_features, r):
             raise ValueError(f"LoRALinear: A {tuple(A.shape)} / B {tuple(B.shape)} do not fit a "
                              f"({self.out_features}, {self.in_features}) layer at rank {r}")
-        dev = next((t.device for t in list(base.parameters()) + list(base.buffers())), torch.device("cpu"))
+        dev = self._device()
         self.A = nn.Parameter(A.detach().to(device=dev, dtype=torch.float32).clone())
         self.B = nn.Parameter(B.detach().to(device=dev, dtype=torch.float32).clone())
         self.scale = float(scale)
-        self.enabled = True
 
     @property
     def rank(self) -> int:
         return self.A.shape[0]
-
-    @property
-    def bias(self):
-        return getattr(self.base, "bias", None)
 
     def delta_weight(self, dtype=torch.float32) -> torch.Tensor:
         return self.scale * (self.B.to(dtype) @ self.A.to(dtype))
@@ -396,34 +336,8 @@ class LoRALinear(nn.Module):
             return y
         return y + self.scale * ((x @ self.A.to(x.dtype).T) @ self.B.to(x.dtype).T)
 
-    @torch.no_grad()
-    def merge(self) -> torch.Tensor:
-        return qwha._base_weight(self.base).to(torch.float32) + self.delta_weight(torch.float32)
-
-    def merged_linear(self) -> nn.Linear:
-        return _merged_linear(self)
-
-    def disable(self):
-        self.enabled = False
-        return self
-
-    def enable(self):
-        self.enabled = True
-        return self
-
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, scale={self.scale}"
-
-
-def _merged_linear(mod) -> nn.Linear:
-    b = mod.bias
-    W = mod.merge()
-    lin = nn.Linear(mod.in_features, mod.out_features, bias=b is not None, device=W.device)
-    with torch.no_grad():
-        lin.weight.copy_(W)
-        if b is not None:
-            lin.bias.copy_(b)
-    return lin
 
 
 ADAPTER_TYPES = (qwha.WHALinear, SpectralLinear, LoRALinear)

@@ -508,44 +508,85 @@ def _base_weight(base: nn.Module) -> torch.Tensor:
     raise ValueError(f"WHALinear: base {type(base).__name__} is neither nn.Linear nor QuantLinear (no .dequantize())")
 
 
-class WHALinear(nn.Module):
-    """y = base(x) + s·(x Tᵀ) Fᵀ  or  y = x (Q + s·F T)ᵀ + b  (eq. 4), F sparse with trainable values.
+class FrozenBaseAdapter(nn.Module):
+    """What every adapter here shares: a frozen base (QuantLinear or nn.Linear, bias kept), an `enabled` switch,
+    and the merged weight base + delta_weight(). Subclasses define delta_weight(dtype) and forward."""
 
-    base: a frozen QuantLinear or nn.Linear (bias kept). indices: the support, (2, B) [row, col] or flat
-    row·n + col; stored flat (int32 when m·n < 2³¹) as the buffer `indices`. values: (B,) fp32 Parameter,
-    unscaled (ΔW = scale·dense(values) T). path: 'auto' picks the cheaper form from the token count
-    (transforming activations costs N·(n log n + m·n) extra, forming ΔW costs m·n·log n), or force
-    'activations' / 'merged'.
-    """
-
-    def __init__(self, base: nn.Module, indices: torch.Tensor, values: torch.Tensor | None = None,
-                 scale: float = 1.0, path: str = "auto"):
+    def __init__(self, base: nn.Module):
         super().__init__()
         self.base = base
         for p in self.base.parameters():
             p.requires_grad_(False)
         self.in_features, self.out_features = int(base.in_features), int(base.out_features)
-        m, n = self.out_features, self.in_features
-        idx = torch.as_tensor(indices)
-        flat = idx[0].long() * n + idx[1].long() if idx.dim() == 2 else idx.long()
-        if flat.numel() and (flat.min() < 0 or flat.max() >= m * n):
-            raise ValueError(f"WHALinear: indices outside the ({m}, {n}) weight")
-        dev = next((t.device for t in list(base.parameters()) + list(base.buffers())), torch.device("cpu"))
-        self.register_buffer("indices", flat.to(torch.int32 if m * n < 2**31 else torch.int64).to(dev))
-        if values is None:
-            values = torch.zeros(flat.numel())
-        if values.shape != (flat.numel(),):
-            raise ValueError(f"WHALinear: values shape {tuple(values.shape)}, expected ({flat.numel()},)")
-        self.values = nn.Parameter(values.detach().to(device=dev, dtype=torch.float32).clone())
-        self.scale = float(scale)
-        if path not in ("auto", "activations", "merged"):
-            raise ValueError(f"WHALinear: path must be 'auto', 'activations' or 'merged', got {path!r}")
-        self.path = path
         self.enabled = True
+
+    def _device(self) -> torch.device:
+        return next((t.device for t in list(self.base.parameters()) + list(self.base.buffers())), torch.device("cpu"))
 
     @property
     def bias(self):
         return getattr(self.base, "bias", None)
+
+    def delta_weight(self, dtype=torch.float32) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _merged_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (base + ΔW)ᵀ + b with one dense GEMM (differentiable in the adapter's parameters)."""
+        W = _base_weight(self.base).to(torch.float32) + self.delta_weight(torch.float32)
+        b = self.bias
+        return Fn.linear(x, W.to(x.dtype), None if b is None else b.to(x.dtype))
+
+    @torch.no_grad()
+    def merge(self) -> torch.Tensor:
+        """The dense merged weight base + ΔW (m, n) fp32 (the base is not modified)."""
+        return _base_weight(self.base).to(torch.float32) + self.delta_weight(torch.float32)
+
+    def merged_linear(self) -> nn.Linear:
+        """An nn.Linear holding the merged weight and the base bias."""
+        b = self.bias
+        W = self.merge()
+        lin = nn.Linear(self.in_features, self.out_features, bias=b is not None, device=W.device)
+        with torch.no_grad():
+            lin.weight.copy_(W)
+            if b is not None:
+                lin.bias.copy_(b)
+        return lin
+
+    def disable(self):
+        self.enabled = False
+        return self
+
+    def enable(self):
+        self.enabled = True
+        return self
+
+
+class SparseAdapter(FrozenBaseAdapter):
+    """A frozen base plus ΔW built from a sparse F: the support as the flat buffer `indices` (row·n + col, int32
+    when m·n < 2³¹; given as (2, B) [row, col] or flat) and its (B,) fp32 Parameter `values` (unscaled), a scale s,
+    and path 'auto' | 'activations' | 'merged'. Subclasses (WHALinear here, baselines.SpectralLinear) say which
+    transform maps F to ΔW."""
+
+    def __init__(self, base: nn.Module, indices: torch.Tensor, values: torch.Tensor | None = None,
+                 scale: float = 1.0, path: str = "auto"):
+        super().__init__(base)
+        m, n = self.out_features, self.in_features
+        who = type(self).__name__
+        idx = torch.as_tensor(indices)
+        flat = idx[0].long() * n + idx[1].long() if idx.dim() == 2 else idx.long()
+        if flat.numel() and (flat.min() < 0 or flat.max() >= m * n):
+            raise ValueError(f"{who}: indices outside the ({m}, {n}) weight")
+        dev = self._device()
+        self.register_buffer("indices", flat.to(torch.int32 if m * n < 2**31 else torch.int64).to(dev))
+        if values is None:
+            values = torch.zeros(flat.numel())
+        if values.shape != (flat.numel(),):
+            raise ValueError(f"{who}: values shape {tuple(values.shape)}, expected ({flat.numel()},)")
+        self.values = nn.Parameter(values.detach().to(device=dev, dtype=torch.float32).clone())
+        self.scale = float(scale)
+        if path not in ("auto", "activations", "merged"):
+            raise ValueError(f"{who}: path must be 'auto', 'activations' or 'merged', got {path!r}")
+        self.path = path
 
     def support(self) -> torch.Tensor:
         """(2, B) long [row, col]."""
@@ -557,6 +598,17 @@ class WHALinear(nn.Module):
         m, n = self.out_features, self.in_features
         F = torch.zeros(m * n, dtype=dtype, device=self.values.device)
         return F.index_add(0, self.indices, self.values.to(dtype)).view(m, n)
+
+
+class WHALinear(SparseAdapter):
+    """y = base(x) + s·(x Tᵀ) Fᵀ  or  y = x (Q + s·F T)ᵀ + b  (eq. 4), F sparse with trainable values.
+
+    base: a frozen QuantLinear or nn.Linear (bias kept). indices: the support, (2, B) [row, col] or flat
+    row·n + col; stored flat (int32 when m·n < 2³¹) as the buffer `indices`. values: (B,) fp32 Parameter,
+    unscaled (ΔW = scale·dense(values) T). path: 'auto' picks the cheaper form from the token count
+    (transforming activations costs N·(n log n + m·n) extra, forming ΔW costs m·n·log n), or force
+    'activations' / 'merged'.
+    """
 
     def delta_weight(self, dtype=torch.float32) -> torch.Tensor:
         """ΔW = s·F T (m, n): F T = wht(F, inverse=True) (rows of F times T)."""
@@ -575,32 +627,7 @@ class WHALinear(nn.Module):
         if self.choose_path(x.numel() // self.in_features) == "activations":
             F = self.dense_F(x.dtype)                                  # (m, n)
             return self.base(x) + self.scale * (wht.wht(x) @ F.T)
-        W = _base_weight(self.base).to(torch.float32) + self.delta_weight(torch.float32)
-        b = self.bias
-        return Fn.linear(x, W.to(x.dtype), None if b is None else b.to(x.dtype))
-
-    @torch.no_grad()
-    def merge(self) -> torch.Tensor:
-        """The dense merged weight Q + s·F T (m, n) fp32 (the base is not modified)."""
-        return _base_weight(self.base).to(torch.float32) + self.delta_weight(torch.float32)
-
-    def merged_linear(self) -> nn.Linear:
-        """An nn.Linear holding the merged weight and the base bias."""
-        b = self.bias
-        lin = nn.Linear(self.in_features, self.out_features, bias=b is not None, device=self.values.device)
-        with torch.no_grad():
-            lin.weight.copy_(self.merge())
-            if b is not None:
-                lin.bias.copy_(b)
-        return lin
-
-    def disable(self):
-        self.enabled = False
-        return self
-
-    def enable(self):
-        self.enabled = True
-        return self
+        return self._merged_forward(x)
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, nnz={self.indices.numel()}, "
