@@ -17,15 +17,6 @@ FIX = Path(__file__).resolve().parent / "fixtures"
 CASES = ["llama_gqa", "llama3_tied", "mistral_sw", "llama_dyn_bias"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny shapes: threads only fight over the 2 shared cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module", params=CASES)
 def case(request):
     # dynamic NTK recomputes the frequencies from the current length at each step, so cached keys keep the

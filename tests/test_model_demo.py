@@ -12,15 +12,6 @@ import model as M
 WINDOW, N_WINDOWS = 256, 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """On the 2 shared cores a second torch thread mostly waits (measured: 10x slower decode under load)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def demo(assets: Path):
     path = assets / "smollm2-135m"

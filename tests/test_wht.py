@@ -21,16 +21,6 @@ LLAMA = [576, 1536, 3072, 4096, 5120, 8192, 11008, 13824, 14336]
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Every shape here is tiny: on a shared 2-core machine the intra-op thread pool only adds a scheduler
-    wait per op (measured: 45 s with 2 threads under load vs 13 s with 1). Restored afterwards."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
-
-
 @functools.lru_cache(maxsize=None)
 def sylvester_ref(P: int) -> torch.Tensor:
     """scipy.linalg.hadamard-style recursion, fp64."""
