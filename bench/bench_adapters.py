@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -29,10 +28,9 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 import baselines as bl  # noqa: E402
-import calib  # noqa: E402
-import gptq  # noqa: E402
 import model as modellib  # noqa: E402
 import qwha  # noqa: E402
+from bench_init import get_hessians, get_quantized  # noqa: E402  (same caches in runs/)
 
 # (label, AdapterConfig keywords): Table 2 (selection on WHA), Table 5 (kernel with AdaAlloc), the 2-D and
 # LoRA baselines of Table 1 with quantization-aware values (LoCA's and plain LoRA's own zero init is "None").
@@ -70,50 +68,12 @@ class BenchConfig:
     hessians: str = ""              # default runs/hessians-<n_calib>x<seq_len>.safetensors
     threads: int = 1
     quiet: bool = False
+    batch_size: int = 4             # calibration windows per forward
 
 
 def log(cfg, msg, end="\n"):
     if not cfg.quiet:
         print(msg, file=sys.stderr, end=end, flush=True)
-
-
-def get_hessians(cfg, model, names):
-    path = Path(cfg.hessians or ROOT / f"runs/hessians-{cfg.n_calib}x{cfg.seq_len}.safetensors")
-    if path.exists():
-        H, meta = calib.load_hessians(path)
-        if all(n in H for n in names):
-            log(cfg, f"Hessians from {path} ({meta})")
-            return H, str(path)
-    tok = modellib.Tokenizer.from_pretrained(Path(cfg.assets) / "smollm2-135m")
-    train = Path(cfg.assets) / "wikitext" / "train.txt"
-    if not train.exists():
-        raise FileNotFoundError(f"{train} missing: run `python data.py fetch-demo --out {cfg.assets}`")
-    ids = tok.encode(train.read_text())
-    windows = calib.calibration_windows(ids, cfg.n_calib, cfg.seq_len, torch.Generator().manual_seed(cfg.seed))
-    H = calib.collect_hessians(model, calib.window_batches(windows, 4), names, product_dtype=torch.float32,
-                               progress=not cfg.quiet)
-    calib.save_hessians(path, H, {"n_calib": cfg.n_calib, "seq_len": cfg.seq_len, "seed": cfg.seed,
-                                  "source": str(train)})
-    return H, str(path)
-
-
-def get_quantized(cfg, weights, H, names, bits):
-    """{name: dequantized GPTQ Q}, cached in bench_init.py's file (written atomically, other layers kept)."""
-    from safetensors.torch import load_file, save_file
-    path = ROOT / f"runs/gptq-{bits}b-{cfg.n_calib}x{cfg.seq_len}.safetensors"
-    Q = load_file(str(path)) if path.exists() else {}
-    todo = [n for n in names if n not in Q]
-    t0 = time.perf_counter()
-    for i, name in enumerate(todo):
-        Q[name] = gptq.gptq_quantize(weights[name], H[name], bits, group_size=64, name=name).dequantize()
-        log(cfg, f"\rGPTQ {bits}b {i + 1}/{len(todo)} ({time.perf_counter() - t0:.0f}s)", end="")
-    if todo:
-        log(cfg, "")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        save_file({k: v.contiguous() for k, v in Q.items()}, str(tmp))
-        os.replace(tmp, path)
-    return Q
 
 
 def run_bits(cfg, weights, H, Q, names, bits):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -111,7 +112,9 @@ def get_quantized(cfg: BenchConfig, weights, H, names, bits):
     if todo:
         log(cfg, "")
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in Q.items()}, str(path))
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")   # atomic: other layers already cached are kept
+        save_file({k: v.contiguous() for k, v in Q.items()}, str(tmp))
+        os.replace(tmp, path)
     return Q
 
 
