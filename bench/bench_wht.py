@@ -1,11 +1,17 @@
 """Benchmark: wht (blocked butterfly) against a dense x @ T.T, and the textbook radix-2 butterfly, same data.
 
     python bench/bench_wht.py                      # CPU, fp32, 2048 rows, n in {576, 1536, 4096, 14336}
-    python bench/bench_wht.py --device cuda        # the same on a GPU (uses the CUDA kernel if available)
+    python bench/bench_wht.py --device cuda        # the same on a GPU (uses the CUDA kernel if available), then
+                                                   # the kernel against the pure-torch path (issue 10)
 
 All three sides run in one process, alternating, after a warm-up; the table shows medians and the JSON line
 (last line of stdout) carries the configuration, each side, the ratio and the max relative error vs dense.
 Bars (issue 3): speedup >= 4x at n = 4096 and >= 2x at n = 14336 on CPU.
+
+On CUDA a second table times the fused kernel (kernels/wht_cuda.cu) against the pure-torch path
+(QWHA_DISABLE_CUDA_WHT=1) on --kernel-rows rows, bf16 and fp32, n in --kernel-widths, and reports the kernel's
+effective bandwidth (bytes read + written / time) as a share of the device's peak (memory clock · bus width · 2).
+Bars (issue 10): at n = 4096, 16384 rows, bf16: >= 60 % of peak and >= 3x the torch path; exact to it.
 """
 from __future__ import annotations
 
@@ -42,6 +48,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--repeats", type=int, default=5, help="timed runs per side (median reported)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave torch's default)")
     ap.add_argument("--no-radix2", action="store_true", help="skip the radix-2 butterfly column")
+    ap.add_argument("--kernel-rows", type=int, default=16384, help="rows for the CUDA kernel table")
+    ap.add_argument("--kernel-widths", type=int, nargs="+", default=[3072, 4096, 14336])
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -93,8 +101,60 @@ def main(argv=None) -> dict:
     result = {"bench": "wht", "device": str(dev), "dtype": "float32", "rows": args.rows,
               "threads": torch.get_num_threads(), "repeats": args.repeats, "cuda_kernel": cuda_kernel,
               "torch": torch.__version__, "results": rows}
+    if dev.type == "cuda":
+        result["kernel"] = kernel_table(args, dev, timed)
     print(json.dumps(result))
     return result
+
+
+def peak_bandwidth(dev) -> float | None:
+    """Theoretical DRAM bandwidth in bytes/s (2 transfers per memory clock), or None if torch does not say."""
+    p = torch.cuda.get_device_properties(dev)
+    clock_khz, bus_bits = getattr(p, "memory_clock_rate", 0), getattr(p, "memory_bus_width", 0)
+    return 2.0 * clock_khz * 1e3 * bus_bits / 8 if clock_khz and bus_bits else None
+
+
+def kernel_table(args, dev, timed) -> list[dict]:
+    """The fused CUDA kernel against the pure-torch path, same inputs, alternating, medians."""
+    if wht._cuda_wht() is None:
+        print("CUDA kernel unavailable (see the warning above); no kernel table")
+        return []
+    peak = peak_bandwidth(dev)
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    out = []
+    print(f"\nCUDA kernel vs torch path: rows={args.kernel_rows} peak={peak and peak / 1e9:.0f} GB/s")
+    print(f"{'n':>6} {'dtype':>9} {'kernel ms':>10} {'torch ms':>9} {'speedup':>8} {'GB/s':>7} {'% peak':>7} {'rel err':>9}")
+    for dtype in (torch.bfloat16, torch.float32):
+        for n in args.kernel_widths:
+            x = torch.randn(args.kernel_rows, n, generator=gen).to(dev, dtype)
+
+            def torch_path():
+                os.environ["QWHA_DISABLE_CUDA_WHT"] = "1"
+                try:
+                    return wht.wht(x)
+                finally:
+                    del os.environ["QWHA_DISABLE_CUDA_WHT"]
+
+            sides = {"kernel": lambda: wht.wht(x), "torch": torch_path}
+            for fn in sides.values():
+                fn()
+            times = {k: [] for k in sides}
+            for _ in range(args.repeats):
+                for k, fn in sides.items():
+                    times[k].append(timed(fn)[0])
+            yk, yt = sides["kernel"](), sides["torch"]()
+            err = ((yk.float() - yt.float()).abs().max() / yt.float().abs().max()).item()
+            med = {k: statistics.median(v) for k, v in times.items()}
+            gbs = 2 * x.numel() * x.element_size() / med["kernel"] / 1e9
+            row = {"n": n, "dtype": str(dtype).split(".")[-1], "kernel_ms": med["kernel"] * 1e3,
+                   "torch_ms": med["torch"] * 1e3, "speedup": med["torch"] / med["kernel"], "GBps": gbs,
+                   "pct_peak": 100 * gbs * 1e9 / peak if peak else None, "max_rel_err_vs_torch": err}
+            out.append(row)
+            pct = f"{row['pct_peak']:.0f}" if peak else "?"
+            print(f"{n:>6} {row['dtype']:>9} {row['kernel_ms']:>10.3f} {row['torch_ms']:>9.3f} {row['speedup']:>7.1f}x "
+                  f"{gbs:>7.0f} {pct:>7} {err:>9.1e}")
+            del x
+    return out
 
 
 if __name__ == "__main__":
