@@ -24,6 +24,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -607,7 +608,9 @@ class WHALinear(SparseAdapter):
     row·n + col; stored flat (int32 when m·n < 2³¹) as the buffer `indices`. values: (B,) fp32 Parameter,
     unscaled (ΔW = scale·dense(values) T). path: 'auto' picks the cheaper form from the token count
     (transforming activations costs N·(n log n + m·n) extra, forming ΔW costs m·n·log n), or force
-    'activations' / 'merged'.
+    'activations' / 'merged'. The merged path (every training step) runs _WHAMerged, a hand-written forward and
+    backward (see the note above _BLOCK_ELEMS); it caches the support's block layout (4 bytes per entry, plus
+    4 more for the CSR columns where the sampled value gradient is used) while `indices` is unchanged.
     """
 
     def delta_weight(self, dtype=torch.float32) -> torch.Tensor:
@@ -627,11 +630,150 @@ class WHALinear(SparseAdapter):
         if self.choose_path(x.numel() // self.in_features) == "activations":
             F = self.dense_F(x.dtype)                                  # (m, n)
             return self.base(x) + self.scale * (wht.wht(x) @ F.T)
-        return self._merged_forward(x)
+        return _WHAMerged.apply(x, self.values, self)
+
+    def support_layout(self) -> "_SupportLayout":
+        """The merged path's view of the support (_support_layout), cached while `indices` is the same
+        unmodified tensor."""
+        m, n = self.out_features, self.in_features
+        rows = m if self.indices.is_cuda else _block_rows(m, n)
+        key = (self.indices.data_ptr(), self.indices._version, self.indices.device, self.indices.numel(), rows)
+        if getattr(self, "_layout_key", None) != key:
+            self._layout, self._layout_key = _support_layout(self.indices, m, n, rows), key
+        return self._layout
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, nnz={self.indices.numel()}, "
                 f"scale={self.scale}, path={self.path}")
+
+
+# The merged path (WHALinear's training path) in three pieces:
+# - W = Q + s·F T block by block of rows that fit a CPU's L2 cache: a block of F is scattered into a small zeroed
+#   buffer, transformed there (a few GEMMs, wht.wht_from_t) and written into its rows of W; no (m, n) temporary
+#   besides W, which is kept for the input gradient.
+# - the value gradient s·(gyᵀ x Tᵀ) at the support, by the cheapest of: a sampled product at the support only
+#   (torch.sparse.sampled_addmm, on a CPU where F is sparse enough: _SDDMM_COST), a dense product with x Tᵀ
+#   (when the tokens N < m), or the dense gyᵀ x transformed block by block (N ≥ m). Each is exact; which one
+#   runs only changes rounding.
+# - the input gradient gy W, with W saved by the forward (m·n·4 bytes per layer until backward; re-forming it
+#   would cost one more scatter and transform; at batch 1 the step's peak memory stays below LoRA's anyway,
+#   bench/bench_step.py).
+_BLOCK_ELEMS = 1 << 17      # elements per row block (512 KB in fp32)
+_SDDMM_COST = 6             # CPU, torch's sampled_addmm vs MKL sgemm + gather, per multiply-add (measured: the
+_SDDMM_MAX_ELEMS = 1 << 21  # sampled product wins below density 1/6 while x Tᵀ (N·n) stays cache-sized)
+
+
+def _block_rows(m: int, n: int) -> int:
+    return max(1, min(m, _BLOCK_ELEMS // n))
+
+
+@dataclass
+class _SupportLayout:
+    """The support sorted by row (`order`: values[order] is that order; None when the support already is, as
+    init_layer's CSR order is), cut into blocks of `rows` rows: entries ptr[c]:ptr[c+1] lie in block c, at
+    t = col·r_c + (row − c·rows) in the block's (n, r_c) transpose (int32). crow, col: CSR pointers and columns
+    (int32), made on first use by the sampled product."""
+    rows: int
+    ptr: list
+    order: torch.Tensor | None
+    t: torch.Tensor
+    flat: torch.Tensor
+    csr: tuple | None = None
+
+    def crow_col(self, m: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.csr is None:
+            counts = torch.bincount(self.flat // n, minlength=m)
+            crow = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
+            self.csr = (crow, (self.flat % n).to(torch.int32))
+        return self.csr
+
+
+def _support_layout(indices: torch.Tensor, m: int, n: int, rows: int) -> _SupportLayout:
+    flat = indices
+    order = None
+    if flat.numel() > 1 and bool((flat[1:] < flat[:-1]).any()):
+        order = torch.argsort(flat, stable=True)
+        flat = flat[order]
+    flat64 = flat.long()
+    i, j = flat64 // n, flat64 % n
+    c = i // rows
+    ptr = [0] + torch.bincount(c, minlength=-(-m // rows)).cumsum(0).tolist()
+    r, r_c = i - c * rows, (m - c * rows).clamp(max=rows)           # row within the block, rows in the block
+    return _SupportLayout(rows, ptr, order, (j * r_c + r).to(torch.int32), flat)
+
+
+def _wha_merged_weight(mod: WHALinear, values: torch.Tensor) -> torch.Tensor:
+    """Q + s·F T (m, n) fp32, no autograd (eq. 4), block by block of rows: s·F's block scattered into a zeroed
+    (n, r) buffer and transformed by wht.wht_from_t into its rows of W, the base added by the last GEMM."""
+    m, n = mod.out_features, mod.in_features
+    lay = mod.support_layout()
+    v = values.detach().to(torch.float32)
+    if lay.order is not None:
+        v = v[lay.order]
+    Q = _base_weight(mod.base)
+    W = torch.empty(m, n, dtype=torch.float32, device=values.device)
+    buf = torch.empty(min(m, lay.rows) * n, dtype=torch.float32, device=values.device)
+    for c, a in enumerate(range(0, m, lay.rows)):
+        e, (p, q) = min(m, a + lay.rows), lay.ptr[c:c + 2]
+        blk = buf[: (e - a) * n].zero_()
+        blk.index_add_(0, lay.t[p:q], v[p:q], alpha=mod.scale)                         # (s·F)[a:e]ᵀ
+        wht.wht_from_t(blk.view(n, e - a), inverse=True, clobber=True, out=W[a:e], add=Q[a:e])  # Q + s·F T
+    return W
+
+
+def _use_sampled(mod: WHALinear, tokens: int, device: torch.device) -> bool:
+    m, n, B = mod.out_features, mod.in_features, mod.indices.numel()
+    return device.type == "cpu" and B * _SDDMM_COST < m * n and tokens * n <= _SDDMM_MAX_ELEMS
+
+
+def _wha_value_grad(mod: WHALinear, x2: torch.Tensor, g2: torch.Tensor) -> torch.Tensor:
+    """∂L/∂values = s·(gyᵀ x Tᵀ) at the support, x2 (N, n), g2 (N, m) (see the note above _BLOCK_ELEMS)."""
+    m, n, N = g2.shape[1], x2.shape[1], x2.shape[0]
+    if N < m or _use_sampled(mod, N, x2.device):
+        xTt = wht.wht_to_t(x2.to(torch.float32))                                        # (n, N) (x Tᵀ)ᵀ
+        gyT = g2.T.to(torch.float32)                                                     # (m, N)
+        if not _use_sampled(mod, N, x2.device):
+            return (gyT @ xTt.T).view(-1).index_select(0, mod.indices).mul_(mod.scale)   # (m, n) dense
+        lay = mod.support_layout()
+        crow, col = lay.crow_col(m, n)
+        with warnings.catch_warnings():                                                  # "beta state" notice
+            warnings.simplefilter("ignore", UserWarning)
+            S = torch.sparse_csr_tensor(crow, col, gyT.new_zeros(col.numel()), (m, n), check_invariants=False)
+        g = torch.sparse.sampled_addmm(S, gyT.contiguous(), xTt.T, beta=0.0).values()    # CSR (row-sorted) order
+    else:
+        lay = mod.support_layout()
+        gW = (g2.T @ x2).to(torch.float32)                                               # (m, n) gyᵀ x
+        g = torch.empty(lay.ptr[-1], dtype=torch.float32, device=x2.device)
+        buf = torch.empty(min(m, lay.rows) * n, dtype=torch.float32, device=x2.device)
+        for c, a in enumerate(range(0, m, lay.rows)):
+            e, (p, q) = min(m, a + lay.rows), lay.ptr[c:c + 2]
+            blk = wht.wht_to_t(gW[a:e], clobber=True, out=buf[: (e - a) * n].view(n, e - a))  # (gW Tᵀ)[a:e]ᵀ
+            torch.index_select(blk.view(-1), 0, lay.t[p:q], out=g[p:q])
+    g.mul_(mod.scale)
+    return g if lay.order is None else torch.empty_like(g).index_copy_(0, lay.order, g)
+
+
+class _WHAMerged(torch.autograd.Function):
+    """y = x (Q + s·F T)ᵀ + b, WHALinear's merged path, with a hand-written backward (gx = gy W with the W the
+    forward formed, the value gradient of _wha_value_grad); nothing of the (m, n) F or ΔW goes to autograd."""
+
+    @staticmethod
+    def forward(ctx, x, values, mod):
+        W = _wha_merged_weight(mod, values).to(x.dtype)                 # (m, n)
+        b = mod.bias
+        ctx.mod = mod
+        ctx.save_for_backward(x, W)
+        return Fn.linear(x, W, None if b is None else b.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, W = ctx.saved_tensors
+        mod = ctx.mod
+        m, n = mod.out_features, mod.in_features
+        g2 = gy.reshape(-1, m)                                         # (N, m)
+        gvalues = _wha_value_grad(mod, x.reshape(-1, n), g2) if ctx.needs_input_grad[1] else None
+        gx = (g2 @ W).view(x.shape) if ctx.needs_input_grad[0] else None
+        return gx, gvalues, None
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -390,54 +390,116 @@ def wht_(x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------
-# The transform from a transposed operand (QWHA's merged training path)
+# Transposing transforms (QWHA's merged training path): one plain GEMM per Kronecker factor over all rows at
+# once, each moving its axis across the row index, so the result comes out transposed. For callers that make or
+# use the transposed operand for free (a scatter, a GEMM's output or operand layout), this skips both the
+# batched small GEMMs of `wht` and any transposed copy.
+
+
+def _check_2d(x: torch.Tensor, who: str) -> torch.dtype:
+    if x.dim() != 2:
+        raise ValueError(f"{who}: expected a 2-D tensor, got shape {tuple(x.shape)}")
+    if not (x.is_floating_point() and x.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16)):
+        raise ValueError(f"{who}: expected a float32/float64/float16/bfloat16 tensor, got {x.dtype}")
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 @functools.lru_cache(maxsize=256)
-def _plan_t(n: int, inverse: bool, dtype: torch.dtype, device: torch.device) -> tuple:
-    """wht_t's stages (d, Mᵀ), one per axis of the row tensor (K, f_1, ..., f_r) in that order, 1/√n folded into
-    the first. Here 2^p splits into max(1, p // 4) near-equal factors (16 to 128): as the left operand of a
-    GEMM with a transposed operand, an axis of 8 or less runs several times slower per element on MKL than
-    16 to 64 (measured on 576·1536 fp32: d = 8 5.2 ns, d = 16 1.5 ns, d = 64 3.0 ns per element)."""
+def _plan_from_t(n: int, inverse: bool, dtype: torch.dtype, device: torch.device) -> tuple:
+    """wht_from_t's stages (d, Mᵀ), one per axis of the row tensor (K·2^i, f_1, ..., f_r), in that order, 1/√n
+    folded into the first. The grouping minimises Σ d + 16 per stage with every f a power of two in [16, 128]
+    and no axis below 12 (unless there is only one): as the transposed left operand of a GEMM, an axis of 8 or
+    less runs several times slower per element on MKL than 12 to 32 (CPU, fp32: d = 8 3.5 ns, 16 1.0 ns,
+    64 2.5 ns per element)."""
     K, P = factorize(n)
     p = P.bit_length() - 1
-    k = max(1, p // 4)
-    fs = [1 << (p // k + (i < p % k)) for i in range(k)] if p else []
-    mats = [_core(K).T if inverse else _core(K)] + [sylvester(f) for f in fs]
-    stages = [[d, M.to(torch.float64)] for d, M in zip([K] + fs, mats) if d > 1]
+    best = None
+    for i in range(p + 1):                          # 2^i of the Sylvester part goes into the core's axis
+        q = p - i
+        counts = [1] if 0 < q < 4 else range(-(-q // 7), q // 4 + 1) if q else [0]
+        for k in counts:
+            fs = [1 << (q // k + (j < q % k)) for j in range(k)] if k else []
+            dims = [d for d in [K << i] + fs if d > 1]
+            cost = sum(dims) + 16 * len(dims)
+            if len(dims) > 1 and min(dims) < 12:
+                continue
+            if best is None or cost < best[0]:
+                best = (cost, K << i, fs)
+    _, a1, fs = best
+    core = torch.kron((_core(K).T if inverse else _core(K)).contiguous(), sylvester(a1 // K))
+    stages = [[d, M.to(torch.float64)] for d, M in zip([a1] + fs, [core] + [sylvester(f) for f in fs]) if d > 1]
     if not stages:  # n = 1
         stages = [[1, torch.ones(1, 1, dtype=torch.float64)]]
     stages[0][1] = stages[0][1] / math.sqrt(n)
     return tuple((d, M.T.to(device=device, dtype=dtype).contiguous()) for d, M in stages)
 
 
-def wht_t(xt: torch.Tensor, inverse: bool = False, *, clobber: bool = False) -> torch.Tensor:
+def wht_from_t(xt: torch.Tensor, inverse: bool = False, *, clobber: bool = False,
+               out: torch.Tensor | None = None, add: torch.Tensor | None = None) -> torch.Tensor:
     """x Tᵀ (inverse: x T) for x = xtᵀ, given as its transpose xt (n, A); returns (A, n) contiguous.
 
-    For callers that produce the transposed operand for free (a scatter into a transposed layout, a GEMM that
-    writes xᵀ): the row tensor is (K, f_1, ..., f_r) on the leading axis of xt, and each factor is one plain
-    GEMM (rest, d) @ (d, d) that moves its axis from first to last, so after one GEMM per factor the result is
-    in (A, n) order, with no transposed copy and no batched small GEMMs (about 2x faster than `wht` on a CPU for
-    the SmolLM2/LLaMA widths). clobber=True lets it use xt's memory as workspace (the result may share it).
-    fp32/fp64 in their own dtype, fp16/bf16 in fp32 with one rounding on output. Not differentiable."""
-    if xt.dim() != 2:
-        raise ValueError(f"wht_t: expected a 2-D (n, A) tensor, got shape {tuple(xt.shape)}")
-    if not (xt.is_floating_point() and xt.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16)):
-        raise ValueError(f"wht_t: expected a float32/float64/float16/bfloat16 tensor, got {xt.dtype}")
+    xt's leading axis, as the row tensor (K·2^i, f_1, ..., f_r), goes through one GEMM (rest, d) @ (d, d) per
+    axis, each moving its axis from first to last, so after the last one the result is in (A, n) order.
+    clobber=True lets it use xt's memory as workspace (the result may share it); `out` (A, n), if given, receives
+    the result (written by the last GEMM when it is contiguous in the compute dtype); `add` (A, n), if given, is
+    added to the result by the last GEMM (addmm: no separate pass). fp32/fp64 in their own dtype, fp16/bf16 in
+    fp32 with one rounding on output. Not differentiable (wht is)."""
+    cdt = _check_2d(xt, "wht_from_t")
     n, A = xt.shape
     factorize(n)
-    cdt = torch.float64 if xt.dtype == torch.float64 else torch.float32
-    cur = xt.to(cdt)
-    if not cur.is_contiguous():
-        cur = cur.contiguous()
-    if cur.numel() == 0:
-        return cur.new_empty(A, n).to(xt.dtype)
-    bufs = [torch.empty(n * A, dtype=cdt, device=xt.device), cur if (clobber or cur is not xt) else None]
-    for i, (d, Mt) in enumerate(_plan_t(n, inverse, cdt, xt.device)):
-        if bufs[i % 2] is None:
-            bufs[i % 2] = torch.empty(n * A, dtype=cdt, device=xt.device)
-        tgt = bufs[i % 2].view(-1, d)
-        torch.mm(cur.view(d, -1).T, Mt, out=tgt)                        # (rest, d): axis d moved first -> last
-        cur = tgt
-    out = cur.view(A, n)
-    return out if out.dtype == xt.dtype else out.to(xt.dtype)
+    stages = _plan_from_t(n, inverse, cdt, xt.device)
+    if add is not None:
+        if tuple(add.shape) != (A, n):
+            raise ValueError(f"wht_from_t: add has shape {tuple(add.shape)}, expected {(A, n)}")
+        add = add if add.dtype == cdt and add.is_contiguous() else add.to(cdt).contiguous()
+
+    def apply(cur, d, M, tgt, last):                                    # (rest, d): axis d moved first -> last
+        if last and add is not None:
+            torch.addmm(add.view(-1, d), cur.view(d, -1).T, M, out=tgt.view(-1, d))
+        else:
+            torch.mm(cur.view(d, -1).T, M, out=tgt.view(-1, d))
+    return _run_stages(xt, cdt, (A, n), stages, clobber, out, apply)
+
+
+def wht_to_t(x: torch.Tensor, inverse: bool = False, *, clobber: bool = False,
+             out: torch.Tensor | None = None) -> torch.Tensor:
+    """(x Tᵀ)ᵀ (inverse: (x T)ᵀ) for x (A, n); returns the transposed result (n, A) contiguous.
+
+    The row tensor (K, f_1, ..., f_r) with radix-16 factors, as `wht`; one GEMM (d, d) @ (d, rest) per axis,
+    each moving its axis from last to first (the fast orientation for small d), so after the last one the
+    result is in (n, A) order. clobber, out (n, A) and dtypes as wht_from_t."""
+    cdt = _check_2d(x, "wht_to_t")
+    A, n = x.shape
+    factorize(n)
+    stages = _plan(n, inverse, cdt, x.device)                          # last axis first
+    return _run_stages(x, cdt, (n, A), stages, clobber, out,
+                       lambda cur, d, M, tgt, last: torch.mm(M, cur.view(-1, d).T, out=tgt.view(d, -1)))
+
+
+def _run_stages(x, cdt, shape, stages, clobber, out, apply):
+    """Apply `stages` ((d, M) each, through apply(cur, d, M, target, is_last)) ping-ponging between x (when it
+    may be overwritten) and at most two buffers, the last stage straight into `out` when that is possible."""
+    cur = x if x.dtype == cdt and x.is_contiguous() else x.to(cdt).contiguous()
+    size = cur.numel()
+    direct = out is not None and out.dtype == cdt and out.is_contiguous()
+    if out is not None and tuple(out.shape) != tuple(shape):
+        raise ValueError(f"wht: out has shape {tuple(out.shape)}, expected {tuple(shape)}")
+    if size == 0:
+        res = cur.new_empty(shape)
+    else:
+        bufs = [None, cur if (clobber or cur is not x) else None]
+        for i, (d, M) in enumerate(stages):
+            if i == len(stages) - 1 and direct:
+                tgt = out
+            else:
+                if bufs[i % 2] is None:
+                    bufs[i % 2] = torch.empty(size, dtype=cdt, device=x.device)
+                tgt = bufs[i % 2]
+            apply(cur, d, M, tgt, i == len(stages) - 1)
+            cur = tgt
+        res = cur.view(shape)
+    if out is None:
+        return res if res.dtype == x.dtype else res.to(x.dtype)
+    if res.data_ptr() != out.data_ptr():
+        out.copy_(res)
+    return out

@@ -374,6 +374,109 @@ def test_gradients_of_both_paths_agree():
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-5)
 
 
+# ---------------------------------------------------------------------------------------------- merged path
+# WHALinear's training path: wht.wht_from_t / wht.wht_to_t (the transposing transforms it runs on), the
+# blocked W = Q + s·F T, and the hand-written backward with its three value-gradient routes.
+
+TRANSPOSING_WIDTHS = [1, 2, 8, 12, 24, 48, 96, 192, 576, 1536, 4096]   # single- and multi-stage plans
+
+
+@pytest.mark.parametrize("inverse", [False, True])
+@pytest.mark.parametrize("n", TRANSPOSING_WIDTHS)
+def test_transposing_transforms_match_dense(n, inverse):
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(5, n, generator=g, dtype=torch.float64)
+    T = T_of(n)
+    want = x @ T if inverse else x @ T.T
+    xt = x.T.contiguous()
+    keep = xt.clone()
+    torch.testing.assert_close(wht.wht_from_t(xt, inverse), want, rtol=0, atol=1e-12)
+    torch.testing.assert_close(wht.wht_from_t(x.T, inverse), want, rtol=0, atol=1e-12)   # strided input
+    assert torch.equal(xt, keep)                                                      # not clobbered unless asked
+    got = wht.wht_to_t(x, inverse)
+    assert got.shape == (n, 5) and got.is_contiguous()
+    torch.testing.assert_close(got, want.T, rtol=0, atol=1e-12)
+    out = torch.empty(5, n, dtype=torch.float64)
+    add = torch.randn(5, n, generator=g, dtype=torch.float64)
+    assert wht.wht_from_t(xt.clone(), inverse, clobber=True, out=out, add=add) is out
+    torch.testing.assert_close(out, want + add, rtol=0, atol=1e-12)
+    out_t = torch.empty(n, 5, dtype=torch.float64)
+    assert wht.wht_to_t(x.clone(), inverse, clobber=True, out=out_t) is out_t
+    torch.testing.assert_close(out_t, want.T, rtol=0, atol=1e-12)
+    for dt, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):                   # fp32 compute, one rounding
+        y = wht.wht_from_t(xt.to(dt), inverse)
+        assert y.dtype == dt
+        torch.testing.assert_close(y.double(), (x.to(dt).double() @ (T if inverse else T.T)), rtol=tol, atol=tol)
+    with pytest.raises(ValueError, match="2-D"):
+        wht.wht_to_t(x[0])
+
+
+def _wha_reference(mod, x, gy):
+    """The merged layer in fp64 autograd: y = x (Q + s·dense(values) T)ᵀ + b; returns y, ∂values, ∂x."""
+    m, n = mod.out_features, mod.in_features
+    v = mod.values.detach().double().requires_grad_(True)
+    F = torch.zeros(m * n, dtype=torch.float64).index_add(0, mod.indices.long(), v).view(m, n)
+    Q = mod.base.dequantize() if hasattr(mod.base, "dequantize") else mod.base.weight
+    xr = x.detach().double().requires_grad_(True)
+    y = xr @ (Q.double() + mod.scale * F @ T_of(n)).T + mod.bias.double()
+    y.backward(gy.double())
+    return y, v.grad, xr.grad
+
+
+@pytest.mark.parametrize("route", ["sampled", "dense x", "dense gW"])
+@pytest.mark.parametrize("sort", [True, False])
+def test_merged_path_equals_dense_autograd(monkeypatch, route, sort):
+    """Forward, value gradients and input gradients of the merged path against a dense fp64 autograd reference,
+    for each value-gradient route, in many row blocks (a ragged last one), with a row-sorted or shuffled support
+    with a repeated entry (values at the same position add, as in dense_F)."""
+    monkeypatch.setattr(qwha, "_BLOCK_ELEMS", 5 * 96)                 # 5 rows per block
+    monkeypatch.setattr(qwha, "_SDDMM_COST", 10**9 if route != "sampled" else 0)
+    m, n = 23, 96
+    N = {"sampled": 30, "dense x": 7, "dense gW": 40}[route]             # dense x: N < m; dense gW: N >= m
+    g = torch.Generator().manual_seed(3)
+    base = FakeQuantLinear(torch.randn(m, n, generator=g), torch.randn(m, generator=g))
+    flat = torch.randperm(m * n, generator=g)[:300]
+    flat = torch.cat([flat, flat[:1]])                                  # a repeated position
+    flat = flat.sort().values if sort else flat
+    mod = qwha.WHALinear(base, flat, torch.randn(flat.numel(), generator=g), scale=0.7, path="merged")
+    x = torch.randn(2, N // 2, n, generator=g, requires_grad=True)
+    gy = torch.randn(2, N // 2, m, generator=g)
+    y = mod(x)
+    y.backward(gy)
+    y_ref, gv_ref, gx_ref = _wha_reference(mod, x, gy)
+    torch.testing.assert_close(y.double(), y_ref, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(mod.values.grad.double(), gv_ref, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(x.grad.double(), gx_ref, rtol=1e-5, atol=1e-4)
+    dup = (flat[:, None] == flat[None, :]).sum(1) > 1                  # the repeated position's two entries
+    assert dup.sum() == 2 and mod.values.grad[dup][0] == mod.values.grad[dup][1]   # get the same gradient
+    with torch.no_grad():
+        torch.testing.assert_close(mod(x), x @ mod.merge().T + mod.bias, rtol=1e-5, atol=1e-5)
+
+
+def test_merged_path_follows_changed_indices():
+    """The cached support layout follows `indices` changed in place or replaced (load_adapters replaces it)."""
+    mod, _, _ = _wha(m=12, n=24, B=40, seed=4)
+    mod.path = "merged"
+    x = torch.randn(5, 24, generator=torch.Generator().manual_seed(5))
+    mod(x)
+    with torch.no_grad():
+        mod.indices.copy_(torch.randperm(12 * 24)[:40].to(mod.indices.dtype))
+    torch.testing.assert_close(mod(x), _wha_reference(mod, x, torch.zeros(5, 12))[0].float(), rtol=1e-5, atol=1e-5)
+    mod.indices = torch.randperm(12 * 24)[:40].to(mod.indices.dtype)
+    torch.testing.assert_close(mod(x), _wha_reference(mod, x, torch.zeros(5, 12))[0].float(), rtol=1e-5, atol=1e-5)
+
+
+def test_merged_path_keeps_only_x_and_the_merged_weight():
+    """Autograd holds x and W for the backward of a merged layer, nothing of size m·n else."""
+    mod, _, _ = _wha(m=12, n=48, B=40, seed=6)
+    mod.path = "merged"
+    x = torch.randn(5, 48, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        mod(x)
+    assert sorted(saved) == sorted([(5, 48), (12, 48)])
+
+
 class Toy(nn.Module):
     def __init__(self, n=24, seed=0):
         super().__init__()
