@@ -9,6 +9,10 @@ which leaves out the 49152×576 head GEMMs that are the same for every adapter),
 all at the same trainable parameter count r·(m + n) per layer. A step = forward, next-token cross-entropy,
 backward, AdamW on the adapter parameters. Step time and memory do not depend on the adapter values or on which
 positions the support holds (only on B), so the supports are random (seeded) and the values random: no init.
+The row "frozen base" times the same step with no adapter (bare linears, the embedding output made to require
+a gradient so the backward still runs through every block; it also computes the input gradient of the first
+block's q/k/v, which the adapters skip, about 3 % of its time at batch 1): a variant's step minus it is what the
+adapter costs, the split the table's "adapter s" column shows.
 Timing: one process, the variants share the base modules and are swapped in turn; per repetition every variant
 runs one step, the order rotating; after a warm-up step each; the median per variant, of the wall time and of the
 process CPU time (on an oversubscribed machine the CPU time is the steadier of the two; use --threads 1 there).
@@ -41,7 +45,8 @@ import baselines as bl  # noqa: E402
 import model as modellib  # noqa: E402
 import qwha  # noqa: E402
 
-VARIANTS = ("QWHA", "LoRA (CLoQ)", "SHiRA", "2-D DHT (SSH)", "2-D DCT (LoCA)")
+VARIANTS = ("QWHA", "LoRA (CLoQ)", "SHiRA", "2-D DHT (SSH)", "2-D DCT (LoCA)", "frozen base")
+BASE = "frozen base"   # no adapter: the bare linears, the backward forced through every block (a reference)
 
 
 @dataclass
@@ -86,15 +91,25 @@ def build(cfg):
         r = min(cfg.rank, m, n)
         A = torch.randn(r, n, generator=g) / n ** 0.5
         variants["LoRA (CLoQ)"][name] = bl.LoRALinear(base, A, torch.randn(m, r, generator=g) * 1e-3)
+        variants[BASE][name] = base
     for mods in variants.values():
         for mod in mods.values():
             mod.to(cfg.device)
     return model, names, variants
 
 
-def attach(model, mods):
+_hooks = []
+
+
+def attach(model, mods, frozen=False):
+    """Put `mods` into the model; frozen: nothing trains, so make the embedding output require a gradient to
+    keep the backward running through every block."""
     for name, mod in mods.items():
         modellib.set_module(model, name, mod)
+    while _hooks:
+        _hooks.pop().remove()
+    if frozen:
+        _hooks.append(model.model.embed_tokens.register_forward_hook(lambda m, i, o: o.detach().requires_grad_()))
 
 
 def loss_of(model, ids, head):
@@ -107,8 +122,9 @@ def loss_of(model, ids, head):
 def step(model, opt, ids, head):
     loss = loss_of(model, ids, head)
     loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+    if opt is not None:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
     return loss
 
 
@@ -154,14 +170,14 @@ def reset_peak_rss() -> int:
 def measure(cfg, model, names, variants, batch):
     ids = torch.randint(0, model.config.vocab_size, (batch, cfg.seq_len),
                         generator=torch.Generator().manual_seed(batch), device=cfg.device)
-    opts = {v: torch.optim.AdamW([p for mod in mods.values() for p in mod.parameters() if p.requires_grad], lr=1e-4)
-            for v, mods in variants.items()}
-    counts = {v: sum(p.numel() for g in o.param_groups for p in g["params"]) for v, o in opts.items()}
+    params = {v: [p for mod in mods.values() for p in mod.parameters() if p.requires_grad] for v, mods in variants.items()}
+    opts = {v: torch.optim.AdamW(ps, lr=1e-4) if ps else None for v, ps in params.items()}
+    counts = {v: sum(p.numel() for p in ps) for v, ps in params.items()}
     times = {v: [] for v in VARIANTS}
     cpu = {v: [] for v in VARIANTS}
     peak, act = {}, {}
     for v in VARIANTS:                                                  # warm-up, memory
-        attach(model, variants[v])
+        attach(model, variants[v], v == BASE)
         act[v] = saved_bytes(model, ids, cfg.head)
         if cfg.device.startswith("cuda"):
             torch.cuda.empty_cache()
@@ -178,7 +194,7 @@ def measure(cfg, model, names, variants, batch):
     for rep in range(cfg.reps):
         order = VARIANTS[rep % len(VARIANTS):] + VARIANTS[: rep % len(VARIANTS)]
         for v in order:
-            attach(model, variants[v])
+            attach(model, variants[v], v == BASE)
             sync(cfg)
             t0, c0 = time.perf_counter(), time.process_time()
             step(model, opts[v], ids, cfg.head)
@@ -228,22 +244,26 @@ def main(argv=None):
     print(f"\nTraining step, SmolLM2-135M with {cfg.blocks} block(s), head {cfg.head}, seq {cfg.seq_len}, r = {cfg.rank} "
           f"({res[cfg.batches[0]]['QWHA']['trainable']} trainable parameters each), {cfg.device}, "
           f"{torch.get_num_threads()} threads, load average {' '.join(load)}; peak = {mem_kind} during a step above before it")
-    print(f"{'batch':>5} {'variant':<16} {'step s':>8} {'× LoRA':>7} {'QWHA ×':>7} {'CPU s':>8} {'× LoRA':>7} "
-          f"{'peak MB':>9} {'× LoRA':>7} {'saved MB':>9} {'× LoRA':>7}")
+    print(f"{'batch':>5} {'variant':<16} {'step s':>8} {'× LoRA':>7} {'QWHA ×':>7} {'adapter s':>9} {'CPU s':>8} "
+          f"{'× LoRA':>7} {'peak MB':>9} {'× LoRA':>7} {'saved MB':>9} {'× LoRA':>7}")
     summary = {}
     for batch, r in res.items():
-        lo, q = r["LoRA (CLoQ)"], r["QWHA"]
+        lo, q, base = r["LoRA (CLoQ)"], r["QWHA"], r[BASE]
         for v in VARIANTS:
             x = r[v]
+            x["adapter_s"] = x["step_s"] - base["step_s"]                 # the step minus the frozen base's
             pk = f"{x['peak_mb']:>9.1f} {x['peak_mb'] / lo['peak_mb']:>7.3f}"
             print(f"{batch:>5} {v:<16} {x['step_s']:>8.3f} {x['step_s'] / lo['step_s']:>7.3f} "
-                  f"{q['step_s'] / x['step_s']:>7.3f} {x['cpu_s']:>8.3f} {x['cpu_s'] / lo['cpu_s']:>7.3f} {pk} {x['saved_mb']:>9.1f} {x['saved_mb'] / lo['saved_mb']:>7.3f}")
+                  f"{q['step_s'] / x['step_s']:>7.3f} {x['adapter_s']:>9.3f} {x['cpu_s']:>8.3f} "
+                  f"{x['cpu_s'] / lo['cpu_s']:>7.3f} {pk} {x['saved_mb']:>9.1f} {x['saved_mb'] / lo['saved_mb']:>7.3f}")
         summary[batch] = {"qwha_over_lora_step": q["step_s"] / lo["step_s"],
                           "qwha_over_2d_dct_step": q["step_s"] / r["2-D DCT (LoCA)"]["step_s"],
                           "qwha_over_lora_cpu": q["cpu_s"] / lo["cpu_s"],
                           "qwha_over_2d_dct_cpu": q["cpu_s"] / r["2-D DCT (LoCA)"]["cpu_s"],
                           "qwha_over_lora_saved": q["saved_mb"] / lo["saved_mb"],
-                          "qwha_over_lora_peak": q["peak_mb"] / lo["peak_mb"]}
+                          "qwha_over_lora_peak": q["peak_mb"] / lo["peak_mb"],
+                          "frozen_base_step": base["step_s"],
+                          "adapter_step": {v: r[v]["adapter_s"] for v in VARIANTS if v != BASE}}
     result = {"bench": "step", "config": asdict(cfg), "load": load, "threads": torch.get_num_threads(),
               "results": {str(b): r for b, r in res.items()}, "summary": {str(b): s for b, s in summary.items()}}
     line = json.dumps(result)
