@@ -611,6 +611,8 @@ class WHALinear(SparseAdapter):
     'activations' / 'merged'. The merged path (every training step) runs _WHAMerged, a hand-written forward and
     backward (see the note above _BLOCK_ELEMS); it caches the support's block layout (4 bytes per entry, plus
     4 more for the CSR columns where the sampled value gradient is used) while `indices` is unchanged.
+    keep_weight: save W = Q + s·F T for the backward (True) or re-form it there (False); None (default): save it
+    when it is small next to the layer's activations (_keep_weight).
     """
 
     def delta_weight(self, dtype=torch.float32) -> torch.Tensor:
@@ -632,6 +634,9 @@ class WHALinear(SparseAdapter):
             return self.base(x) + self.scale * (wht.wht(x) @ F.T)
         return _WHAMerged.apply(x, self.values, self)
 
+    keep_weight: bool | None = None   # merged path: save W for backward (True), re-form it there (False), or
+    #                                   decide by the token count (None, _keep_weight)
+
     def support_layout(self) -> "_SupportLayout":
         """The merged path's view of the support (_support_layout), cached while `indices` is the same
         unmodified tensor."""
@@ -650,15 +655,19 @@ class WHALinear(SparseAdapter):
 # The merged path (WHALinear's training path) in three pieces:
 # - W = Q + s·F T block by block of rows that fit a CPU's L2 cache: a block of F is scattered into a small zeroed
 #   buffer, transformed there (a few GEMMs, wht.wht_from_t) and written into its rows of W; no (m, n) temporary
-#   besides W, which is kept for the input gradient.
+#   besides W, which the forward GEMM uses and then drops (unless keep_weight).
 # - the value gradient s·(gyᵀ x Tᵀ) at the support, by the cheapest of: a sampled product at the support only
 #   (torch.sparse.sampled_addmm, on a CPU where F is sparse enough: _SDDMM_COST), a dense product with x Tᵀ
 #   (when the tokens N < m), or the dense gyᵀ x transformed block by block (N ≥ m). Each is exact; which one
 #   runs only changes rounding.
-# - the input gradient gy W, with W saved by the forward (m·n·4 bytes per layer until backward; re-forming it
-#   would cost one more scatter and transform; at batch 1 the step's peak memory stays below LoRA's anyway,
-#   bench/bench_step.py).
+# - the input gradient gy W: with W saved by the forward when it is small next to the layer's activations
+#   (_keep_weight: m·n·4 bytes per layer until backward; all the W together are the size of the model's
+#   weights), else W re-formed a few blocks (_GROUP_ELEMS) at a time and used at once (gx += gy[:, a:e] W[a:e]),
+#   so that autograd holds only x and the values, as for the frozen base. Saving every W costs a SmolLM2 block
+#   +42 % peak tensor memory at batch 1 and +5 % at batch 8; re-forming every W costs 5-10 % of its CPU step
+#   (bench/bench_step.py, rows "QWHA" and "QWHA keep W").
 _BLOCK_ELEMS = 1 << 17      # elements per row block (512 KB in fp32)
+_GROUP_ELEMS = 1 << 19      # elements of W re-formed at a time for the input gradient (2 MB)
 _SDDMM_COST = 6             # CPU, torch's sampled_addmm vs MKL sgemm + gather, per multiply-add (measured: the
 _SDDMM_MAX_ELEMS = 1 << 21  # sampled product wins below density 1/6 while x Tᵀ (N·n) stays cache-sized)
 
@@ -702,23 +711,44 @@ def _support_layout(indices: torch.Tensor, m: int, n: int, rows: int) -> _Suppor
     return _SupportLayout(rows, ptr, order, (j * r_c + r).to(torch.int32), flat)
 
 
-def _wha_merged_weight(mod: WHALinear, values: torch.Tensor) -> torch.Tensor:
-    """Q + s·F T (m, n) fp32, no autograd (eq. 4), block by block of rows: s·F's block scattered into a zeroed
-    (n, r) buffer and transformed by wht.wht_from_t into its rows of W, the base added by the last GEMM."""
+def _form_rows(mod: WHALinear, values: torch.Tensor, W: torch.Tensor, row0: int = 0) -> torch.Tensor:
+    """Rows row0 ... row0 + len(W) of Q + s·F T into W (fp32, no autograd; eq. 4), block by block: s·F's block
+    scattered into a zeroed (n, r) buffer and transformed by wht.wht_from_t, the base added by the last GEMM.
+    row0 and row0 + len(W) are block boundaries (multiples of the layout's rows, or m)."""
     m, n = mod.out_features, mod.in_features
     lay = mod.support_layout()
     v = values.detach().to(torch.float32)
     if lay.order is not None:
         v = v[lay.order]
     Q = _base_weight(mod.base)
-    W = torch.empty(m, n, dtype=torch.float32, device=values.device)
     buf = torch.empty(min(m, lay.rows) * n, dtype=torch.float32, device=values.device)
-    for c, a in enumerate(range(0, m, lay.rows)):
-        e, (p, q) = min(m, a + lay.rows), lay.ptr[c:c + 2]
+    for a in range(row0, row0 + W.shape[0], lay.rows):
+        e, (p, q) = min(m, a + lay.rows), lay.ptr[a // lay.rows: a // lay.rows + 2]
         blk = buf[: (e - a) * n].zero_()
         blk.index_add_(0, lay.t[p:q], v[p:q], alpha=mod.scale)                         # (s·F)[a:e]ᵀ
-        wht.wht_from_t(blk.view(n, e - a), inverse=True, clobber=True, out=W[a:e], add=Q[a:e])  # Q + s·F T
+        wht.wht_from_t(blk.view(n, e - a), inverse=True, clobber=True, out=W[a - row0:e - row0], add=Q[a:e])
     return W
+
+
+def _wha_merged_weight(mod: WHALinear, values: torch.Tensor) -> torch.Tensor:
+    """Q + s·F T (m, n) fp32, no autograd."""
+    W = torch.empty(mod.out_features, mod.in_features, dtype=torch.float32, device=values.device)
+    return _form_rows(mod, values, W)
+
+
+def _wha_input_grad(mod: WHALinear, values: torch.Tensor, g2: torch.Tensor) -> torch.Tensor:
+    """gy (Q + s·F T) (N, n) without the whole W: rows of W re-formed a group of blocks (≤ _GROUP_ELEMS) at a
+    time, each group adding its product at once (gx += gy[:, a:e] W[a:e])."""
+    m, n = mod.out_features, mod.in_features
+    rows = mod.support_layout().rows
+    group = rows * max(1, _GROUP_ELEMS // (rows * n))
+    buf = torch.empty(min(m, group) * n, dtype=torch.float32, device=values.device)
+    gx = None
+    for a in range(0, m, group):
+        e = min(m, a + group)
+        Wg = _form_rows(mod, values, buf[: (e - a) * n].view(e - a, n), a).to(g2.dtype)
+        gx = g2[:, a:e] @ Wg if gx is None else gx.addmm_(g2[:, a:e], Wg)
+    return gx
 
 
 def _use_sampled(mod: WHALinear, tokens: int, device: torch.device) -> bool:
@@ -753,26 +783,38 @@ def _wha_value_grad(mod: WHALinear, x2: torch.Tensor, g2: torch.Tensor) -> torch
     return g if lay.order is None else torch.empty_like(g).index_copy_(0, lay.order, g)
 
 
+def _keep_weight(mod: WHALinear, tokens: int) -> bool:
+    """Whether the merged path saves W for the backward: mod.keep_weight if set, else when W is at most an
+    eighth of the layer's input and output activations, 8·m·n ≤ N·(m + n) (SmolLM2 at 512 tokens per sequence:
+    batch 8 keeps every W, batch 4 the k/v ones only, batch 1 none)."""
+    if mod.keep_weight is not None:
+        return bool(mod.keep_weight)
+    return 8 * mod.out_features * mod.in_features <= tokens * (mod.out_features + mod.in_features)
+
+
 class _WHAMerged(torch.autograd.Function):
-    """y = x (Q + s·F T)ᵀ + b, WHALinear's merged path, with a hand-written backward (gx = gy W with the W the
-    forward formed, the value gradient of _wha_value_grad); nothing of the (m, n) F or ΔW goes to autograd."""
+    """y = x (Q + s·F T)ᵀ + b, WHALinear's merged path, with a hand-written backward (the value gradient of
+    _wha_value_grad; gx = gy W with W saved by the forward or re-formed block by block, _keep_weight); nothing
+    of the (m, n) F or ΔW goes to autograd but a kept W."""
 
     @staticmethod
     def forward(ctx, x, values, mod):
         W = _wha_merged_weight(mod, values).to(x.dtype)                 # (m, n)
         b = mod.bias
         ctx.mod = mod
-        ctx.save_for_backward(x, W)
+        ctx.save_for_backward(x, values, W if _keep_weight(mod, x.numel() // mod.in_features) else None)
         return Fn.linear(x, W, None if b is None else b.to(x.dtype))
 
     @staticmethod
     def backward(ctx, gy):
-        x, W = ctx.saved_tensors
+        x, values, W = ctx.saved_tensors
         mod = ctx.mod
         m, n = mod.out_features, mod.in_features
         g2 = gy.reshape(-1, m)                                         # (N, m)
         gvalues = _wha_value_grad(mod, x.reshape(-1, n), g2) if ctx.needs_input_grad[1] else None
-        gx = (g2 @ W).view(x.shape) if ctx.needs_input_grad[0] else None
+        gx = None
+        if ctx.needs_input_grad[0]:
+            gx = (g2 @ W if W is not None else _wha_input_grad(mod, values, g2)).view(x.shape)
         return gx, gvalues, None
 
 

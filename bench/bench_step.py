@@ -9,18 +9,22 @@ which leaves out the 49152×576 head GEMMs that are the same for every adapter),
 all at the same trainable parameter count r·(m + n) per layer. A step = forward, next-token cross-entropy,
 backward, AdamW on the adapter parameters. Step time and memory do not depend on the adapter values or on which
 positions the support holds (only on B), so the supports are random (seeded) and the values random: no init.
+"QWHA keep W" is QWHA with keep_weight = True (the merged weight saved for the backward instead of re-formed).
 The row "frozen base" times the same step with no adapter (bare linears, the embedding output made to require
 a gradient so the backward still runs through every block; it also computes the input gradient of the first
-block's q/k/v, which the adapters skip, about 3 % of its time at batch 1): a variant's step minus it is what the
+block's q/k/v, which the adapters skip, a few % of its time): a variant's step minus it is what the
 adapter costs, the split the table's "adapter s" column shows.
 Timing: one process, the variants share the base modules and are swapped in turn; per repetition every variant
 runs one step, the order rotating; after a warm-up step each; the median per variant, of the wall time and of the
 process CPU time (on an oversubscribed machine the CPU time is the steadier of the two; use --threads 1 there).
-Memory: on CUDA, torch.cuda.max_memory_allocated per variant (reset before each). On CPU, the peak resident set
-during the variant's first step above the resident set before it (freed heap returned by malloc_trim, the peak
-reset through /proc/self/clear_refs), so it counts activations, gradients, AdamW states and transients; and the
-bytes of the tensors autograd keeps for the backward pass that are not parameters/buffers ("saved"), distinct
-storages counted once (deterministic, noise-free).
+Memory: on CUDA, torch.cuda.max_memory_allocated per variant (reset before each). On CPU, three figures:
+"alloc", the peak of the live tensor bytes allocated during one step above those live before it, from the
+profiler's allocation events (the CPU counterpart of max_memory_allocated; deterministic); "peak", the peak
+resident set during the variant's first step above the resident set before it (freed heap returned by
+malloc_trim, the peak reset through /proc/self/clear_refs; it also reflects what the C allocator keeps, so it
+varies from run to run); and "saved", the bytes of the tensors autograd keeps for the backward pass that are not
+parameters/buffers, distinct storages counted once. alloc and peak count activations, gradients, AdamW states
+and transients.
 Prints a table and one JSON line (also appended to runs/bench_step.jsonl).
 """
 from __future__ import annotations
@@ -45,7 +49,7 @@ import baselines as bl  # noqa: E402
 import model as modellib  # noqa: E402
 import qwha  # noqa: E402
 
-VARIANTS = ("QWHA", "LoRA (CLoQ)", "SHiRA", "2-D DHT (SSH)", "2-D DCT (LoCA)", "frozen base")
+VARIANTS = ("QWHA", "QWHA keep W", "LoRA (CLoQ)", "SHiRA", "2-D DHT (SSH)", "2-D DCT (LoCA)", "frozen base")
 BASE = "frozen base"   # no adapter: the bare linears, the backward forced through every block (a reference)
 
 
@@ -85,6 +89,8 @@ def build(cfg):
         idx = torch.randperm(m * n, generator=g)[:B].sort().values
         vals = torch.randn(B, generator=g) * 1e-3
         variants["QWHA"][name] = qwha.WHALinear(base, idx, vals)
+        variants["QWHA keep W"][name] = qwha.WHALinear(base, idx, vals)
+        variants["QWHA keep W"][name].keep_weight = True            # W saved for backward, not re-formed
         variants["SHiRA"][name] = bl.SpectralLinear(base, idx, vals, "identity", 1)
         variants["2-D DHT (SSH)"][name] = bl.SpectralLinear(base, idx, vals, "dht", 2)
         variants["2-D DCT (LoCA)"][name] = bl.SpectralLinear(base, idx, vals, "dct", 2)
@@ -150,6 +156,20 @@ def saved_bytes(model, ids, head) -> int:
     return sum(seen.values())
 
 
+def alloc_peak_bytes(model, opt, ids, head) -> int:
+    """Peak of the bytes of live tensors allocated during one step above those live before it, from the
+    profiler's allocation events (what torch.cuda.max_memory_allocated measures on a GPU): deterministic,
+    unlike the resident set, which also reflects what the C allocator keeps or returns."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        step(model, opt, ids, head)
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    cur = peak = 0
+    for _, nbytes in events:
+        cur += nbytes
+        peak = max(peak, cur)
+    return peak
+
+
 def _proc_kb(key: str) -> int:
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
@@ -175,7 +195,7 @@ def measure(cfg, model, names, variants, batch):
     counts = {v: sum(p.numel() for p in ps) for v, ps in params.items()}
     times = {v: [] for v in VARIANTS}
     cpu = {v: [] for v in VARIANTS}
-    peak, act = {}, {}
+    peak, act, alloc = {}, {}, {}
     for v in VARIANTS:                                                  # warm-up, memory
         attach(model, variants[v], v == BASE)
         act[v] = saved_bytes(model, ids, cfg.head)
@@ -191,6 +211,7 @@ def measure(cfg, model, names, variants, batch):
             peak[v] = (torch.cuda.max_memory_allocated() - base) / 2**20
         else:
             peak[v] = (_proc_kb("VmHWM") * 1024 - base) / 2**20
+        alloc[v] = peak[v] if cfg.device.startswith("cuda") else alloc_peak_bytes(model, opts[v], ids, cfg.head) / 2**20
     for rep in range(cfg.reps):
         order = VARIANTS[rep % len(VARIANTS):] + VARIANTS[: rep % len(VARIANTS)]
         for v in order:
@@ -202,11 +223,11 @@ def measure(cfg, model, names, variants, batch):
             times[v].append(time.perf_counter() - t0)
             cpu[v].append(time.process_time() - c0)
         log(cfg, f"\rbatch {batch} rep {rep + 1}/{cfg.reps} " + " ".join(
-            f"{v.split()[0]} {statistics.median(t):.2f}s" for v, t in times.items()), end="")
+            f"{v.split(' (')[0]} {statistics.median(t):.2f}s" for v, t in times.items()), end="")
     log(cfg, "")
     return {v: {"step_s": statistics.median(times[v]), "steps_s": times[v], "trainable": counts[v],
                 "cpu_s": statistics.median(cpu[v]), "cpus_s": cpu[v],
-                "saved_mb": act[v] / 2**20, "peak_mb": peak[v]} for v in VARIANTS}
+                "saved_mb": act[v] / 2**20, "peak_mb": peak[v], "alloc_mb": alloc[v]} for v in VARIANTS}
 
 
 def parse(argv=None):
@@ -240,19 +261,20 @@ def main(argv=None):
         res[batch] = measure(cfg, model, names, variants, batch)
     with open("/proc/loadavg") as f:
         load = f.read().split()[:3]
-    mem_kind = "CUDA max allocated" if cfg.device.startswith("cuda") else "peak RSS"
+    mem_kind = "CUDA max allocated" if cfg.device.startswith("cuda") else "peak RSS; alloc = peak live tensor bytes"
     print(f"\nTraining step, SmolLM2-135M with {cfg.blocks} block(s), head {cfg.head}, seq {cfg.seq_len}, r = {cfg.rank} "
           f"({res[cfg.batches[0]]['QWHA']['trainable']} trainable parameters each), {cfg.device}, "
           f"{torch.get_num_threads()} threads, load average {' '.join(load)}; peak = {mem_kind} during a step above before it")
     print(f"{'batch':>5} {'variant':<16} {'step s':>8} {'× LoRA':>7} {'QWHA ×':>7} {'adapter s':>9} {'CPU s':>8} "
-          f"{'× LoRA':>7} {'peak MB':>9} {'× LoRA':>7} {'saved MB':>9} {'× LoRA':>7}")
+          f"{'× LoRA':>7} {'alloc MB':>9} {'× LoRA':>7} {'peak MB':>9} {'× LoRA':>7} {'saved MB':>9} {'× LoRA':>7}")
     summary = {}
     for batch, r in res.items():
         lo, q, base = r["LoRA (CLoQ)"], r["QWHA"], r[BASE]
         for v in VARIANTS:
             x = r[v]
             x["adapter_s"] = x["step_s"] - base["step_s"]                 # the step minus the frozen base's
-            pk = f"{x['peak_mb']:>9.1f} {x['peak_mb'] / lo['peak_mb']:>7.3f}"
+            pk = (f"{x['alloc_mb']:>9.1f} {x['alloc_mb'] / lo['alloc_mb']:>7.3f} "
+                  f"{x['peak_mb']:>9.1f} {x['peak_mb'] / lo['peak_mb']:>7.3f}")
             print(f"{batch:>5} {v:<16} {x['step_s']:>8.3f} {x['step_s'] / lo['step_s']:>7.3f} "
                   f"{q['step_s'] / x['step_s']:>7.3f} {x['adapter_s']:>9.3f} {x['cpu_s']:>8.3f} "
                   f"{x['cpu_s'] / lo['cpu_s']:>7.3f} {pk} {x['saved_mb']:>9.1f} {x['saved_mb'] / lo['saved_mb']:>7.3f}")
@@ -262,6 +284,9 @@ def main(argv=None):
                           "qwha_over_2d_dct_cpu": q["cpu_s"] / r["2-D DCT (LoCA)"]["cpu_s"],
                           "qwha_over_lora_saved": q["saved_mb"] / lo["saved_mb"],
                           "qwha_over_lora_peak": q["peak_mb"] / lo["peak_mb"],
+                          "qwha_over_lora_alloc": q["alloc_mb"] / lo["alloc_mb"],
+                          "qwha_keep_w_over_lora_cpu": r["QWHA keep W"]["cpu_s"] / lo["cpu_s"],
+                          "qwha_keep_w_over_lora_alloc": r["QWHA keep W"]["alloc_mb"] / lo["alloc_mb"],
                           "frozen_base_step": base["step_s"],
                           "adapter_step": {v: r[v]["adapter_s"] for v in VARIANTS if v != BASE}}
     result = {"bench": "step", "config": asdict(cfg), "load": load, "threads": torch.get_num_threads(),

@@ -427,9 +427,10 @@ def _wha_reference(mod, x, gy):
 @pytest.mark.parametrize("sort", [True, False])
 def test_merged_path_equals_dense_autograd(monkeypatch, route, sort):
     """Forward, value gradients and input gradients of the merged path against a dense fp64 autograd reference,
-    for each value-gradient route, in many row blocks (a ragged last one), with a row-sorted or shuffled support
-    with a repeated entry (values at the same position add, as in dense_F)."""
+    for each value-gradient route, in many row blocks and groups (ragged last ones), with a row-sorted or
+    shuffled support with a repeated entry (values at the same position add, as in dense_F)."""
     monkeypatch.setattr(qwha, "_BLOCK_ELEMS", 5 * 96)                 # 5 rows per block
+    monkeypatch.setattr(qwha, "_GROUP_ELEMS", 10 * 96)                # W re-formed 2 blocks at a time for gx
     monkeypatch.setattr(qwha, "_SDDMM_COST", 10**9 if route != "sampled" else 0)
     m, n = 23, 96
     N = {"sampled": 30, "dense x": 7, "dense gW": 40}[route]             # dense x: N < m; dense gW: N >= m
@@ -466,15 +467,24 @@ def test_merged_path_follows_changed_indices():
     torch.testing.assert_close(mod(x), _wha_reference(mod, x, torch.zeros(5, 12))[0].float(), rtol=1e-5, atol=1e-5)
 
 
-def test_merged_path_keeps_only_x_and_the_merged_weight():
-    """Autograd holds x and W for the backward of a merged layer, nothing of size m·n else."""
+@pytest.mark.parametrize("keep", [None, False, True])
+def test_merged_path_saves_x_and_the_merged_weight_or_the_values(keep):
+    """Autograd holds x, the values and W (m, n) if kept (else it is re-formed in backward) for a merged layer:
+    kept by _keep_weight's rule (8·m·n ≤ N·(m + n)) or as forced; all give the dense reference's gradients."""
     mod, _, _ = _wha(m=12, n=48, B=40, seed=6)
-    mod.path = "merged"
-    x = torch.randn(5, 48, requires_grad=True)
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
-        mod(x)
-    assert sorted(saved) == sorted([(5, 48), (12, 48)])
+    mod.path, mod.keep_weight = "merged", keep
+    for N in (5, 100):                                                 # 8·12·48 = 4608 > 5·60, <= 100·60
+        kept = keep if keep is not None else N == 100
+        x = torch.randn(N, 48, generator=torch.Generator().manual_seed(N), requires_grad=True)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+            y = mod(x)
+        assert sorted(saved) == sorted([(N, 48), (40,)] + ([(12, 48)] if kept else []))   # x, values (a Parameter)
+        mod.values.grad = None
+        y.backward(torch.ones_like(y))
+        y_ref, gv_ref, gx_ref = _wha_reference(mod, x, torch.ones_like(y))
+        torch.testing.assert_close(x.grad.double(), gx_ref, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(mod.values.grad.double(), gv_ref, rtol=1e-5, atol=1e-4)
 
 
 class Toy(nn.Module):
