@@ -8,6 +8,9 @@ The grid is METHOD.md's eq. 1, asymmetric min–max per group of `group_size` co
 
 Scales are stored in fp16 and every quantizer rounds with the *stored* fp16 scale (converted back to fp32), so
 what is saved is exactly what was optimized and `QuantState.dequantize()` reproduces the quantizer's ŵ bitwise.
+GPTQ's optional refinements keep that format and only choose its numbers better: a clipped grid search for
+(s, z) (`fit_groups_clipped`), coordinate descent over the codes (`coordinate_descent`, QuantEase) and
+least-squares scales for given codes (`refit_scales`); see `gptq_quantize`.
 
 Packing (`pack_codes`): the codes of a tensor are flattened row-major and cut into chunks of 32 (the last chunk
 zero-padded); a chunk of b-bit codes becomes b int32 words, word k holding bit k of the 32 codes (bit plane k,
@@ -53,21 +56,82 @@ def _check_weight(W: torch.Tensor, bits, group_size, what: str = "W") -> None:
 
 
 # --------------------------------------------------------------------------------------------- grid (eq. 1)
+CLIP_SHRINK = tuple(1.0 - k / 20 for k in range(11))   # clip: shrink factors of the min–max range, 1 first
+
+
+def _grid(xmin: torch.Tensor, xmax: torch.Tensor, maxq: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 1's (scale, zero) of the range [xmin, xmax] ∋ 0: fp16 scale (1 for a zero-width range), float zero."""
+    s = (xmax - xmin) / maxq
+    s = torch.where(s == 0, torch.ones_like(s), s)
+    s16 = s.clamp(_FP16_TINY, _FP16_MAX).half()                         # stored scale
+    return s16, torch.round(-xmin / s16.float()).clamp(0, maxq)
+
+
 def fit_groups(W: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Min–max (scale, zero) per group of columns (eq. 1); range includes 0; all-zero groups get scale 1.
 
     Returns scales (m, n//g) fp16 and zeros (m, n//g) uint8.
     """
     m, n = W.shape
-    maxq = 2 ** bits - 1
     Wg = W.detach().float().reshape(m, n // group_size, group_size)
-    xmin = Wg.amin(-1).clamp(max=0.0)                                   # (m, G)
-    xmax = Wg.amax(-1).clamp(min=0.0)
-    s = (xmax - xmin) / maxq
-    s = torch.where(s == 0, torch.ones_like(s), s)
-    s16 = s.clamp(_FP16_TINY, _FP16_MAX).half()                         # stored scale
-    z = torch.round(-xmin / s16.float()).clamp(0, maxq)
+    s16, z = _grid(Wg.amin(-1).clamp(max=0.0), Wg.amax(-1).clamp(min=0.0), 2 ** bits - 1)
     return s16, z.to(torch.uint8)
+
+
+def fit_groups_clipped(W: torch.Tensor, bits: int, group_size: int, weight: torch.Tensor | None = None,
+                       shrink: tuple = CLIP_SHRINK, polish: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per group, the (scale, zero) with the least weighted rounding error Σ_i weight_i·(w_i − ŵ_i)² of the
+    group's own weights, found in two steps:
+      1. eq. 1's grid on the shrunk range p·[min, max] for p in `shrink`: the grid search of the GPTQ authors'
+         code (`Quantizer(mse=True)`: a clipped range trades a few clamped outliers for a finer step), weighted;
+      2. `polish` rounds of Lloyd's update on the uniform grid: for the codes q of the best grid, with its zero z
+         or z ± 1, the weighted least-squares scale s = Σ weight·w·u / Σ weight·u² (u = q − z).
+    A candidate replaces the best one only where it is strictly better. shrink[0] must be 1: that candidate is
+    fit_groups' grid, bit for bit, so no group's weighted error exceeds min–max's. weight: (n,) ≥ 0 per column
+    (None: all 1); gptq_quantize passes GPTQ's own error weights d_i (see there). Returns scales fp16, zeros
+    uint8, (m, n//g).
+    """
+    m, n = W.shape
+    if not shrink or shrink[0] != 1.0:
+        raise ValueError(f"fit_groups_clipped: shrink={shrink!r} must start with 1.0 (the min–max grid)")
+    if weight is not None and (tuple(weight.shape) != (n,) or not bool((weight >= 0).all())):
+        raise ValueError(f"fit_groups_clipped: weight must be ({n},) and >= 0, got shape {tuple(weight.shape)}")
+    maxq = 2 ** bits - 1
+    G = n // group_size
+    Wg = W.detach().float().reshape(m, G, group_size)                   # (m, G, g)
+    wt = (torch.ones(n, device=W.device) if weight is None else weight.to(W.device, torch.float32)
+          ).reshape(1, G, group_size)
+    xmin, xmax = Wg.amin(-1).clamp(max=0.0), Wg.amax(-1).clamp(min=0.0)  # (m, G)
+
+    def codes(s16, z):                                                # u = q − z (m, G, g); _round_codes in place
+        s, zz = s16.float().unsqueeze(-1), z.unsqueeze(-1)
+        return torch.div(Wg, s).round_().add_(zz).clamp_(0.0, float(maxq)).sub_(zz), s
+
+    def err(u, s):                                                    # (m, G); ŵ = (q − z)·s as _dequant
+        return (u * s).sub_(Wg).square_().mul_(wt).sum(-1)
+
+    best = scales = zeros = None
+
+    def keep(s16, z):
+        nonlocal best, scales, zeros
+        e = err(*codes(s16, z))
+        if best is None:
+            best, scales, zeros = e, s16, z
+        else:
+            better = e < best
+            best = torch.where(better, e, best)
+            scales, zeros = torch.where(better, s16, scales), torch.where(better, z, zeros)
+
+    for p in shrink:
+        keep(*_grid(xmin * p, xmax * p, maxq))
+    wW = Wg * wt
+    for _ in range(polish):
+        for dz in (0.0, -1.0, 1.0):
+            z = (zeros + dz).clamp(0, maxq)
+            u = codes(scales, z)[0]
+            s = (u * wW).sum(-1) / u.square().mul_(wt).sum(-1)       # (m, G); 0/0 = nan fails s > 0
+            keep(torch.where(s > 0, s, scales.float()).clamp(_FP16_TINY, _FP16_MAX).half(), z)
+    return scales, zeros.to(torch.uint8)
 
 
 def _round_codes(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, maxq: int) -> torch.Tensor:
@@ -150,7 +214,8 @@ def _upper_factor(H: torch.Tensor, damp: float, name: str, max_retries: int = 3)
 
 
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int = 64, damp: float = 0.01,
-                  block_size: int = 128, act_order: bool = False, static_groups: bool = True,
+                  block_size: int = 128, act_order: bool = False, static_groups: bool = True, *,
+                  clip: bool = False, cd_passes: int = 0, refit: bool = False,
                   name: str = "", measure: bool = True) -> QuantState:
     """GPTQ (Frantar et al. 2023) on the eq. 1 grid; H = XᵀX/N (n, n). See METHOD.md, "Quantization".
 
@@ -165,6 +230,17 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
     grid of the original order and needs no g_idx. stats: damp, retries, dead, time_s, and with `measure`
     out_err = ‖(W − Q)Rᵀ‖ and rel_err = out_err/‖W Rᵀ‖ (RᵀR = H undamped; two m·n² products, more than
     the quantization's own arithmetic: measure=False skips them).
+
+    Options (all off by default, which is classic GPTQ); each keeps the format (codes, fp16 scales, zeros):
+      clip       grids from fit_groups_clipped instead of min–max, weighted by GPTQ's own error weights
+                 d_i = V_ii²: from (E V)_i = V_ii (w̃_i − ŵ_i), ‖(W − Q)Rᵀ‖² = Σ_i d_i ‖w̃_i − ŵ_i‖² (damped H),
+                 so a group's d-weighted rounding error is its share of GPTQ's error (taken on w for w̃).
+      cd_passes  that many passes of coordinate_descent (QuantEase) over the codes after GPTQ, in GPTQ's column
+                 order, on the undamped H: each pass can only lower the error.
+      refit      refit_scales (least-squares group scales for the codes, per row only where it lowers the
+                 error) after every CD pass (after GPTQ when cd_passes = 0): alternating minimization over
+                 codes and scales, so the error never rises from GPTQ's on the grid it started from.
+    stats also hold clip, cd_passes, refit and cd_changed (codes changed per pass).
     """
     t0 = time.perf_counter()
     _check_weight(W, bits, group_size, what=f"W of {name!r}" if name else "W")
@@ -175,6 +251,8 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
         raise ValueError(f"gptq_quantize({name!r}): H has NaN or Inf entries")
     if not isinstance(block_size, int) or block_size <= 0:
         raise ValueError(f"block_size={block_size!r}: expected a positive int")
+    if not isinstance(cd_passes, int) or isinstance(cd_passes, bool) or cd_passes < 0:
+        raise ValueError(f"cd_passes={cd_passes!r}: expected an int >= 0")
     if act_order and not static_groups:
         raise ValueError("act_order=True needs static_groups=True (dynamic groups in permuted order need a g_idx)")
     if not static_groups and block_size % group_size != 0:
@@ -184,21 +262,24 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
     dev = W.device
 
     Hd = H.detach().to(dev, torch.float64 if H.dtype == torch.float64 else torch.float32)
-    Hd = (Hd + Hd.T) / 2                                              # (n, n), symmetric
-    Wf = W.detach().to(torch.float32).clone()                         # (m, n)
+    Hd = (Hd + Hd.T) / 2                                              # (n, n), symmetric, undamped
+    W0 = W.detach().to(torch.float32).clone()                         # (m, n), original order
     dead = torch.diagonal(Hd) == 0
     if bool(dead.any()):
         Hd[dead, dead] = 1.0
-        Wf[:, dead] = 0.0
+        W0[:, dead] = 0.0
 
     G = n // group_size
-    scales, zeros = fit_groups(Wf, bits, group_size)                  # static grid, original order
-    perm = None
-    if act_order:
-        perm = torch.argsort(torch.diagonal(Hd), descending=True, stable=True)
-        Wf = Wf[:, perm]
-        Hd = Hd[perm][:, perm]
-    V, lam, retries = _upper_factor(Hd, damp, name)
+    perm = torch.argsort(torch.diagonal(Hd), descending=True, stable=True) if act_order else None
+    Hp = Hd if perm is None else Hd[perm][:, perm]                   # (n, n), GPTQ's column order
+    V, lam, retries = _upper_factor(Hp, damp, name)
+    d = torch.diagonal(V).to(torch.float32) ** 2                      # (n,) GPTQ's error weight per column (clip)
+    if clip:
+        fit = lambda A, w: fit_groups_clipped(A, bits, group_size, w)                           # noqa: E731
+    else:
+        fit = lambda A, w: fit_groups(A, bits, group_size)                                      # noqa: E731
+    if static_groups:                                                 # static grid, original order
+        scales, zeros = fit(W0, d if perm is None else d[torch.argsort(perm)])
     # Column i is rounded at w̃_i = base_i + Σ_{k<i} r_k C[k, i] with r_k = base_k − ŵ_k, where either
     #  LDLQ form (static grid): base = the original w, C[k, i] = V[k, i]/V_ii;
     #  GPTQ form (dynamic grid, whose groups are fitted on GPTQ's partially updated columns, which the LDLQ form
@@ -212,7 +293,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
     C = C.to(torch.float32)                                           # (n, n) upper, diagonal unused
 
     # Work transposed: column i of W is the contiguous row Wt[i] (m,).
-    Wt = Wf.T.contiguous()                                            # (n, m), updated in place
+    Wt = (W0 if perm is None else W0[:, perm]).T.contiguous()         # (n, m), updated in place
     W0t = Wt.clone() if static_groups else Wt                         # (n, m), the original (LDLQ form)
     Qt = torch.empty_like(Wt)                                         # codes, as float
     if static_groups:
@@ -233,21 +314,24 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
         R1 = torch.zeros_like(W1)                                     # (c, m) residuals r_k
         RT = R1.T                                                     # (m, c) view for the matrix-vector products
         rows = list(zip(W1.unbind(0), W0t[i1:i2].unbind(0), St[i1:i2].unbind(0), Zt[i1:i2].unbind(0),
-                        Qt[i1:i2].unbind(0), R1.unbind(0), L1.unbind(0)))   # per-column views, one call each
+                        Qt[i1:i2].unbind(0), R1.unbind(0)))         # per-column views, one call each
         for j1 in range(0, i2 - i1, _SUB):                            # sub-blocks: W1[j1:] has all updates < j1
             j2 = min(j1 + _SUB, i2 - i1)
+            RTs = RT[:, j1:j2]                                        # (m, k) the sub-block's r_k, 0 until computed
+            Ls = L1[j1:j2, j1:j2].unbind(0)                           # row i − j1: C[j1:j2, i], 0 below the diagonal
             for i in range(j1, j2):
-                w, w0, s, z, q, r, l = rows[i]
+                w, w0, s, z, q, r = rows[i]
                 col = i1 + i
                 if not static_groups and col % group_size == 0:       # fit the group on the updated weights
                     Wg = W1[i:i + group_size] + L1[i:i + group_size, j1:i] @ R1[j1:i]      # (g, m) GPTQ form
-                    s16, z8 = fit_groups(Wg.T, bits, group_size)
+                    s16, z8 = fit(Wg.T, d[col:col + group_size])
                     gi = col // group_size
                     scales[:, gi], zeros[:, gi] = s16[:, 0], z8[:, 0]
                     St[col:col + group_size] = s16.float().T          # s, z are views of these rows
                     Zt[col:col + group_size] = z8.float().T
                 if i > j1:                                            # (m,) column i after the in-block updates:
-                    w = torch.addmv(w, RT[:, j1:i], l[j1:i])          #   w̃_i += Σ_{j1<=k<i} r_k C[k, i]
+                    w = torch.addmv(w, RTs, Ls[i - j1])               #   w̃_i += Σ_{j1<=k<i} r_k C[k, i] (no slices:
+                                                                      #   the terms k >= i are 0 as r_k is still 0)
                 torch.div(w, s, out=q)                                # q = clamp(round(w/s) + z, 0, maxq):
                 q.round_().add_(z).clamp_(0.0, fmaxq)                 #   _round_codes, in place
                 torch.sub(q, z, out=r)
@@ -262,11 +346,143 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
     if perm is not None:
         codes = codes[:, torch.argsort(perm)]
     state = QuantState(codes.to(torch.uint8).contiguous(), scales, zeros, bits, group_size)
+    changed = []
+    if cd_passes or refit:
+        H32 = Hd.to(torch.float32)                                    # (n, n) undamped, symmetric, original order
+        Hp32 = H32 if perm is None else Hp.to(torch.float32)          # the same in GPTQ's column order
+    for _ in range(cd_passes):                                        # polish: codes (CD), then scales (refit)
+        state = _coordinate_descent(W0, state, Hp32, 1, perm, block_size)
+        changed += state.stats["cd_changed"]
+        if refit:
+            state = refit_scales(W0, state, H32)
+    if refit and cd_passes == 0:
+        state = refit_scales(W0, state, H32)
     state.stats = {"method": "gptq", "name": name, "damp": lam, "retries": retries, "dead": int(dead.sum()),
-                   "act_order": act_order, "static_groups": static_groups, "time_s": time.perf_counter() - t0}
+                   "act_order": act_order, "static_groups": static_groups, "clip": clip, "cd_passes": cd_passes,
+                   "refit": refit, "cd_changed": changed, "time_s": time.perf_counter() - t0}
     if measure:
         state.stats["out_err"], state.stats["rel_err"] = output_error(W.detach(), state.dequantize(), H.detach())
     return state
+
+
+def coordinate_descent(W: torch.Tensor, state: QuantState, H: torch.Tensor, passes: int = 1,
+                       order: torch.Tensor | None = None, block_size: int = 128) -> QuantState:
+    """QuantEase (Behdin et al. 2023): cyclic coordinate descent over the codes of `state` on ‖(W − Q)Rᵀ‖², RᵀR = H.
+
+    With all other columns fixed, the error is a parabola in column j (every row at once) with vertex
+    t_j = ŵ_j + (E H)_j / H_jj, E = W − Q. The grid point nearest to t_j (round in code units, clamp to
+    [0, 2^b − 1]) is the exact minimizer over that column's grid, so no step can raise the error (in exact
+    arithmetic; the gradient E H is recomputed from scratch at every pass, so fp32 drift cannot build up).
+    Blocked like GPTQ's lazy updates: inside a block of `block_size` columns each column's gradient takes the
+    changes of the block's earlier columns, and after the block the columns still to come take one (n − i2, c)·(c, m)
+    product: about 1.5 m·n² multiply-adds per pass. Columns in `order` (a permutation; default 0..n−1). Scales
+    and zeros are kept. Needs diag H > 0. stats: cd_changed (codes changed in each pass); stops early after a
+    pass that changes nothing.
+    """
+    m, n = state.shape
+    if tuple(W.shape) != (m, n) or tuple(H.shape) != (n, n):
+        raise ValueError(f"coordinate_descent: W {tuple(W.shape)} and H {tuple(H.shape)} do not match the "
+                         f"state's ({m}, {n})")
+    Hf = H.detach().to(state.codes.device, torch.float32)
+    Hf = (Hf + Hf.T) / 2
+    if order is not None:
+        Hf = Hf[order][:, order]                                       # (n, n) in visiting order
+    if not bool((torch.diagonal(Hf) > 0).all()):
+        raise ValueError("coordinate_descent: H has a diagonal entry <= 0 (give dead inputs H_ii = 1)")
+    return _coordinate_descent(W, state, Hf, passes, order, block_size)
+
+
+def _coordinate_descent(W, state: QuantState, Hf: torch.Tensor, passes: int, order, block_size: int) -> QuantState:
+    """coordinate_descent with Hf already float32, symmetric, with a positive diagonal and in visiting order."""
+    g, maxq = state.group_size, float(2 ** state.bits - 1)
+    rowed = lambda t: (t.T if order is None else t.T[order]).contiguous()                        # noqa: E731
+    St = rowed(state.scales.float().repeat_interleave(g, 1))          # (n, m), column j's scales as row j
+    Zt = rowed(state.zeros.float().repeat_interleave(g, 1))
+    Ut = rowed(state.codes.float()) - Zt                              # (n, m) u = q − z, updated in place
+    W0t = rowed(W.detach().float())
+    lo, hi = -Zt, maxq - Zt                                           # code range in u units
+    inv = 1.0 / (torch.diagonal(Hf)[:, None] * St)                    # (n, m) 1/(H_jj·s): gradient -> code units
+    changed = []
+    for _ in range(passes):
+        Gt = Hf @ (W0t - Ut * St)                                     # (n, m) = ((W − Q) H)ᵀ, ŵ as _dequant
+        changed.append(_cd_pass(Ut, St, lo, hi, inv, Gt, Hf, block_size))
+        if changed[-1] == 0:
+            break
+    codes = Ut + Zt
+    if order is not None:
+        codes = codes[torch.argsort(order)]
+    return QuantState(codes.T.round().to(torch.uint8).contiguous(), state.scales, state.zeros, state.bits, g,
+                      {"method": "cd", "cd_changed": changed})
+
+
+def _cd_pass(Ut, St, lo, hi, inv, Gt, Hf, block_size: int) -> int:
+    """One coordinate-descent pass over the rows of Ut (n, m) in place (see coordinate_descent); Gt (n, m) is the
+    gradient (E H)ᵀ on entry, kept current for the columns not yet visited. Returns the number of codes changed."""
+    n = Ut.shape[0]
+    changed = 0
+    for i1 in range(0, n, block_size):
+        i2 = min(i1 + block_size, n)
+        Gb = Gt[i1:i2].clone()                                        # (c, m) the block's gradient, kept current
+        Db = torch.zeros_like(Gb)                                     # (c, m) changes ŵ_new − ŵ_old
+        DT = Db.T                                                     # (m, c) view for the matrix-vector products
+        Hb = Hf[i1:i2, i1:i2]
+        HbN = -Hb                                                     # (c, c) symmetric: row j is −H[:, j]
+        rows = list(zip(Gb.unbind(0), Db.unbind(0), Ut[i1:i2].unbind(0), inv[i1:i2].unbind(0),
+                        St[i1:i2].unbind(0), lo[i1:i2].unbind(0), hi[i1:i2].unbind(0)))
+        for j1 in range(0, i2 - i1, _SUB):
+            j2 = min(j1 + _SUB, i2 - i1)
+            DTs = DT[:, j1:j2]                                        # (m, k) the sub-block's δ_k, 0 until computed
+            Hs = HbN[j1:j2, j1:j2].unbind(0)
+            for j in range(j1, j2):
+                gj, dj, u, iv, s, l, h = rows[j]
+                if j > j1:                                            # E_k −= δ_k  =>  (EH)_j −= Σ_{k<j} δ_k H_kj
+                    gj = torch.addmv(gj, DTs, Hs[j - j1])             #   (no slices: δ_k = 0 for k >= j)
+                x = torch.addcmul(u, gj, iv)                          # vertex t_j in code units: u + (EH)_j/(H_jj s)
+                x.round_().clamp_(l, h)                               # nearest grid point
+                torch.sub(x, u, out=dj)                               # Δu
+                dj.mul_(s)                                            # δ_j = ŵ_new − ŵ_old = Δu·s (exact)
+            if j2 < i2 - i1:
+                Gb[j2:].addmm_(Hb[j2:, j1:j2], Db[j1:j2], alpha=-1.0)
+        Ut[i1:i2] += Db / St[i1:i2]                                   # Δu = δ/s, exact: δ is an exact product
+        if i2 < n:                                                    # the pass's later columns take the changes
+            Gt[i2:].addmm_(Hf[i2:, i1:i2], Db, alpha=-1.0)            # (earlier ones: next pass recomputes Gt)
+        changed += int(torch.count_nonzero(Db))
+    return changed
+
+
+def refit_scales(W: torch.Tensor, state: QuantState, H: torch.Tensor) -> QuantState:
+    """Least-squares group scales for fixed codes: per output row, the scales s (G,) minimizing ‖(w − ŵ)Rᵀ‖² with
+    ŵ = s_a·u on group a, u = q − z (RᵀR = H): the G×G normal equations M s = b, M_ab = u_a H_ab u_bᵀ,
+    b_a = u_a H_a: wᵀ (the grid step of alternating minimization, Lloyd's update for a uniform grid, here under
+    the layer's output metric instead of the weights'). The scales are stored in fp16; a row takes its new scales
+    only where that lowers its error, so the error never rises (groups with u = 0, or a non-positive solution,
+    keep theirs). Codes and zeros are kept. About one m·n² product.
+    """
+    m, n = state.shape
+    g = state.group_size
+    G = n // g
+    dev = state.codes.device
+    Hf = H.detach().to(dev, torch.float32)
+    Wf = W.detach().to(dev, torch.float32)
+    Uf = state.codes.float() - state.zeros.float().repeat_interleave(g, 1)          # (m, n) u = q − z
+    b = (Uf * (Wf @ Hf)).reshape(m, G, g).sum(-1)                     # (m, G) b_a = u_a·(H wᵀ)_a
+    M = torch.zeros(m, G, G, device=dev)
+    for a in range(G):                                                # upper triangle, then mirrored
+        P = Uf[:, a * g:(a + 1) * g] @ Hf[a * g:(a + 1) * g, a * g:]  # (m, n − a·g) u_a H_ab for b >= a
+        M[:, a, a:] = P.mul_(Uf[:, a * g:]).reshape(m, G - a, g).sum(-1)
+    M, b = M.double(), b.double()
+    M = M + M.triu(1).transpose(1, 2)                                 # (m, G, G) symmetric
+    active = torch.diagonal(M, dim1=1, dim2=2) > 0                    # (m, G) groups with some u != 0
+    eye = torch.diag_embed((~active).double())
+    s, info = torch.linalg.solve_ex(M + eye, b.unsqueeze(-1))          # inactive groups: s = b_a = 0
+    old = state.scales.double()
+    s = s[..., 0]
+    ok = active & torch.isfinite(s) & (s > 0) & (info == 0)[:, None]
+    new = torch.where(ok, s, old).clamp(_FP16_TINY, _FP16_MAX).half()               # (m, G) stored scales
+    dn = new.double() - old                                           # err(new) − err(old) = dnᵀ(M(new+old) − 2b)
+    gain = (dn * ((M @ (new.double() + old).unsqueeze(-1))[..., 0] - 2 * b)).sum(-1)
+    scales = torch.where((gain < 0)[:, None], new, state.scales)
+    return QuantState(state.codes, scales, state.zeros, state.bits, g, {"method": "refit"})
 
 
 # --------------------------------------------------------------------------------------------- MagR

@@ -79,9 +79,10 @@ def test_gptq_with_diagonal_H_equals_rtn_exactly(bits, act_order):
     g = torch.Generator().manual_seed(2)
     rtn = gptq.quantize_rtn(W, bits, 32)
     for H in (torch.eye(128), torch.diag(torch.rand(128, generator=g) + 0.1)):
-        s = gptq.gptq_quantize(W, H, bits, 32, block_size=48, act_order=act_order)
-        assert torch.equal(s.codes, rtn.codes) and torch.equal(s.scales, rtn.scales)
-        assert torch.equal(s.zeros, rtn.zeros)
+        for cd in (0, 2):                                                             # CD's vertex is w itself
+            s = gptq.gptq_quantize(W, H, bits, 32, block_size=48, act_order=act_order, cd_passes=cd)
+            assert torch.equal(s.codes, rtn.codes) and torch.equal(s.scales, rtn.scales)
+            assert torch.equal(s.zeros, rtn.zeros)
     dyn = gptq.gptq_quantize(W, torch.eye(128), bits, 32, block_size=64, static_groups=False)
     assert torch.equal(dyn.codes, rtn.codes) and torch.equal(dyn.scales, rtn.scales)
 
@@ -139,7 +140,9 @@ def test_gptq_block_size_does_not_change_the_result_much():
         assert (Q != ref).float().mean() < 0.01                                        # rounding ties only
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(act_order=True), dict(static_groups=False, block_size=32)])
+@pytest.mark.parametrize("kw", [dict(), dict(act_order=True), dict(static_groups=False, block_size=32),
+                                dict(act_order=True, clip=True, cd_passes=2, refit=True),
+                                dict(static_groups=False, block_size=32, clip=True, cd_passes=1, refit=True)])
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_every_group_uses_at_most_2_to_the_b_values(bits, kw):
     g = 16
@@ -148,7 +151,8 @@ def test_every_group_uses_at_most_2_to_the_b_values(bits, kw):
     Q = s.dequantize().reshape(12, 64 // g, g)
     for row in Q.reshape(-1, g):
         assert row.unique().numel() <= 2 ** bits
-    assert int(s.codes.max()) <= 2 ** bits - 1
+    assert s.codes.dtype == torch.uint8 and int(s.codes.max()) <= 2 ** bits - 1
+    assert int(s.zeros.max()) <= 2 ** bits - 1 and bool((s.scales.float() > 0).all())
 
 
 def test_act_order_keeps_the_static_grid_of_the_original_order():
@@ -204,8 +208,144 @@ def test_bad_arguments_raise():
         gptq.gptq_quantize(W, torch.eye(32), 4, 32)
     with pytest.raises(ValueError, match="act_order"):
         gptq.gptq_quantize(W, torch.eye(64), 4, 32, act_order=True, static_groups=False)
+    for cd in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="cd_passes"):
+            gptq.gptq_quantize(W, torch.eye(64), 4, 32, cd_passes=cd)
+    with pytest.raises(ValueError, match="shrink"):
+        gptq.fit_groups_clipped(W, 4, 32, shrink=(0.9, 1.0))
+    with pytest.raises(ValueError, match="weight"):
+        gptq.fit_groups_clipped(W, 4, 32, weight=torch.ones(32))
+    with pytest.raises(ValueError, match="diagonal"):
+        gptq.coordinate_descent(W, gptq.quantize_rtn(W, 4, 32), torch.zeros(64, 64))
     with pytest.raises(ValueError, match=r"\[0, 3\]"):
         gptq.pack_codes(torch.full((5,), 4, dtype=torch.uint8), 2)
+
+
+# --------------------------------------------------------------------------------------------- GPTQ options
+def weighted_group_err(W, s, wt):
+    """Σ_i wt_i (w_i − ŵ_i)² per group, fp64. (m, G)"""
+    g = s.group_size
+    E = (W.double() - s.dequantize().double()) ** 2 * wt.double()
+    return E.reshape(W.shape[0], -1, g).sum(-1)
+
+
+@FAST
+@given(bits=st.sampled_from([2, 3, 4]), g=st.sampled_from([8, 16, 32]), seed=st.integers(0, 2 ** 16),
+       outlier=st.sampled_from([0.0, 4.0, 20.0]), weighted=st.booleans())
+def test_clip_search_never_loses_to_minmax(bits, g, seed, outlier, weighted):
+    """The clipped grid's weighted rounding error per group is at most min–max's (p = 1 is a candidate), and the
+    Lloyd polish never raises it over the grid search alone."""
+    m, n = 6, 2 * g
+    W = rand_W(m, n, seed)
+    W[:, 3] *= 1 + outlier                                                            # an outlier column
+    gen = torch.Generator().manual_seed(seed + 1)
+    wt = torch.rand(n, generator=gen) ** 3 * 10 if weighted else torch.ones(n)
+    sc, zc = gptq.fit_groups_clipped(W, bits, g, wt if weighted else None)
+    s0, z0 = gptq.fit_groups(W, bits, g)
+    maxq = 2 ** bits - 1
+    Wg = W.reshape(m, n // g, g)
+    def st_(s, z):                                                                    # RTN on the grid (s, z)
+        q = gptq._round_codes(Wg, s.float()[..., None], z.float()[..., None], maxq)
+        return gptq.QuantState(q.reshape(m, n).to(torch.uint8), s, z, bits, g)
+    e_clip, e_mm = weighted_group_err(W, st_(sc, zc), wt), weighted_group_err(W, st_(s0, z0), wt)
+    assert (e_clip <= e_mm * (1 + 1e-5) + 1e-12).all()
+    assert sc.dtype == torch.float16 and zc.dtype == torch.uint8 and int(zc.max()) <= maxq
+    e_grid = weighted_group_err(W, st_(*gptq.fit_groups_clipped(W, bits, g, wt if weighted else None, polish=0)), wt)
+    assert (e_clip <= e_grid * (1 + 1e-5) + 1e-12).all()
+    only_p1 = gptq.fit_groups_clipped(W, bits, g, wt, shrink=(1.0,), polish=0)       # p = 1 alone is min–max
+    assert torch.equal(only_p1[0], s0) and torch.equal(only_p1[1], z0)
+    if outlier >= 20.0:                                                               # a lone outlier: clipping wins
+        assert e_clip.sum() < e_mm.sum()
+
+
+@settings(max_examples=6, deadline=None, derandomize=True)
+@given(seed=st.integers(0, 2 ** 16), bits=st.sampled_from([2, 3, 4]), act_order=st.booleans(),
+       refit=st.booleans(), clip=st.booleans())
+def test_cd_passes_never_raise_the_output_error(seed, bits, act_order, refit, clip):
+    """GPTQ, then k passes of coordinate descent (each followed by a scale refit or not): each run extends the
+    previous one's steps, and the error never rises in k."""
+    H, W = correlated_H(64, seed, outliers=1.0), rand_W(12, 64, seed + 1)
+    errs = [layer_err(W, gptq.gptq_quantize(W, H, bits, 16, block_size=32, act_order=act_order, clip=clip,
+                                            cd_passes=k, refit=refit and k > 0).dequantize(), H) for k in range(4)]
+    assert all(b <= a * (1 + 1e-6) for a, b in zip(errs, errs[1:])), errs
+    assert errs[-1] < errs[0]                                                         # and it does something
+
+
+def test_cd_converges_to_a_coordinatewise_minimum():
+    """After CD stops changing codes, no single code moved by ±1 (within range) lowers a row's error: dense check."""
+    bits, g = 3, 8
+    H, W = correlated_H(32, 21), rand_W(5, 32, 22)
+    s = gptq.gptq_quantize(W, H, bits, g, block_size=16)
+    c = gptq.coordinate_descent(W, s, H, passes=50, block_size=16)
+    assert c.stats["cd_changed"][-1] == 0 and sum(c.stats["cd_changed"]) > 0
+    Hd = H.double()
+    row_err = lambda Q: (((W.double() - Q) @ Hd) * (W.double() - Q)).sum(-1)       # noqa: E731  (m,)
+    base = row_err(c.dequantize().double())
+    for j in range(32):
+        for step in (-1, 1):
+            codes = c.codes.clone().to(torch.int16)
+            codes[:, j] += step
+            ok = (codes[:, j] >= 0) & (codes[:, j] <= 2 ** bits - 1)
+            moved = gptq.QuantState(codes.clamp(0, 2 ** bits - 1).to(torch.uint8), c.scales, c.zeros, bits, g)
+            e = row_err(moved.dequantize().double())
+            assert (e[ok] >= base[ok] * (1 - 1e-6)).all(), (j, step)
+
+
+def test_refit_scales_is_the_row_least_squares_solution():
+    """With the codes fixed, refit_scales gives each row the least-squares scales (fp16), found densely through
+    an explicit root R; it never raises a row's error, and it cannot improve on its own result."""
+    bits, g, m, n = 4, 16, 6, 64
+    H, W = correlated_H(n, 23), rand_W(m, n, 24)
+    s = gptq.gptq_quantize(W, H, bits, g)
+    off = gptq.QuantState(s.codes, (s.scales.float() * 1.3).half(), s.zeros, bits, g)   # scales deliberately off
+    r = gptq.refit_scales(W, off, H)
+    assert torch.equal(r.codes, off.codes) and torch.equal(r.zeros, off.zeros)
+    lam, U = torch.linalg.eigh(H.double())
+    R = lam.clamp(min=0).sqrt()[:, None] * U.T                                       # RᵀR = H
+    u = (s.codes.double() - s.zeros.double().repeat_interleave(g, 1))                # (m, n)
+    for i in range(m):
+        A = torch.zeros(n, n // g, dtype=torch.float64)                              # ŵ_i = A s
+        for a in range(n // g):
+            A[a * g:(a + 1) * g, a] = u[i, a * g:(a + 1) * g]
+        sol = torch.linalg.lstsq(R @ A, R @ W[i].double()).solution
+        assert torch.allclose(r.scales[i].double(), sol, rtol=2e-3)                   # fp16 rounding of the LS
+    e_off = layer_err(W, off.dequantize(), H)
+    e_r = layer_err(W, r.dequantize(), H)
+    assert e_r < 0.9 * e_off and e_r <= layer_err(W, s.dequantize(), H) * (1 + 1e-6)
+    again = gptq.refit_scales(W, r, H)
+    assert layer_err(W, again.dequantize(), H) <= e_r * (1 + 1e-6)
+
+
+
+@FAST
+@given(seed=st.integers(0, 2 ** 16), bits=st.sampled_from([2, 3, 4]))
+def test_refit_scales_never_raises_a_row_error(seed, bits):
+    """Arbitrary codes (often anti-aligned with W, so some least-squares scales come out negative and are kept
+    at their old value): every row's error is at most what it was."""
+    g, m, n = 8, 8, 32
+    gen = torch.Generator().manual_seed(seed)
+    H, W = correlated_H(n, seed), rand_W(m, n, seed + 1)
+    maxq = 2 ** bits - 1
+    s = gptq.QuantState(torch.randint(0, maxq + 1, (m, n), generator=gen, dtype=torch.uint8),
+                        (torch.rand(m, n // g, generator=gen) * 0.02 + 1e-3).half(),
+                        torch.randint(0, maxq + 1, (m, n // g), generator=gen, dtype=torch.uint8), bits, g)
+    r = gptq.refit_scales(W, s, H)
+    def row_err(st_):                                                                 # (m,) fp64
+        E = W.double() - st_.dequantize().double()
+        return ((E @ H.double()) * E).sum(-1)
+    assert (row_err(r) <= row_err(s) * (1 + 1e-9) + 1e-15).all()
+
+
+def test_options_are_deterministic_and_default_off():
+    H, W = correlated_H(64, 25), rand_W(10, 64, 26)
+    kw = dict(act_order=True, clip=True, cd_passes=2, refit=True)
+    a, b = gptq.gptq_quantize(W, H, 3, 16, **kw), gptq.gptq_quantize(W, H, 3, 16, **kw)
+    assert torch.equal(a.codes, b.codes) and torch.equal(a.scales, b.scales) and torch.equal(a.zeros, b.zeros)
+    assert a.stats["clip"] and a.stats["refit"] and len(a.stats["cd_changed"]) == 2
+    plain = gptq.gptq_quantize(W, H, 3, 16)
+    off = gptq.gptq_quantize(W, H, 3, 16, clip=False, cd_passes=0, refit=False)
+    assert torch.equal(plain.codes, off.codes) and plain.stats["cd_changed"] == []
+    assert a.stats["rel_err"] < plain.stats["rel_err"]
 
 
 # --------------------------------------------------------------------------------------------- MagR
@@ -317,6 +457,10 @@ def test_save_load_roundtrip_is_bitwise(tmp_path):
 def test_cuda_path_matches_cpu_grid():
     W, H = rand_W(64, 128, 0), correlated_H(128, 0)
     s = gptq.gptq_quantize(W.cuda(), H.cuda(), 3, 64)
+    kw = dict(act_order=True, clip=True, cd_passes=2, refit=True)
+    so, so_cpu = gptq.gptq_quantize(W.cuda(), H.cuda(), 3, 64, **kw), gptq.gptq_quantize(W, H, 3, 64, **kw)
+    assert so.codes.is_cuda and abs(so.stats["rel_err"] / so_cpu.stats["rel_err"] - 1) < 1e-3
+    assert (so.codes.cpu() != so_cpu.codes).float().mean() < 0.01                    # rounding ties only
     assert s.codes.is_cuda and s.stats["rel_err"] < gptq.output_error(W, gptq.quantize_rtn(W, 3, 64).dequantize(), H)[1]
     r = gptq.quantize_rtn(W.cuda(), 3, 64)
     assert torch.equal(r.codes.cpu(), gptq.quantize_rtn(W, 3, 64).codes)
