@@ -60,6 +60,10 @@ class TrainConfig:
     qa_init: bool | None = None         # quantization-aware values (LoRA: CLoQ) or zero (LoRA: A random, B 0); default on, off for loca
     swap_rounds: int = qwha.SWAP_ROUNDS_DEFAULT  # QWHA: exchange-search rounds after refinement (0: the paper's plain init)
     magr: bool = False                  # MagR preprocessing before GPTQ
+    act_order: bool = True              # GPTQ: columns by decreasing diag H (static groups, no g_idx)
+    gptq_clip: bool = True              # GPTQ: per-group clipped-range grid search (gptq.fit_groups_clipped)
+    gptq_cd_passes: int = 2             # GPTQ: coordinate-descent passes over the codes after GPTQ (0: none)
+    gptq_refit: bool = True             # GPTQ: least-squares scale refit after each CD pass
     data: str | None = None             # JSON/JSONL (alpaca, gsm8k, prompt/response) or .txt; None: demo GSM8K
     eval_data: str | None = None        # held-out file; None: --n-eval examples split off --data
     n_eval: int | None = None           # held-out examples (default 64; demo 16)
@@ -94,7 +98,7 @@ class TrainConfig:
 RESUME_KEYS = ("model", "bits", "group_size", "rank", "temperature", "adapter", "transform_dims", "select", "refine",
                "qa_init", "swap_rounds", "magr", "data", "eval_data", "n_eval", "calib",
                "n_calib", "calib_len", "steps", "epochs", "lr", "warmup", "weight_decay", "batch_size", "grad_accum",
-               "clip", "max_len", "seed", "dtype")
+               "clip", "max_len", "seed", "dtype", "act_order", "gptq_clip", "gptq_cd_passes", "gptq_refit")
 
 
 def parse_args(argv=None) -> TrainConfig:
@@ -158,6 +162,8 @@ def validate(cfg: TrainConfig) -> model_lib.ModelConfig:
         raise ValueError(f"--bits {cfg.bits}: expected one of {gptq.SUPPORTED_BITS}")
     if cfg.swap_rounds < 0:
         raise ValueError(f"--swap-rounds {cfg.swap_rounds}: expected 0 (no exchange search) or more rounds")
+    if cfg.gptq_cd_passes < 0:
+        raise ValueError(f"--gptq-cd-passes {cfg.gptq_cd_passes}: expected 0 (plain GPTQ codes) or more passes")
     mc = model_lib.ModelConfig.from_json(folder / "config.json")
     for name, (m, n) in block_shapes(mc).items():
         if cfg.group_size <= 0 or n % cfg.group_size:
@@ -245,7 +251,8 @@ def quantize(model, hessians, cfg: TrainConfig, log) -> dict[str, torch.Tensor]:
             H = hessians[name].to(W.device)
             Wf = W.float()
             Wq = gptq.magr(Wf, H, group_size=cfg.group_size) if cfg.magr else Wf
-            state = gptq.gptq_quantize(Wq, H, cfg.bits, cfg.group_size, name=name)
+            state = gptq.gptq_quantize(Wq, H, cfg.bits, cfg.group_size, act_order=cfg.act_order, clip=cfg.gptq_clip,
+                                       cd_passes=cfg.gptq_cd_passes, refit=cfg.gptq_refit, name=name)
             ql = gptq.QuantLinear.from_state(state, bias=lin.bias)
         originals[name] = W.cpu()
         model_lib.set_module(model, name, ql)
@@ -293,7 +300,9 @@ def init_adapters(model, hessians, originals, cfg: TrainConfig, log) -> dict:
 def save_base(model, path: Path, cfg: TrainConfig) -> None:
     layers = {n: model_lib.get_module(model, n) for n in model_lib.linear_names(model)}
     layers = {n: getattr(m, "base", m) for n, m in layers.items()}
-    meta = {"model": cfg.model, "bits": cfg.bits, "group_size": cfg.group_size, "magr": cfg.magr}
+    meta = {"model": cfg.model, "bits": cfg.bits, "group_size": cfg.group_size, "magr": cfg.magr,
+            "act_order": cfg.act_order, "gptq_clip": cfg.gptq_clip, "gptq_cd_passes": cfg.gptq_cd_passes,
+            "gptq_refit": cfg.gptq_refit}
     data.atomic_write(path, lambda p: gptq.save_quantized(p, layers, meta))
 
 
