@@ -5,7 +5,8 @@ METHOD.md, eqs. 4–9 and 33–35, in PyTorch's orientation (y = x Wᵀ, W ∈ R
   objective      min_F ‖(E − F T) Rᵀ‖_F,  E = W − Q, RᵀR = H = XᵀX/N                                 (eq. 5)
   dense solution C = E Tᵀ (spectrum), G = T H Tᵀ (H in the Hadamard domain)
   AdaAlloc       k_i = ⌊B σ_i^{1/t} / Σ_j σ_j^{1/t}⌋, remainder one each to the smallest k_i, 2 ≤ k_i ≤ n    (eq. 7)
-  selection      per row, the k_i largest C_ij²·G_jj (output-error contribution; authors' code) or |C_ij|
+  selection      per row, the k_i largest C_ij²·G_jj (output-error contribution; authors' code) or |C_ij|;
+                 or, beyond the paper, a per-row greedy (orthogonal matching pursuit, select_greedy) with the same k_i
   refinement     per row, f·G[Ω,Ω] = P[i,Ω] with P = E H Tᵀ = C G                                      (eqs. 9, 35)
 
 All math functions are pure (tensor in, tensor out). The support of F is a (2, B) LongTensor [row, col] in
@@ -36,14 +37,21 @@ from torch import nn
 import wht
 
 __all__ = [
-    "spectrum", "hadamard_hessian", "channel_scores", "adaalloc", "select_topk", "select_support", "refine",
-    "swap_search",
+    "spectrum", "hadamard_hessian", "channel_scores", "adaalloc", "select_topk", "select_greedy", "greedy_targets",
+    "select_support", "refine",
+    "swap_search", "layer_problem", "LayerProblem",
     "layer_error", "init_layer", "init_layer_full", "LayerInit", "WHALinear", "adapters", "init_qwha",
     "save_adapters", "load_adapters", "format_report",
 ]
 
 SELECT_MODES = ("adaalloc", "magnitude", "random", "random_rows", "none")
+RULES = ("output", "magnitude", "greedy")    # per-row selection rules of select='adaalloc'
 SWAP_ROUNDS_DEFAULT = 2   # init_qwha's exchange-search rounds (issue 9; see init_qwha)
+GREEDY_STEPS = 8          # steps of the greedy rule (select_greedy)
+RULE_DEFAULT = "output"   # init_qwha's per-row selection (see init_qwha)
+CHUNK_BYTES = 1 << 22     # gathered (k, k) float64 blocks per batched solve: a few MB stay in cache (issue 6)
+FP32_MIN_K = 128          # blocks of at least this size are factored in float32 (see refine)
+FP32_MAX_PIVOT_SPREAD = 100.0  # float32 factors whose diagonal spreads more (so cond ≥ 10⁴) are redone in float64
 
 
 # ---------------------------------------------------------------------------------------------- spectrum
@@ -166,41 +174,108 @@ def _scores_matrix(C: torch.Tensor, G: torch.Tensor | None, rule: str) -> torch.
         return C.square() * G.diagonal()[None, :]        # C_ij² G_jj: contribution to the output error
     if rule == "magnitude":
         return C.abs()
-    raise ValueError(f"selection rule must be 'output' or 'magnitude', got {rule!r}")
+    raise ValueError(f"selection rule must be one of {RULES} ('greedy' with select='adaalloc'), got {rule!r}")
+
+
+def _topk_rows(S: torch.Tensor, k: torch.Tensor, row0: int = 0, bands: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, cols) (Σk,) of the k_i largest entries of each row of S (R, n); rows numbered from row0. For large k
+    the rows, sorted by k, go in `bands` groups, each with its own largest k (topk's cost grows with k: ~40 % less
+    time at r = 64)."""
+    rows_out, cols_out = [], []
+    banded = S.shape[0] >= 16 * bands and k.numel() and int(k.max()) >= 64
+    for r in torch.argsort(k).tensor_split(bands) if banded else [None]:
+        kr = k if r is None else k[r]
+        kmax = int(kr.max()) if kr.numel() else 0
+        if kmax == 0:
+            continue
+        top = (S if r is None else S.index_select(0, r)).topk(kmax, dim=1).indices     # (R', kmax)
+        keep = torch.arange(kmax, device=S.device)[None, :] < kr[:, None]
+        ids = torch.arange(S.shape[0], device=S.device) if r is None else r
+        rows_out.append((ids + row0)[:, None].expand_as(top)[keep])
+        cols_out.append(top[keep])
+    if not rows_out:
+        return S.new_zeros(0, dtype=torch.long), S.new_zeros(0, dtype=torch.long)
+    return torch.cat(rows_out), torch.cat(cols_out)
+
+
+def _check_k(k: torch.Tensor, m: int, n: int, who: str) -> torch.Tensor:
+    if k.shape != (m,) or (k < 0).any() or (k > n).any():
+        raise ValueError(f"{who}: k must be (m,) = ({m},) with 0 <= k_i <= n = {n}")
+    return k.long()
 
 
 def select_topk(C: torch.Tensor, G: torch.Tensor | None, k: torch.Tensor, rule: str = "output",
                 chunk_rows: int = 4096) -> torch.Tensor:
     """Support (2, Σk) of the k_i largest coefficients of each row of C by C_ij²·G_jj ('output') or |C_ij|."""
     m, n = C.shape
-    k = k.to(device=C.device, dtype=torch.long)
-    if k.shape != (m,) or (k < 0).any() or (k > n).any():
-        raise ValueError(f"select_topk: k must be (m,) = ({m},) with 0 <= k_i <= n = {n}")
-    rows_out, cols_out = [], []
-    for r0 in range(0, m, chunk_rows):
-        S = _scores_matrix(C[r0:r0 + chunk_rows], G, rule)           # (r, n)
-        kc = k[r0:r0 + chunk_rows]
-        kmax = int(kc.max()) if kc.numel() else 0
-        if kmax == 0:
-            continue
-        top = S.topk(kmax, dim=1).indices                             # (r, kmax)
-        keep = torch.arange(kmax, device=C.device)[None, :] < kc[:, None]
-        rows = torch.arange(r0, r0 + S.shape[0], device=C.device)[:, None].expand_as(top)
-        rows_out.append(rows[keep])
-        cols_out.append(top[keep])
-    if not rows_out:
-        return torch.zeros(2, 0, dtype=torch.long, device=C.device)
-    return _csr(torch.cat(rows_out), torch.cat(cols_out), n)
+    k = _check_k(k.to(C.device), m, n, "select_topk")
+    picks = [_topk_rows(_scores_matrix(C[r0:r0 + chunk_rows], G, rule), k[r0:r0 + chunk_rows], r0)
+             for r0 in range(0, m, chunk_rows)]
+    return _csr(torch.cat([p[0] for p in picks]), torch.cat([p[1] for p in picks]), n)
+
+
+def greedy_targets(k: torch.Tensor, steps: int) -> torch.Tensor:
+    """(steps, m) the greedy schedule: row i holds ⌈k_i·(s+1)/steps⌉ coefficients after step s (the last: k_i)."""
+    s = torch.arange(1, steps + 1, device=k.device)[:, None]
+    return (k[None, :] * s + steps - 1) // steps
+
+
+def _gain_scores(P: torch.Tensor, G: torch.Tensor, support: torch.Tensor, f: torch.Tensor,
+                 inv_sd: torch.Tensor) -> torch.Tensor:
+    """|g_ij|/√G_jj (m, n), −inf on the support: g = P − F G, the residual gradient of F (values f on the CSR
+    support). g_j²/G_jj is the exact error decrease of adding j alone with the other values held (one sparse
+    F·G product, B·n)."""
+    m, n = P.shape
+    rows, cols = support
+    F = torch.sparse_coo_tensor(support, f.to(P.dtype), (m, n), is_coalesced=True, check_invariants=False)
+    S = torch.addmm(P, F, G, alpha=-1).abs_().mul_(inv_sd)            # (m, n)
+    S[rows, cols] = -math.inf
+    return S
+
+
+def select_greedy(P: torch.Tensor, G: torch.Tensor, k: torch.Tensor, steps: int = GREEDY_STEPS, *,
+                  chunk_bytes: int = CHUNK_BYTES, fp32_min_k: int | None = FP32_MIN_K) -> torch.Tensor:
+    """Support (2, Σk) by per-row stagewise greedy selection (orthogonal matching pursuit on ‖(e_i − f T_Ω)Rᵀ‖).
+
+    Beyond the paper, whose rows keep their top-k_i coefficients (by C_ij²·G_jj here) and then refine (eq. 9).
+    Each row starts empty; at step s it grows to ⌈k_i·(s+1)/steps⌉ coefficients (`greedy_targets`) by adding the
+    unselected columns of largest g_j²/G_jj, g = P[i] − f·G[Ω,:] the residual gradient of its refined values f,
+    and the support is refined (`refine`) before the next step; steps ≥ max k_i adds one at a time (classic OMP).
+    The same k_i, so the same budget. All rows move together: per step one sparse F·G product (B·n), one top-k
+    over (m, n) and one batched refine (chunked as refine). P = C G and G: the (damped) problem the values solve.
+    The last support is returned unrefined (the caller refines it).
+    """
+    m, n = P.shape
+    if steps < 1:
+        raise ValueError(f"select_greedy: steps must be >= 1, got {steps}")
+    k = _check_k(k.to(P.device), m, n, "select_greedy")
+    targets = greedy_targets(k, steps)
+    adds = torch.diff(targets, dim=0, prepend=torch.zeros_like(k)[None])    # (steps, m) added per step
+    last = max(s for s in range(steps) if adds[s].any()) if k.any() else -1
+    inv_sd = G.diagonal().clamp_min(torch.finfo(G.dtype).tiny).rsqrt()      # 1/√G_jj
+    support = torch.zeros(2, 0, dtype=torch.long, device=P.device)
+    f = torch.zeros(0, dtype=P.dtype, device=P.device)
+    for s in range(last + 1):
+        if not adds[s].any():
+            continue                                                  # rows with k_i < steps skip some steps
+        S = _gain_scores(P, G, support, f, inv_sd)                    # (m, n)
+        rows, cols = _topk_rows(S, adds[s])
+        support = _csr(torch.cat([support[0], rows]), torch.cat([support[1], cols]), n)
+        if s < last:
+            f = _solve_support(P, G, support, chunk_bytes=chunk_bytes, fp32_min_k=fp32_min_k)[0]
+    return support
 
 
 def select_support(C: torch.Tensor, G: torch.Tensor, budget: int, *, select: str = "adaalloc",
                    scores: torch.Tensor | None = None, temperature: float = 1.0, rule: str = "output",
-                   min_per_row: int = 2, generator: torch.Generator | None = None) -> torch.Tensor:
+                   min_per_row: int = 2, generator: torch.Generator | None = None, P: torch.Tensor | None = None,
+                   greedy_steps: int = GREEDY_STEPS) -> torch.Tensor:
     """Support (2, B) of F by one of SELECT_MODES.
 
-    adaalloc: k from `adaalloc(scores, ...)`, then per-row top-k by `rule`. magnitude: top-B over the whole
-    layer by `rule`. random: B positions uniform over the layer (seeded). random_rows: adaalloc's k per row,
-    columns uniform. none: empty support.
+    adaalloc: k from `adaalloc(scores, ...)`, then per row the top-k by `rule` ('output' C_ij²·G_jj, 'magnitude'
+    |C_ij|) or rule='greedy': `select_greedy` with greedy_steps steps on P (default C G). magnitude: top-B over the
+    whole layer by `rule`. random: B positions uniform over the layer (seeded). random_rows: adaalloc's k per
+    row, columns uniform. none: empty support.
     """
     m, n = C.shape
     if select not in SELECT_MODES:
@@ -209,10 +284,16 @@ def select_support(C: torch.Tensor, G: torch.Tensor, budget: int, *, select: str
         return torch.zeros(2, 0, dtype=torch.long, device=C.device)
     if not 0 <= budget <= m * n:
         raise ValueError(f"budget {budget} outside [0, m·n = {m * n}]")
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+    if rule == "greedy" and select == "magnitude":
+        raise ValueError("rule 'greedy' is per row: use it with select='adaalloc', not 'magnitude'")
     if select in ("adaalloc", "random_rows"):
         if scores is None:
             raise ValueError(f"select={select!r} needs channel scores")
         k = adaalloc(scores, budget, temperature, min_per_row, n).to(C.device)
+        if select == "adaalloc" and rule == "greedy":
+            return select_greedy(C @ G if P is None else P, G, k, greedy_steps)
         if select == "adaalloc":
             return select_topk(C, G, k, rule)
         perm = torch.rand(m, n, generator=generator).argsort(dim=1).to(C.device)    # (m, n) random order
@@ -229,66 +310,118 @@ def select_support(C: torch.Tensor, G: torch.Tensor, budget: int, *, select: str
 # ---------------------------------------------------------------------------------------------- refinement
 
 
-def refine(P: torch.Tensor, G: torch.Tensor, support: torch.Tensor, *, chunk_bytes: int = 1 << 27) -> torch.Tensor:
+def refine(P: torch.Tensor, G: torch.Tensor, support: torch.Tensor, *, chunk_bytes: int = CHUNK_BYTES,
+           fp32_min_k: int | None = None) -> torch.Tensor:
     """Least-squares values on a fixed support, eq. 9/35: for each row, f·G[Ω,Ω] = P[i,Ω] (P = C G).
 
-    Batched: rows grouped by k_i, G[Ω,Ω] gathered as (rows, k, k) blocks, one batched Cholesky solve per group
-    and chunk (≤ chunk_bytes of blocks), in float64; blocks whose Cholesky fails fall back to least squares.
-    Returns values (B,) float64 in the support's (CSR) order.
+    Batched: rows grouped by k_i, G[Ω,Ω] gathered as (rows, k, k) blocks, one batched Cholesky (in place) and two
+    triangular solves per group and chunk (≤ chunk_bytes of float64 blocks); rows whose Cholesky fails fall back
+    to least squares. Blocks with k_i ≥ fp32_min_k (default None: none; init_layer_full and select_greedy pass
+    FP32_MIN_K) are gathered and factored in float32, where gather and Cholesky are faster; their values differ
+    from float64's by about eps32·cond(G[Ω,Ω]) (so the normal equations hold only to that), which moves the error
+    ‖(e_i − f T_Ω)Rᵀ‖² only at second order (4e-7 at cond 2·10⁵ in the tests; bench/bench_init.py measures the
+    demo layers). The check: a row whose float32 Cholesky fails, or whose factor's diagonal spreads by more than
+    FP32_MAX_PIVOT_SPREAD (a proof that cond ≥ 10⁴), is re-solved in float64. Returns values (B,) float64 in the
+    support's (CSR) order.
     """
-    return _solve_support(P, G, support, chunk_bytes=chunk_bytes)[0]
+    return _solve_support(P, G, support, chunk_bytes=chunk_bytes, fp32_min_k=fp32_min_k)[0]
+
+
+def _row_chunks(k: torch.Tensor, chunk_bytes: int):
+    """Chunks of the rows with equal k_i = kk > 0, at most chunk_bytes of (kk, kk) float64 blocks each, as
+    (kk, r (R,) row ids, pos (R, kk) their positions in the CSR support). Rows are sorted by k once."""
+    ptr = torch.cumsum(k, 0) - k
+    order = torch.argsort(k, stable=True)
+    sizes, counts = torch.unique_consecutive(k[order], return_counts=True)
+    for kk, rows in zip(sizes.tolist(), order.split(counts.tolist())):
+        if kk == 0:
+            continue
+        ar = torch.arange(kk, device=k.device)
+        for r in rows.split(max(1, chunk_bytes // (kk * kk * 8))):
+            yield kk, r, ptr[r][:, None] + ar
+
+
+def _gather(Gd, Pd, r, c, n):
+    """A = G[Ω,Ω] (R, k, k) in the dtype of the flat Gd (n·n,), b = P[i,Ω] (R, k) from the flat Pd (m·n,)."""
+    kk = c.shape[1]
+    cn = c * n
+    # flat index_select: ~3× faster than 3-D advanced indexing on CPU; int32 positions when n² < 2³¹
+    A = Gd.index_select(0, (cn[:, :, None] + c[:, None, :]).view(-1)).view(-1, kk, kk)
+    b = Pd.index_select(0, (r[:, None] * n + c).view(-1)).view(-1, kk)
+    return A, b
+
+
+def _spd_solve(A, b, overwrite=False):
+    """x·A = b for symmetric blocks A (R, k, k) by Cholesky A = L Lᵀ: (x (R, k) in A's dtype, L, ok (R,) bool).
+    overwrite: factor in place (A becomes L: no copy; A's transpose is the column-major layout LAPACK wants)."""
+    L = A.mT if overwrite else A.mT.clone(memory_format=torch.contiguous_format).mT   # column-major (R, k, k)
+    L, info = torch.linalg.cholesky_ex(L, out=(L, torch.empty(A.shape[0], dtype=torch.int32, device=A.device)))
+    y = torch.linalg.solve_triangular(L, b.to(A.dtype)[..., None], upper=False)      # L y = b
+    x = torch.linalg.solve_triangular(L.mT, y, upper=True)[..., 0]                   # Lᵀ x = y
+    return x, L, (info == 0) & torch.isfinite(x).all(dim=1)
 
 
 def _block_solve(Gd, Pd, r, c, n):
-    """Gather and solve one chunk of rows with equal k: Gd, Pd the flat float64 G (n·n,) and P (m·n,), r (R,) row
-    ids, c (R, k) their support columns. Returns A = G[Ω,Ω] (R,k,k), b = P[i,Ω] (R,k), the solution x (R,k) of
-    x·A = b, the Cholesky factor L (R,k,k) and bad (R,) bool: rows whose Cholesky failed (solved by lstsq)."""
-    kk = c.shape[1]
-    # flat index_select: ~3× faster than 3-D advanced indexing on CPU
-    A = Gd.index_select(0, (c[:, :, None] * n + c[:, None, :]).reshape(-1)).view(-1, kk, kk)  # G[Ω,Ω]
-    b = Pd.index_select(0, (r[:, None] * n + c).reshape(-1)).view(-1, kk)                     # P[i,Ω]
-    L, info = torch.linalg.cholesky_ex(A)
-    x = torch.cholesky_solve(b[..., None], L)[..., 0]                  # (R, k)
-    bad = (info != 0) | ~torch.isfinite(x).all(dim=1)
-    if bad.any():
+    """Gather and solve one chunk of rows with equal k in float64: Gd, Pd the flat G (n·n,) and P (m·n,), r (R,)
+    row ids, c (R, k) their support columns. Returns A = G[Ω,Ω] (R,k,k), b = P[i,Ω] (R,k), the solution x (R,k)
+    of x·A = b and ok (R,) bool: rows solved by Cholesky (the others, singular, by least squares)."""
+    A, b = _gather(Gd, Pd, r, c, n)
+    x, _, ok = _spd_solve(A, b)
+    if not ok.all():
+        bad = ~ok
         x[bad] = torch.linalg.lstsq(A[bad].cpu(), b[bad, :, None].cpu(), driver="gelsd").solution[..., 0].to(x)
-    return A, b, x, L, bad
+    return A, b, x, ok
 
 
-def _solve_support(P, G, support, extra=None, chunk_bytes=1 << 27):
+def _quad(A, x):
+    """Per-row x A xᵀ (R,) for blocks A (R, k, k) and x (R, k) (float64 accumulation)."""
+    return (x.double() * torch.linalg.vecdot(A, x.to(A.dtype)[:, None, :]).double()).sum(1)
+
+
+def _chunk_solve(Gd, Pd, G32, r, c, n, xe):
+    """One chunk of `_solve_support`: (x (R,k) float64, Σ x A xᵀ, Σ xe A xeᵀ or 0). G32 (n·n,) given: gather and
+    factor in float32, x A xᵀ as ‖Lᵀxᵀ‖² (both forms then good to ~1e-6 relative); rows whose float32 Cholesky
+    fails, or whose pivots spread by more than FP32_MAX_PIVOT_SPREAD, are re-solved by `_block_solve` (float64)."""
+    A, b = _gather(Gd if G32 is None else G32, Pd, r, c, n)
+    qx = _quad(A, xe).sum() if xe is not None else 0.0               # before A is overwritten by its factor
+    x, L, ok = _spd_solve(A, b, overwrite=True)
+    x = x.double()
+    if G32 is None:
+        qf = (x * b).sum(1)                                           # x A xᵀ = x·b at the solution
+    else:
+        d = L.diagonal(dim1=-2, dim2=-1)                              # cond(A) ≥ (max L_ii / min L_ii)²
+        ok &= d.amax(1) <= FP32_MAX_PIVOT_SPREAD * d.amin(1)
+        qf = torch.linalg.vecdot(L.mT, x.float()[:, None, :]).double().square().sum(1)    # ‖Lᵀxᵀ‖²
+    if not ok.all():                                                  # singular (or too ill-conditioned for float32)
+        bad = ~ok
+        A64, b64, x[bad], _ = _block_solve(Gd, Pd, r[bad], c[bad], n)
+        qf[bad] = _quad(A64, x[bad])
+    return x, qf.sum(), qx
+
+
+def _solve_support(P, G, support, extra=None, chunk_bytes=CHUNK_BYTES, fp32_min_k=FP32_MIN_K):
     """refine(), plus the quadratic forms Σ_i v_i G[Ω_i,Ω_i] v_iᵀ of the solution and of `extra` (B,) values
     on the same support, from the gathered blocks (for the error report without another m×n×n product)."""
     m, n = P.shape
     rows, cols = support[0], support[1]
-    B = rows.numel()
     Pd, Gd = P.to(torch.float64).reshape(-1), G.to(torch.float64).reshape(-1)
-    values = torch.zeros(B, dtype=torch.float64, device=P.device)
+    values = torch.zeros(rows.numel(), dtype=torch.float64, device=P.device)
     quad_f = torch.zeros((), dtype=torch.float64, device=P.device)
     quad_x = torch.zeros((), dtype=torch.float64, device=P.device)
-    if B == 0:
+    if rows.numel() == 0:
         return values, quad_f, quad_x
-    xd = None if extra is None else extra.to(torch.float64)
+    extra = None if extra is None else extra.to(torch.float64)
     k = torch.bincount(rows, minlength=m)                              # (m,)
-    ptr = torch.cumsum(k, 0) - k                                       # start of each row in the support
-    for kk in torch.unique(k).tolist():
-        if kk == 0:
-            continue
-        rsel = torch.nonzero(k == kk).flatten()                        # rows with k_i = kk
-        per_chunk = max(1, chunk_bytes // (kk * kk * 8))
-        ar = torch.arange(kk, device=P.device)
-        for r in rsel.split(per_chunk):
-            pos = (ptr[r][:, None] + ar).view(-1)                      # (r·kk,) positions in the support
-            c = cols.index_select(0, pos).view(-1, kk)                 # (r, kk)
-            A, b, x, _, bad = _block_solve(Gd, Pd, r, c, n)
-            if bad.any():
-                quad_f += (x[bad] * (A[bad] @ x[bad, :, None])[..., 0]).sum()
-                quad_f += (x[~bad] * b[~bad]).sum()
-            else:
-                quad_f += (x * b).sum()                                # f G[Ω,Ω] fᵀ = f·p at the solution
-            values.index_copy_(0, pos, x.reshape(-1))
-            if xd is not None:
-                xe = xd.index_select(0, pos).view(-1, kk)
-                quad_x += (xe * (A @ xe[..., None])[..., 0]).sum()
+    cols = cols.to(torch.int32) if n * n < 2**31 else cols
+    G32 = Gd.float() if fp32_min_k is not None and int(k.max()) >= fp32_min_k else None
+    for kk, r, pos in _row_chunks(k, chunk_bytes):
+        pos = pos.view(-1)
+        c = cols.index_select(0, pos).view(-1, kk)                     # (R, kk)
+        xe = None if extra is None else extra.index_select(0, pos).view(-1, kk)
+        x, qf, qx = _chunk_solve(Gd, Pd, G32 if G32 is not None and kk >= fp32_min_k else None, r, c, n, xe)
+        values.index_copy_(0, pos, x.reshape(-1))
+        quad_f += qf
+        quad_x += qx
     return values, quad_f, quad_x
 
 
@@ -333,7 +466,7 @@ def swap_search(P: torch.Tensor, G: torch.Tensor, support: torch.Tensor, values:
 
     def row_err(r, c, x, A):                                           # undamped ‖(e_i − x T_Ω)Rᵀ‖² (R,)
         p_raw = Prd.index_select(0, (r[:, None] * n + c).reshape(-1)).view_as(x)
-        quad = (x * (A @ x[..., None])[..., 0]).sum(1)
+        quad = _quad(A, x)
         return e2[r] - 2 * (x * p_raw).sum(1) + quad - lam_mu * x.square().sum(1)
 
     for _ in range(rounds):
@@ -360,7 +493,7 @@ def swap_search(P: torch.Tensor, G: torch.Tensor, support: torch.Tensor, values:
                 ga, ja = gain[r].topk(min(s, n - kk), dim=1)           # (R, s') best additions, descending
                 cr, ir = cost.topk(ga.shape[1], dim=1, largest=False)  # (R, s') cheapest removals, ascending
                 do = ga > cr                                           # a prefix per row (monotone)
-                err_cur = None
+                err_cur, pending = None, None
                 for attempt in range(2):                               # all s' pairs; then the best pair alone
                     if attempt == 1:                                   # for the rows that rejected the batch
                         do = do & (torch.arange(do.shape[1], device=P.device) == 0) & pending[:, None]
@@ -372,7 +505,7 @@ def swap_search(P: torch.Tensor, G: torch.Tensor, support: torch.Tensor, values:
                     r2, c_old = r[changed], c[changed]
                     c_new = c_old.scatter(1, ir[changed], torch.where(do[changed], ja[changed], c_old.gather(1, ir[changed])))
                     c_new = c_new.sort(1).values                       # CSR order within the row
-                    A_new, _, x_new, _, _ = _block_solve(Gd, Pd, r2, c_new, n)
+                    A_new, _, x_new, _ = _block_solve(Gd, Pd, r2, c_new, n)
                     err_old, err_new = err_cur[changed], row_err(r2, c_new, x_new, A_new)
                     acc = torch.isfinite(x_new).all(1) & (err_new < err_old - 1e-12 * err_old.abs())
                     pending = changed.clone()
@@ -434,18 +567,31 @@ def init_layer(E: torch.Tensor, H: torch.Tensor, budget: int, **kw) -> tuple[tor
     return out.indices, out.values
 
 
-def init_layer_full(E: torch.Tensor, H: torch.Tensor, budget: int, *, temperature: float = 1.0,
-                    select: str = "adaalloc", refine: bool = True, score: str = "output",
-                    rule: str = "output", damp: float = 1e-4, min_per_row: int = 2,
-                    generator: torch.Generator | None = None, chunk_bytes: int = 1 << 27,
-                    swap_rounds: int = 0) -> LayerInit:
-    """init_layer with its report. E = W − Q (m×n), H = XᵀX/N (n×n, undamped; damped by λ·mean(diag H) for
-    the solve). score: AdaAlloc's σ_i ('output' ‖e_i Rᵀ‖ or 'weight' ‖e_i‖); rule: per-row ranking
-    ('output' C²·G_jj or 'magnitude' |C|). Errors are reported with the undamped H. swap_rounds: rounds of
-    `swap_search` (issue 9) between the refinement and a final refinement (0: off); err_select stays that of
-    the top-k support, info['err_refined_noswap'] the refined error before the exchanges."""
-    t0 = time.perf_counter()
-    info: dict = {}
+@dataclass
+class LayerProblem:
+    """One layer's init problem in the Hadamard domain (float64). The values solve the damped problem (G, P);
+    errors are reported with the undamped one (G_raw, P_raw)."""
+    C: torch.Tensor                # (m, n) E Tᵀ
+    P_raw: torch.Tensor            # (m, n) E H Tᵀ = C G_raw
+    G_raw: torch.Tensor            # (n, n) T H Tᵀ
+    G: torch.Tensor                # (n, n) T (H + λμ I) Tᵀ
+    P: torch.Tensor                # (m, n) C G
+    e_out: torch.Tensor            # (m,) ‖e_i Rᵀ‖² (undamped)
+    lam_mu: float                  # λ·mean(diag H)
+
+    @property
+    def e0sq(self) -> float:
+        return float(self.e_out.sum())
+
+    def error(self, support: torch.Tensor, f: torch.Tensor, quad: torch.Tensor) -> float:
+        """‖(E − F T)Rᵀ‖ = sqrt(‖ERᵀ‖² − 2 Σ_Ω f·P_raw + Σ_i f_i G_raw[Ω,Ω] f_iᵀ) from quad = Σ_i f_i G[Ω,Ω] f_iᵀ
+        (G_raw = G − λμ I on the support)."""
+        p_raw = self.P_raw[support[0], support[1]]
+        return math.sqrt(max(self.e0sq - 2 * float(f @ p_raw) + float(quad) - self.lam_mu * float(f @ f), 0.0))
+
+
+def layer_problem(E: torch.Tensor, H: torch.Tensor, damp: float = 1e-4) -> LayerProblem:
+    """C, P, G of one layer from E = W − Q (m×n) and H = XᵀX/N (n×n, undamped; damped by λ·mean(diag H))."""
     m, n = E.shape
     if H.shape != (n, n):
         raise ValueError(f"init_layer: H has shape {tuple(H.shape)}, expected ({n}, {n}) for E of shape ({m}, {n})")
@@ -453,47 +599,60 @@ def init_layer_full(E: torch.Tensor, H: torch.Tensor, budget: int, *, temperatur
     H64 = (H64 + H64.T) / 2
     mu = H64.diagonal().mean()
     lam_mu = float(damp * (mu if mu > 0 else 1.0))
-    EH = E64 @ H64                                                     # (m, n)  the one m·n² product
-    e_out = (EH * E64).sum(1).clamp_min(0)                             # (m,) ‖e_i Rᵀ‖²
-    e0sq = float(e_out.sum())
     C = spectrum(E64)                                                  # (m, n) E Tᵀ
-    P_raw = wht.wht(EH)                                                # (m, n) E H Tᵀ = C G
     G_raw = hadamard_hessian(H64)                                      # (n, n) T H Tᵀ
-    eye = torch.eye(n, dtype=torch.float64, device=E.device)
-    G = G_raw + lam_mu * eye                                           # T (H + λμI) Tᵀ
-    P = P_raw + lam_mu * C
+    P_raw = C @ G_raw                                                  # (m, n) E H Tᵀ, the one m·n² product
+    e_out = (P_raw * C).sum(1).clamp_min(0)                            # (m,) ‖e_i Rᵀ‖² = c_i G c_iᵀ
+    G = G_raw.clone()
+    G.diagonal().add_(lam_mu)                                          # T (H + λμI) Tᵀ
+    return LayerProblem(C, P_raw, G_raw, G, P_raw + lam_mu * C, e_out, lam_mu)
+
+
+def init_layer_full(E: torch.Tensor, H: torch.Tensor, budget: int, *, temperature: float = 1.0,
+                    select: str = "adaalloc", refine: bool = True, score: str = "output",
+                    rule: str = "output", damp: float = 1e-4, min_per_row: int = 2,
+                    generator: torch.Generator | None = None, chunk_bytes: int = CHUNK_BYTES,
+                    swap_rounds: int = 0, greedy_steps: int = GREEDY_STEPS,
+                    fp32_min_k: int | None = FP32_MIN_K) -> LayerInit:
+    """init_layer with its report. E = W − Q (m×n), H = XᵀX/N (n×n, undamped; damped by λ·mean(diag H) for
+    the solve). score: AdaAlloc's σ_i ('output' ‖e_i Rᵀ‖ or 'weight' ‖e_i‖); rule: per-row selection
+    ('output' top-k by C²·G_jj, 'magnitude' top-k by |C|, 'greedy' `select_greedy` in greedy_steps steps, beyond
+    the paper). Errors are reported with the undamped H. swap_rounds: rounds of `swap_search` (issue 9) between
+    the refinement and a final refinement (0: off); err_select stays that of the selected support with F = C,
+    info['err_refined_noswap'] the refined error before the exchanges. fp32_min_k: see `refine`."""
+    t0 = time.perf_counter()
+    if swap_rounds and not refine:
+        raise ValueError("init_layer: swap_rounds > 0 needs refine=True (exchanges compare refined supports)")
+    pb = layer_problem(E, H, damp)
     if score == "output":
-        sc = (e_out + lam_mu * E64.square().sum(1)).sqrt()             # σ_i with the damped H
+        sc = (pb.e_out + pb.lam_mu * E.to(torch.float64).square().sum(1)).sqrt()   # σ_i with the damped H
     elif score == "weight":
-        sc = E64.norm(dim=1)
+        sc = E.to(torch.float64).norm(dim=1)
     else:
         raise ValueError(f"init_layer: score must be 'output' or 'weight', got {score!r}")
-    support = select_support(C, G, budget, select=select, scores=sc, temperature=temperature, rule=rule,
-                             min_per_row=min_per_row, generator=generator)
-    rows, cols = support
-    f_sel = C[rows, cols]
-    if refine and rows.numel():
-        # errors from the blocks: ‖(E − F T)Rᵀ‖² = ‖ERᵀ‖² − 2 Σ_Ω f·P_raw + Σ_i f_i G_raw[Ω,Ω] f_iᵀ,
-        # with G_raw = G − λμ I on the support
-        f, qf, qs = _solve_support(P, G, support, extra=f_sel, chunk_bytes=chunk_bytes)
-        p_raw = P_raw[rows, cols]
-        err_select = math.sqrt(max(e0sq - 2 * float(f_sel @ p_raw) + float(qs) - lam_mu * float(f_sel @ f_sel), 0.0))
-        err_refined = math.sqrt(max(e0sq - 2 * float(f @ p_raw) + float(qf) - lam_mu * float(f @ f), 0.0))
-        if swap_rounds:                                                # issue 9: exchange search, then refine
-            info["err_refined_noswap"] = err_refined
-            support, f, sw = swap_search(P, G, support, f, swap_rounds, P_raw=P_raw, row_err2=e_out,
-                                         lam_mu=lam_mu, chunk_bytes=chunk_bytes)
-            info.update(swap_rounds_done=sw["rounds"], swap_rows_improved=sw["rows_improved"])
-            rows, cols = support
-            f, qf, _ = _solve_support(P, G, support, chunk_bytes=chunk_bytes)
-            err_refined = math.sqrt(max(e0sq - 2 * float(f @ P_raw[rows, cols]) + float(qf) - lam_mu * float(f @ f), 0.0))
-    else:
-        if swap_rounds:
-            raise ValueError("init_layer: swap_rounds > 0 needs refine=True (exchanges compare refined supports)")
-        err_select = math.sqrt(max(_quad_error2(e0sq, C, P_raw, G_raw, support, f_sel), 0.0))
-        f, err_refined = f_sel, err_select
-    k = torch.bincount(rows, minlength=m)
-    return LayerInit(support, f.to(torch.float32), k, math.sqrt(e0sq), err_select, err_refined,
+    support = select_support(pb.C, pb.G, budget, select=select, scores=sc, temperature=temperature, rule=rule,
+                             min_per_row=min_per_row, generator=generator, P=pb.P, greedy_steps=greedy_steps)
+    f_sel = pb.C[support[0], support[1]]
+    if not (refine and support.shape[1]):
+        err = math.sqrt(max(_quad_error2(pb.e0sq, pb.C, pb.P_raw, pb.G_raw, support, f_sel), 0.0))
+        return _layer_init(support, f_sel, pb, err, err, t0, {})
+    solve = dict(chunk_bytes=chunk_bytes, fp32_min_k=fp32_min_k)
+    f, qf, qs = _solve_support(pb.P, pb.G, support, extra=f_sel, **solve)
+    err_select, err_refined = pb.error(support, f_sel, qs), pb.error(support, f, qf)
+    info: dict = {}
+    if swap_rounds:                                                    # issue 9: exchange search, then refine
+        info["err_refined_noswap"] = err_refined
+        support, f, sw = swap_search(pb.P, pb.G, support, f, swap_rounds, P_raw=pb.P_raw, row_err2=pb.e_out,
+                                     lam_mu=pb.lam_mu, chunk_bytes=chunk_bytes)
+        info.update(swap_rounds_done=sw["rounds"], swap_rows_improved=sw["rows_improved"])
+        f, qf, _ = _solve_support(pb.P, pb.G, support, **solve)
+        err_refined = pb.error(support, f, qf)
+    return _layer_init(support, f, pb, err_select, err_refined, t0, info)
+
+
+def _layer_init(support, f, pb, err_select, err_refined, t0, info) -> LayerInit:
+    k = torch.bincount(support[0], minlength=pb.C.shape[0])
+    return LayerInit(support, f.to(torch.float32), k, math.sqrt(pb.e0sq), err_select, err_refined,
                      time.perf_counter() - t0, info)
 
 
@@ -879,9 +1038,10 @@ def load_adapters(path: str | Path, model: nn.Module) -> dict:
 
 def init_qwha(model: nn.Module, hessians: Mapping[str, torch.Tensor], weights: Mapping[str, torch.Tensor], *,
               budget_rank: int = 64, temperature: float = 1.0, scale: float = 1.0, select: str = "adaalloc",
-              refine: bool = True, score: str = "output", rule: str = "output", damp: float = 1e-4,
+              refine: bool = True, score: str = "output", rule: str = RULE_DEFAULT, damp: float = 1e-4,
               names: list[str] | None = None, device: torch.device | str | None = None, seed: int = 0,
-              compute_rank: bool = False, quiet: bool = False, swap_rounds: int = SWAP_ROUNDS_DEFAULT) -> list[dict]:
+              compute_rank: bool = False, quiet: bool = False, swap_rounds: int = SWAP_ROUNDS_DEFAULT,
+              greedy_steps: int = GREEDY_STEPS) -> list[dict]:
     """Wrap every target linear of `model` in a WHALinear initialized by init_layer (eqs. 5–9).
 
     hessians: {name: H = XᵀX/N} (undamped). weights: {name: W}, the ORIGINAL full-precision weights (the
@@ -893,6 +1053,10 @@ def init_qwha(model: nn.Module, hessians: Mapping[str, torch.Tensor], weights: M
     Default SWAP_ROUNDS_DEFAULT = 2, by issue 9's rule (measured on the demo model at 2 bits, r = 8, all 210
     layers: held-out perplexity after init 26387 → 7864 (16 windows of 256), mean layer error 0.873 → 0.818 of
     GPTQ's, init 2.4× the plain init's CPU time). The per-layer primitives keep 0.
+    rule / greedy_steps: the per-row selection (`init_layer_full`). The default stays the paper's top-k: the greedy
+    rule lowers the layer error further (0.806 of GPTQ's; 0.802 with 2 exchange rounds) but not the held-out
+    perplexity after init (10,158; 8,978 with 2 rounds, against 7,848 for top-k + 2 rounds), measured by
+    `python bench/bench_init.py --bits '' --no-timing --ppl-bits 2 --ppl-rounds 0,2 --ppl-greedy-rounds 0,2`.
     """
     names = list(names) if names is not None else list(hessians)
     gen = torch.Generator().manual_seed(seed)
@@ -915,7 +1079,8 @@ def init_qwha(model: nn.Module, hessians: Mapping[str, torch.Tensor], weights: M
         E = W.to(dev, torch.float64) - Q.to(dev, torch.float64)
         budget = min(budget_rank * (m + n), m * n)
         li = init_layer_full(E, H.to(dev), budget, temperature=temperature, select=select, refine=refine,
-                             score=score, rule=rule, damp=damp, generator=gen, swap_rounds=swap_rounds)
+                             score=score, rule=rule, damp=damp, generator=gen, swap_rounds=swap_rounds,
+                             greedy_steps=greedy_steps)
         wrapped = WHALinear(base, li.indices, li.values / scale, scale=scale)
         _set_module(model, name, wrapped)
         row = {"layer": name, "shape": [m, n], "budget": int(li.values.numel()),
