@@ -8,19 +8,24 @@
 2. Each layer GPTQ-quantized (gptq.gptq_quantize, group 64) at each bit width (cached per bit width), E = W − Q.
 3. Average layer output error ‖(E − ΔW)Rᵀ‖_F after init, for None, Random, Magnitude (|C|, global top-B),
    AdaAlloc (each refined) and AdaAlloc unrefined, at the same budget B = r(m+n); also AdaAlloc with the
-   channel score 'weight' (‖e_i‖, the authors' code) against 'output' (‖e_i Rᵀ‖). Reported absolute and
-   relative to bare GPTQ (None), as the ratio of the layer means (the paper's 7.21 → 3.86 is 0.54×).
-4. Timing (one process, alternating per layer, after warm-up): init of every layer (qwha.init_layer_full,
-   r = 64, AdaAlloc + refinement), and the refinement alone, batched (qwha.refine) against a per-row
-   normal-equations loop (the authors' approach) on the same P, G, support. Agreement: the batched values
-   against a per-row least-squares solve of the whitened problem on a few layers (max relative error gap).
+   channel score 'weight' (‖e_i‖, the authors' code) against 'output' (‖e_i Rᵀ‖), AdaAlloc + N rounds of
+   exchange search (issue 9), and AdaAlloc's k_i with the greedy per-row selection (rule='greedy', beyond the
+   paper) with and without exchanges. Reported absolute and relative to bare GPTQ (None), as the ratio of the
+   layer means (the paper's 7.21 → 3.86 is 0.54×).
+4. Timing (one process, alternating per layer, after warm-up): init of every layer (qwha.init_layer_full at
+   r = --timing-rank) for each of --timing-methods, and the refinement alone, batched (qwha.refine, float32
+   blocks from qwha.FP32_MIN_K, and all-float64) against a per-row normal-equations loop (the authors' approach)
+   on the same P, G, support. Agreement: the layer error (damped problem) of the float32-block values against
+   the all-float64 ones, and the batched values against a per-row least-squares solve of the whitened problem
+   on a few layers (max relative error gap).
+5. --ppl-bits: held-out perplexity right after init of all layers (qwha.init_qwha) with top-k + --ppl-rounds
+   exchange rounds and greedy + --ppl-greedy-rounds rounds, with each whole-model init time.
 Prints a table and one JSON line (also appended to runs/bench_init.jsonl).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import sys
@@ -58,10 +63,14 @@ class BenchConfig:
     quiet: bool = False
     ppl_bits: int = 0              # > 0: held-out perplexity after init at this bit width (all 210 layers)
     ppl_rank: int = 8
-    ppl_rounds: tuple = (0, 1, 2, 4)
+    ppl_rounds: tuple = (0, 1, 2, 4)  # top-k selection with these exchange rounds
+    ppl_greedy_rounds: tuple = (0, 2)  # greedy selection (greedy_steps[0] steps) with these exchange rounds
     ppl_windows: int = 16
     swap_rounds: tuple = (1, 2, 4)  # rows "AdaAlloc + swaps (N rounds)"
+    greedy_steps: tuple = (8,)     # rows "AdaAlloc greedy (S steps)" and "AdaAlloc greedy + swaps (S steps, 2 rounds)"
     methods: str = ""              # comma list of method labels to run ('' = all; "AdaAlloc + swaps" = every N)
+    timing_methods: str = "AdaAlloc"  # comma list of method labels timed over all layers (the first is the reference)
+    quantizer: str = "gptq"        # the error table's E = W − Q: gptq (cached) | rtn (round to nearest)
 
 
 def log(cfg, msg):
@@ -186,11 +195,16 @@ METHODS = [  # (label, init_layer_full keywords)
 ]
 
 
-def methods(cfg):
+def methods(cfg, spec=None):
     ms = METHODS + [(f"AdaAlloc + swaps ({n} rounds)", dict(select="adaalloc", swap_rounds=n)) for n in cfg.swap_rounds]
-    if cfg.methods:
-        keep = {m.strip() for m in cfg.methods.split(",")}
-        ms = [(label, kw) for label, kw in ms if label in keep or label.split(" (")[0] in keep]
+    for s in cfg.greedy_steps:
+        ms += [(f"AdaAlloc greedy ({s} steps)", dict(select="adaalloc", rule="greedy", greedy_steps=s)),
+               (f"AdaAlloc greedy + swaps ({s} steps, {qwha.SWAP_ROUNDS_DEFAULT} rounds)",
+                dict(select="adaalloc", rule="greedy", greedy_steps=s, swap_rounds=qwha.SWAP_ROUNDS_DEFAULT))]
+    spec = cfg.methods if spec is None else spec
+    if spec:
+        keep = [m.strip() for m in spec.split(",")]
+        ms = list(dict((label, kw) for k in keep for label, kw in ms if label == k or label.split(" (")[0] == k).items())
     return ms
 
 
@@ -198,10 +212,34 @@ def layer_type(name):
     return name.rsplit(".", 1)[-1]
 
 
+def quantized(cfg, weights, H, names, bits):
+    """{name: Q} by --quantizer: GPTQ (cached) or round-to-nearest (gptq.quantize_rtn, group 64)."""
+    if cfg.quantizer == "gptq":
+        return get_quantized(cfg, weights, H, names, bits)
+    return {n: gptq.quantize_rtn(weights[n], bits, group_size=64).dequantize() for n in names}
+
+
+def top_energy(E, H, frac):
+    """(energy along the top ⌈frac·n⌉ eigen-directions u_l of H, total): the output error ‖E Rᵀ‖² = Σ_l λ_l ‖E u_l‖².
+    An error white in the whitened domain (GPTQ's aim) puts the share frac there; round-to-nearest far more."""
+    lam, U = torch.linalg.eigh(H.double())
+    e = lam.clamp_min(0) * (E.double() @ U).square().sum(0)          # (n,) by ascending λ
+    return float(e[-max(1, round(frac * E.shape[1])):].sum()), float(e.sum())
+
+
 def error_table(cfg, weights, H, names, bits):
-    Q = get_quantized(cfg, weights, H, names, bits)
+    Q = quantized(cfg, weights, H, names, bits)
     rows = {}
     for r in cfg.ranks:
+        top, tot, dens = 0.0, 0.0, []
+        for name in names:
+            E = weights[name].double() - Q[name].double()
+            frac = min(r * sum(E.shape), E.numel()) / E.numel()
+            t, a = top_energy(E, H[name], frac)
+            top, tot = top + t, tot + a
+            dens.append(frac)
+        rows[f"{bits}b r={r} concentration"] = {"bits": bits, "rank": r, "method": "concentration",
+                                                "top_share": top / tot, "white": statistics.fmean(dens)}
         for label, kw in methods(cfg):
             errs, gptq_errs = [], []
             t0 = time.perf_counter()
@@ -217,7 +255,8 @@ def error_table(cfg, weights, H, names, bits):
                          "ratio": statistics.fmean(errs) / statistics.fmean(gptq_errs),
                          "mean_layer_ratio": statistics.fmean(e / g for e, g in zip(errs, gptq_errs)),
                          "seconds": time.perf_counter() - t0,
-                         "per_type": per_type_ratio(names, errs, gptq_errs)}
+                         "per_type": per_type_ratio(names, errs, gptq_errs), "quantizer": cfg.quantizer,
+                         "removed_energy": 1 - sum(e * e for e in errs) / sum(g * g for g in gptq_errs)}
             log(cfg, f"  {key:<34} mean err {rows[key]['mean_err']:.4g}  ×{rows[key]['ratio']:.3f} of GPTQ")
     return rows
 
@@ -234,24 +273,47 @@ def per_type_ratio(names, errs, gptq_errs):
 # ---------------------------------------------------------------------------------------------- timing
 
 
-def timing(cfg, weights, H, all_names, names):
-    """Whole-model init time (all_names), and on `names` the refinement alone: batched vs the authors' loop vs
-    a per-row loop on G blocks (same P, G, support; order rotated per layer)."""
-    Q = get_quantized(cfg, weights, H, all_names, 4)
+def whole_model_init(cfg, weights, H, Q, all_names):
+    """Init of every layer at r = cfg.timing_rank for each of --timing-methods, alternating per layer (order
+    rotated) after a warm-up: {label: (wall s, CPU s, mean error / mean GPTQ error)}."""
     r = cfg.timing_rank
+    ms = methods(cfg, cfg.timing_methods)
+    if not ms:
+        raise ValueError(f"--timing-methods {cfg.timing_methods!r} matches no method")
     E0 = weights[all_names[0]].double() - Q[all_names[0]].double()   # warm-up
-    qwha.init_layer_full(E0, H[all_names[0]], r * sum(E0.shape))
-    wall0, cpu0 = time.perf_counter(), time.process_time()
+    for _, kw in ms:
+        qwha.init_layer_full(E0, H[all_names[0]], r * sum(E0.shape), **kw)
+    wall, cpu, err = ({label: 0.0 for label, _ in ms} for _ in range(3))
+    err0 = 0.0
     for j, name in enumerate(all_names):
         E = weights[name].double() - Q[name].double()
         m, n = E.shape
-        qwha.init_layer_full(E, H[name], min(r * (m + n), m * n))
+        for label, kw in ms[j % len(ms):] + ms[:j % len(ms)]:
+            w0, c0 = time.perf_counter(), time.process_time()
+            li = qwha.init_layer_full(E, H[name], min(r * (m + n), m * n), **kw)
+            wall[label] += time.perf_counter() - w0
+            cpu[label] += time.process_time() - c0
+            err[label] += li.err_refined
+        err0 += li.err_before
         if not cfg.quiet:
-            print(f"\rinit {j + 1}/{len(all_names)} {time.perf_counter() - wall0:.1f}s", end="", file=sys.stderr)
-    init_wall, init_cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+            print(f"\rinit {j + 1}/{len(all_names)} " + " ".join(f"{v:.1f}s" for v in cpu.values()), end="", file=sys.stderr)
     log(cfg, "")
-    t = {"batched": [], "authors": [], "rowloop": []}
+    return {label: {"wall_s": wall[label], "cpu_s": cpu[label], "ratio": err[label] / err0,
+                    "cpu_vs_first": cpu[label] / cpu[ms[0][0]]} for label, _ in ms}
+
+
+def timing(cfg, weights, H, all_names, names):
+    """Whole-model init time (all_names), and on `names` the refinement alone: batched (float32 blocks from
+    qwha.FP32_MIN_K, and all-float64) vs the authors' loop vs a per-row loop on G blocks (same P, G, support;
+    order rotated per layer)."""
+    Q = get_quantized(cfg, weights, H, all_names, 4)
+    r = cfg.timing_rank
+    inits = whole_model_init(cfg, weights, H, Q, all_names)
+    first = next(iter(inits.values()))
+    init_wall, init_cpu = first["wall_s"], first["cpu_s"]
+    t = {"batched": [], "batched64": [], "authors": [], "rowloop": []}
     gaps = {"authors": 0.0, "rowloop": 0.0}
+    fp32_err_gap = 0.0
     for j, name in enumerate(names):
         E = weights[name].double() - Q[name].double()
         m, n = E.shape
@@ -262,10 +324,11 @@ def timing(cfg, weights, H, all_names, names):
         P = qwha.spectrum(E) @ G
         R = calib.whitening_root(Hd)
         bases, RE = wht_rows(R), R @ E.T                              # R Tᵀ (n, n), R Eᵀ (n, m)
-        sides = [("batched", lambda: qwha.refine(P, G, li.indices)),
+        sides = [("batched", lambda: qwha.refine(P, G, li.indices, fp32_min_k=qwha.FP32_MIN_K)),   # as init_layer_full
+                 ("batched64", lambda: qwha.refine(P, G, li.indices)),
                  ("authors", lambda: authors_per_row(bases, RE, li.indices)),
                  ("rowloop", lambda: per_row_normal_equations(P, G, li.indices))]
-        sides = sides[j % 3:] + sides[:j % 3]                         # alternate the order
+        sides = sides[j % 4:] + sides[:j % 4]                         # alternate the order
         res = {}
         for side, fn in sides:
             t0 = time.perf_counter()
@@ -274,8 +337,12 @@ def timing(cfg, weights, H, all_names, names):
         for side in gaps:
             gap = float((res["batched"] - res[side]).abs().max() / res[side].abs().max())
             gaps[side] = max(gaps[side], gap)
+        # what float32 blocks cost in the objective: the damped layer error of both value sets, dense
+        e32, e64 = (float(qwha.layer_error(E, Hd, dense_F(li.indices, res[s], m, n) @ wht_matrix(n)))
+                    for s in ("batched", "batched64"))
+        fp32_err_gap = max(fp32_err_gap, abs(e32 - e64) / e64)
         if not cfg.quiet:
-            print(f"\rrefine {j + 1}/{len(names)} batched {sum(t['batched']):.1f}s "
+            print(f"\rrefine {j + 1}/{len(names)} batched {sum(t['batched']):.1f}s float64 {sum(t['batched64']):.1f}s "
                   f"authors {sum(t['authors']):.1f}s row-loop {sum(t['rowloop']):.1f}s",
                   end="", file=sys.stderr, flush=True)
     log(cfg, "")
@@ -291,21 +358,24 @@ def timing(cfg, weights, H, all_names, names):
         err_ref = float(qwha.layer_error(E, H[name], F @ wht_matrix(n)))
         err_gaps.append(abs(li.err_refined - err_ref) / err_ref)
     tot = {k: sum(v) for k, v in t.items()}
-    return {"init_layers": len(all_names), "init_wall_s": init_wall, "init_cpu_s": init_cpu,
-            "layers": len(names), "rank": r, "refine_batched_s": tot["batched"],
+    return {"init_layers": len(all_names), "init_wall_s": init_wall, "init_cpu_s": init_cpu, "inits": inits,
+            "layers": len(names), "rank": r, "refine_batched_s": tot["batched"], "refine_float64_s": tot["batched64"],
             "authors_loop_s": tot["authors"], "row_loop_s": tot["rowloop"],
             "speedup_vs_authors": tot["authors"] / tot["batched"], "speedup_vs_row_loop": tot["rowloop"] / tot["batched"],
+            "float64_speedup_vs_authors": tot["authors"] / tot["batched64"],
             "median_layer_speedup_vs_authors": statistics.median(a / b for a, b in zip(t["authors"], t["batched"])),
             "max_rel_value_gap_vs_authors": gaps["authors"], "max_rel_value_gap_vs_row_loop": gaps["rowloop"],
+            "max_rel_err_gap_float32_blocks": fp32_err_gap, "fp32_min_k": qwha.FP32_MIN_K,
             "verify_layers": names[: cfg.verify_layers],
             "max_rel_err_gap_vs_lstsq": max(err_gaps) if err_gaps else None, "threads": torch.get_num_threads()}
 
 
 def ppl_after_init(cfg, weights, H, all_names):
     """Held-out perplexity of the demo model right after init (issue 9): every linear GPTQ'd at cfg.ppl_bits,
-    wrapped by qwha.init_qwha at r = cfg.ppl_rank with swap_rounds N ∈ cfg.ppl_rounds; also full precision and
-    bare GPTQ. A fixed subset: cfg.ppl_windows windows of cfg.seq_len tokens evenly spaced over
-    assets/wikitext/test.txt (eval.perplexity). Whole-model init time per N (wall and process CPU)."""
+    wrapped by qwha.init_qwha at r = cfg.ppl_rank with the top-k selection and swap_rounds N ∈ cfg.ppl_rounds,
+    then the greedy selection (cfg.greedy_steps[0] steps) and N ∈ cfg.ppl_greedy_rounds; also full precision
+    and bare GPTQ. A fixed subset: cfg.ppl_windows windows of cfg.seq_len tokens evenly spaced over
+    assets/wikitext/test.txt (eval.perplexity). Whole-model init time per run (wall and process CPU)."""
     import copy
 
     import data
@@ -328,20 +398,29 @@ def ppl_after_init(cfg, weights, H, all_names):
             lin.weight.copy_(Q[name])
     out["gptq_ppl"] = ppl(base)
     log(cfg, f"ppl: fp {out['fp_ppl']:.3f}, GPTQ {cfg.ppl_bits}b {out['gptq_ppl']:.3f}")
-    for n_rounds in cfg.ppl_rounds:
+    steps = cfg.greedy_steps[0] if cfg.greedy_steps else qwha.GREEDY_STEPS
+    runs = [("output", n) for n in cfg.ppl_rounds] + [("greedy", n) for n in cfg.ppl_greedy_rounds]
+    for rule, n_rounds in runs:
         mdl = copy.deepcopy(base)
         wall0, cpu0 = time.perf_counter(), time.process_time()
         rep = qwha.init_qwha(mdl, H, weights, budget_rank=cfg.ppl_rank, names=all_names, quiet=True,
-                             swap_rounds=n_rounds)
+                             swap_rounds=n_rounds, rule=rule, greedy_steps=steps)
         wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
         err = statistics.fmean(r["err_refined"] for r in rep)
         g = statistics.fmean(r["err_before"] for r in rep)
-        row = {"swap_rounds": n_rounds, "ppl": ppl(mdl.eval()), "init_wall_s": wall, "init_cpu_s": cpu,
-               "mean_err": err, "ratio": err / g}
+        row = {"rule": rule, "greedy_steps": steps if rule == "greedy" else 0, "swap_rounds": n_rounds,
+               "ppl": ppl(mdl.eval()), "init_wall_s": wall, "init_cpu_s": cpu, "mean_err": err, "ratio": err / g}
         out["runs"].append(row)
-        log(cfg, f"ppl: swaps {n_rounds}: {row['ppl']:.3f}, init {wall:.0f}s wall {cpu:.0f}s CPU, ×{row['ratio']:.3f} of GPTQ")
+        log(cfg, f"ppl: {rule} swaps {n_rounds}: {row['ppl']:.3f}, init {wall:.0f}s wall {cpu:.0f}s CPU, "
+                 f"×{row['ratio']:.3f} of GPTQ")
         del mdl
     return out
+
+
+def dense_F(support, values, m, n):
+    F = torch.zeros(m, n, dtype=torch.float64)
+    F[support[0], support[1]] = values
+    return F
 
 
 def wht_rows(R):
@@ -383,14 +462,24 @@ def parse(argv=None) -> BenchConfig:
     p.add_argument("--ppl-bits", type=int, default=d.ppl_bits,
                    help="held-out perplexity right after init of all layers at these bits (0: skip)")
     p.add_argument("--ppl-rank", type=int, default=d.ppl_rank)
-    p.add_argument("--ppl-rounds", default=",".join(map(str, d.ppl_rounds)), help="swap_rounds values compared")
+    p.add_argument("--ppl-rounds", default=",".join(map(str, d.ppl_rounds)),
+                   help="swap_rounds values compared with the top-k selection ('' : none)")
+    p.add_argument("--ppl-greedy-rounds", default=",".join(map(str, d.ppl_greedy_rounds)),
+                   help="swap_rounds values compared with the greedy selection ('' : none)")
+    p.add_argument("--greedy-steps", default=",".join(map(str, d.greedy_steps)),
+                   help="comma list of S for the rows 'AdaAlloc greedy (S steps)' ('' : none); the first for --ppl-bits")
+    p.add_argument("--quantizer", default=d.quantizer, choices=("gptq", "rtn"),
+                   help="the error table's quantizer (rtn: how the init fares on a less white error)")
+    p.add_argument("--timing-methods", default=d.timing_methods,
+                   help="comma list of method labels whose whole-model init is timed (the first is the reference)")
     p.add_argument("--ppl-windows", type=int, default=d.ppl_windows, help="windows of --seq-len tokens of test.txt")
     a = p.parse_args(argv)
-    return BenchConfig(a.assets, tuple(int(b) for b in a.bits.split(",") if b), tuple(int(r) for r in a.rank.split(",")),
-                       a.n_calib, a.seq_len, d.batch_size, a.seed, a.layers, a.hessians, not a.no_timing,
-                       a.timing_rank, a.timing_layers, a.threads, a.verify_layers, a.quiet,
-                       a.ppl_bits, a.ppl_rank, tuple(int(x) for x in a.ppl_rounds.split(",") if x), a.ppl_windows,
-                       tuple(int(x) for x in a.swap_rounds.split(",") if x), a.methods)
+    ints = lambda s: tuple(int(x) for x in s.split(",") if x)
+    return BenchConfig(a.assets, ints(a.bits), ints(a.rank), a.n_calib, a.seq_len, d.batch_size, a.seed, a.layers,
+                       a.hessians, not a.no_timing, a.timing_rank, a.timing_layers, a.threads, a.verify_layers,
+                       a.quiet, a.ppl_bits, a.ppl_rank, ints(a.ppl_rounds), ints(a.ppl_greedy_rounds),
+                       a.ppl_windows, ints(a.swap_rounds), ints(a.greedy_steps), a.methods, a.timing_methods,
+                       a.quantizer)
 
 
 def main(argv=None):
@@ -411,38 +500,56 @@ def main(argv=None):
     tim = timing(cfg, weights, H, all_names, select_layers(all_names, cfg.timing_layers)) if cfg.timing else None
     ppl = ppl_after_init(cfg, weights, H, all_names) if cfg.ppl_bits else None
 
+    conc = {k: v for k, v in table.items() if v["method"] == "concentration"}
+    table = {k: v for k, v in table.items() if v["method"] != "concentration"}
     if table:
-        print(f"\nAverage layer output error after init, {len(names)} layers of SmolLM2-135M, GPTQ g64, "
-              f"Hessians {cfg.n_calib}×{cfg.seq_len} tokens ({hpath})")
-        print(f"{'bits':>4} {'r':>3} {'method':<28} {'mean err':>10} {'× GPTQ':>8} {'mean of ratios':>15} {'time':>9}")
+        print(f"\nAverage layer output error after init, {len(names)} layers of SmolLM2-135M, "
+              f"{cfg.quantizer.upper()} g64, Hessians {cfg.n_calib}×{cfg.seq_len} tokens ({hpath})")
+        print(f"{'bits':>4} {'r':>3} {'method':<44} {'mean err':>10} {'× bare':>8} {'mean of ratios':>15} {'time':>9}")
     for row in table.values():
-        print(f"{row['bits']:>4} {row['rank']:>3} {row['method']:<28} {row['mean_err']:>10.4g} "
+        print(f"{row['bits']:>4} {row['rank']:>3} {row['method']:<44} {row['mean_err']:>10.4g} "
               f"{row['ratio']:>8.3f} {row['mean_layer_ratio']:>15.3f} {row['seconds']:>8.1f}s")
     if table:
         types = list(next(iter(table.values()))["per_type"])
-        print(f"\n× GPTQ per layer type (ratio of the type's mean errors)\n{'bits':>4} {'r':>3} {'method':<28} "
+        print(f"\n× bare {cfg.quantizer.upper()} per layer type (ratio of the type's mean errors)\n{'bits':>4} {'r':>3} {'method':<44} "
               + " ".join(f"{t:>9}" for t in types))
         for row in table.values():
-            print(f"{row['bits']:>4} {row['rank']:>3} {row['method']:<28} "
+            print(f"{row['bits']:>4} {row['rank']:>3} {row['method']:<44} "
                   + " ".join(f"{row['per_type'][t]:>9.3f}" for t in types))
+    if conc:
+        print(f"\nShare of the output error ‖ERᵀ‖² along the top d = (B/(m·n))·n eigen-directions of H "
+              f"({cfg.quantizer.upper()}; white: B/(m·n)), and the share the init removes")
+        for row in conc.values():
+            removed = {v["method"]: v["removed_energy"] for v in table.values()
+                       if (v["bits"], v["rank"]) == (row["bits"], row["rank"])}
+            print(f"{row['bits']:>4} {row['rank']:>3} {row['top_share']:>8.3f}   (white {row['white']:.3f})   removed: "
+                  + ", ".join(f"{k} {v:.3f}" for k, v in removed.items()))
     if tim:
-        print(f"\nInit of all {tim['init_layers']} layers at r={tim['rank']} (AdaAlloc + refinement, given Hessians): "
-              f"{tim['init_wall_s']:.1f}s wall, {tim['init_cpu_s']:.1f}s CPU, {tim['threads']} thread(s)")
-        print(f"Refinement alone over {tim['layers']} layers: batched {tim['refine_batched_s']:.2f}s | authors' per-row loop "
-              f"{tim['authors_loop_s']:.2f}s ({tim['speedup_vs_authors']:.1f}×, median layer "
-              f"{tim['median_layer_speedup_vs_authors']:.1f}×) | per-row loop on G blocks {tim['row_loop_s']:.2f}s "
+        print(f"\nInit of all {tim['init_layers']} layers at r={tim['rank']} (given Hessians, {tim['threads']} thread(s), "
+              f"alternating per layer):")
+        print(f"{'method':<44} {'wall':>8} {'CPU':>8} {'CPU ×':>6} {'× GPTQ':>7}")
+        for label, v in tim["inits"].items():
+            print(f"{label:<44} {v['wall_s']:>7.1f}s {v['cpu_s']:>7.1f}s {v['cpu_vs_first']:>6.2f} {v['ratio']:>7.3f}")
+        print(f"Refinement alone over {tim['layers']} layers: batched {tim['refine_batched_s']:.2f}s (all-float64 "
+              f"{tim['refine_float64_s']:.2f}s) | authors' per-row loop {tim['authors_loop_s']:.2f}s "
+              f"({tim['speedup_vs_authors']:.1f}×, median layer {tim['median_layer_speedup_vs_authors']:.1f}×; "
+              f"all-float64 {tim['float64_speedup_vs_authors']:.1f}×) | per-row loop on G blocks {tim['row_loop_s']:.2f}s "
               f"({tim['speedup_vs_row_loop']:.1f}×)")
         print(f"Max relative value gap: vs authors' loop {tim['max_rel_value_gap_vs_authors']:.1e}, vs row loop "
-              f"{tim['max_rel_value_gap_vs_row_loop']:.1e}; layer-error gap vs per-row lstsq of the whitened problem "
-              f"({len(tim['verify_layers'])} layers) {tim['max_rel_err_gap_vs_lstsq']:.1e}")
+              f"{tim['max_rel_value_gap_vs_row_loop']:.1e} (float32 blocks from k = {tim['fp32_min_k']}); their layer "
+              f"error vs all-float64 {tim['max_rel_err_gap_float32_blocks']:.1e}; layer-error gap vs per-row lstsq of "
+              f"the whitened problem ({len(tim['verify_layers'])} layers) {tim['max_rel_err_gap_vs_lstsq'] or 0:.1e}")
     if ppl:
         print(f"\nHeld-out perplexity right after init, all {len(all_names)} layers GPTQ {ppl['bits']}b, r={ppl['rank']}, "
               f"{ppl['windows']} windows × {ppl['seq_len']} of wikitext test: full precision {ppl['fp_ppl']:.3f}, "
               f"GPTQ {ppl['gptq_ppl']:.3f}")
-        print(f"{'swap rounds':>11} {'ppl':>9} {'× GPTQ err':>11} {'init wall':>10} {'init CPU':>9}")
+        print(f"{'selection':<18} {'swap rounds':>11} {'ppl':>9} {'× GPTQ err':>11} {'init wall':>10} {'init CPU':>9}")
         for r in ppl["runs"]:
-            print(f"{r['swap_rounds']:>11} {r['ppl']:>9.3f} {r['ratio']:>11.3f} {r['init_wall_s']:>9.0f}s {r['init_cpu_s']:>8.0f}s")
-    result = {"bench": "init", "config": asdict(cfg), "table": list(table.values()), "timing": tim, "ppl": ppl}
+            sel = "top-k" if r["rule"] == "output" else f"greedy ({r['greedy_steps']} steps)"
+            print(f"{sel:<18} {r['swap_rounds']:>11} {r['ppl']:>9.3f} {r['ratio']:>11.3f} {r['init_wall_s']:>9.0f}s "
+                  f"{r['init_cpu_s']:>8.0f}s")
+    result = {"bench": "init", "config": asdict(cfg), "table": list(table.values()), "concentration": list(conc.values()),
+              "timing": tim, "ppl": ppl}
     line = json.dumps(result)
     print(line)
     out = ROOT / "runs" / "bench_init.jsonl"
