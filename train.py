@@ -59,6 +59,8 @@ class TrainConfig:
     refine: bool = True                 # least-squares refinement of the selected values (eq. 9)
     qa_init: bool | None = None         # quantization-aware values (LoRA: CLoQ) or zero (LoRA: A random, B 0); default on, off for loca
     swap_rounds: int = qwha.SWAP_ROUNDS_DEFAULT  # QWHA: exchange-search rounds after refinement (0: the paper's plain init)
+    rule: str = qwha.RULE_DEFAULT       # QWHA per-row selection: output (the paper's top-k) | greedy (qwha.select_greedy)
+    greedy_steps: int = qwha.GREEDY_STEPS  # QWHA: steps of --rule greedy
     magr: bool = False                  # MagR preprocessing before GPTQ
     act_order: bool = True              # GPTQ: columns by decreasing diag H (static groups, no g_idx)
     gptq_clip: bool = True              # GPTQ: per-group clipped-range grid search (gptq.fit_groups_clipped)
@@ -96,7 +98,7 @@ class TrainConfig:
 
 # Settings that must not change between a run and its --resume.
 RESUME_KEYS = ("model", "bits", "group_size", "rank", "temperature", "adapter", "transform_dims", "select", "refine",
-               "qa_init", "swap_rounds", "magr", "data", "eval_data", "n_eval", "calib",
+               "qa_init", "swap_rounds", "rule", "greedy_steps", "magr", "data", "eval_data", "n_eval", "calib",
                "n_calib", "calib_len", "steps", "epochs", "lr", "warmup", "weight_decay", "batch_size", "grad_accum",
                "clip", "max_len", "seed", "dtype", "act_order", "gptq_clip", "gptq_cd_passes", "gptq_refit")
 
@@ -164,6 +166,10 @@ def validate(cfg: TrainConfig) -> model_lib.ModelConfig:
         raise ValueError(f"--swap-rounds {cfg.swap_rounds}: expected 0 (no exchange search) or more rounds")
     if cfg.gptq_cd_passes < 0:
         raise ValueError(f"--gptq-cd-passes {cfg.gptq_cd_passes}: expected 0 (plain GPTQ codes) or more passes")
+    if cfg.rule not in ("output", "greedy"):
+        raise ValueError(f"--rule {cfg.rule}: expected output (the paper's top-k) or greedy")
+    if cfg.greedy_steps < 1:
+        raise ValueError(f"--greedy-steps {cfg.greedy_steps}: expected 1 or more")
     mc = model_lib.ModelConfig.from_json(folder / "config.json")
     for name, (m, n) in block_shapes(mc).items():
         if cfg.group_size <= 0 or n % cfg.group_size:
@@ -286,7 +292,8 @@ def init_adapters(model, hessians, originals, cfg: TrainConfig, log) -> dict:
     t0 = time.time()
     if is_qwha(cfg):
         rows = qwha.init_qwha(model, hessians, originals, budget_rank=cfg.rank, temperature=cfg.temperature,
-                              seed=cfg.seed, quiet=cfg.quiet, swap_rounds=cfg.swap_rounds)
+                              seed=cfg.seed, quiet=cfg.quiet, swap_rounds=cfg.swap_rounds, rule=cfg.rule,
+                              greedy_steps=cfg.greedy_steps)
     else:
         rows = baselines.init_adapters(model, originals, hessians, adapter_config(cfg), quiet=cfg.quiet)
     mean = lambda k: sum(r[k] for r in rows) / len(rows)  # noqa: E731
@@ -309,7 +316,7 @@ def save_base(model, path: Path, cfg: TrainConfig) -> None:
 def save_adapter(model, path: Path, cfg: TrainConfig) -> None:
     meta = {"model": cfg.model, "rank": cfg.rank, "temperature": cfg.temperature, "bits": cfg.bits,
             "adapter": cfg.adapter, "transform_dims": cfg.transform_dims, "select": cfg.select,
-            "swap_rounds": cfg.swap_rounds}
+            "swap_rounds": cfg.swap_rounds, "rule": cfg.rule, "greedy_steps": cfg.greedy_steps}
     # QWHA keeps qwha's file format; the other adapters use baselines' (whose loader also reads qwha's)
     save = qwha.save_adapters if is_qwha(cfg) else baselines.save_adapters
     data.atomic_write(path, lambda p: save(p, model, meta))
