@@ -241,12 +241,16 @@ def quantize(model, hessians, cfg: TrainConfig, log) -> dict[str, torch.Tensor]:
     names = model_lib.linear_names(model)
     loaded = None
     if cfg.quantized and Path(cfg.quantized).exists():
-        loaded, _ = gptq.load_quantized(cfg.quantized)
+        loaded, meta = gptq.load_quantized(cfg.quantized)
         wrong = [n for n in names if n not in loaded or loaded[n].bits != cfg.bits
                  or loaded[n].group_size != cfg.group_size]
         if wrong:
             raise ValueError(f"--quantized {cfg.quantized}: layer {wrong[0]} missing or not {cfg.bits}-bit with "
                              f"group size {cfg.group_size}")
+        for key in QUANT_KEYS:  # a file from other GPTQ settings must not be reused silently (older files lack keys)
+            if key in meta and meta[key] != getattr(cfg, key):
+                raise ValueError(f"--quantized {cfg.quantized} was made with {key}={meta[key]!r}, but this run has "
+                                 f"{key}={getattr(cfg, key)!r}: pass the same setting or another --quantized path")
     originals, t0 = {}, time.time()
     for i, name in enumerate(names):
         lin = model_lib.get_module(model, name)
@@ -304,12 +308,14 @@ def init_adapters(model, hessians, originals, cfg: TrainConfig, log) -> dict:
     return summary
 
 
+QUANT_KEYS = ("magr", "act_order", "gptq_clip", "gptq_cd_passes", "gptq_refit")  # GPTQ settings in the file
+
+
 def save_base(model, path: Path, cfg: TrainConfig) -> None:
     layers = {n: model_lib.get_module(model, n) for n in model_lib.linear_names(model)}
     layers = {n: getattr(m, "base", m) for n, m in layers.items()}
-    meta = {"model": cfg.model, "bits": cfg.bits, "group_size": cfg.group_size, "magr": cfg.magr,
-            "act_order": cfg.act_order, "gptq_clip": cfg.gptq_clip, "gptq_cd_passes": cfg.gptq_cd_passes,
-            "gptq_refit": cfg.gptq_refit}
+    meta = {"model": cfg.model, "bits": cfg.bits, "group_size": cfg.group_size,
+            **{k: getattr(cfg, k) for k in QUANT_KEYS}}
     data.atomic_write(path, lambda p: gptq.save_quantized(p, layers, meta))
 
 

@@ -130,6 +130,14 @@ def test_resume_equals_uninterrupted(tiny, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_quantized_file_from_other_gptq_settings_is_refused(tiny, tmp_path):
+    q = ["--quantized", str(tmp_path / "q.safetensors")]
+    train.main(argv(tiny, tmp_path / "a", "--steps", "0", *q))                 # writes q with train.py's defaults
+    with pytest.raises(ValueError, match="gptq_cd_passes=2.*gptq_cd_passes=0"):
+        train.main(argv(tiny, tmp_path / "b", "--steps", "0", "--gptq-cd-passes", "0", *q))
+    train.main(argv(tiny, tmp_path / "c", "--steps", "0", *q))                 # same settings: reused
+
+
 def test_resume_refuses_changed_settings(tiny, tmp_path):
     out = tmp_path / "run"
     train.main(argv(tiny, out, "--steps", "4", "--stop-after", "1"))
