@@ -15,7 +15,6 @@ Prints tables and one JSON line (also appended to runs/bench_adapters.jsonl).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -26,6 +25,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+
+from jsonl import emit  # noqa: E402  (bench/jsonl.py: print + append to runs/)
 
 import baselines as bl  # noqa: E402
 import model as modellib  # noqa: E402
@@ -184,12 +185,7 @@ def main(argv=None):
         rows = {r["method"]: r["mean_err"] for r in table if r["bits"] == bits}
         best = min(rows, key=rows.get)
         result[f"best_{bits}b"] = {"method": best, "qwha_over_best": rows["WHA AdaAlloc (QWHA)"] / rows[best]}
-    line = json.dumps(result)
-    print(line)
-    out = ROOT / "runs" / "bench_adapters.jsonl"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "a") as f:
-        f.write(line + "\n")
+    emit("bench_adapters", result)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ Prints a table and one JSON line (also appended to runs/bench_init.jsonl).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -37,6 +36,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+
+from jsonl import emit  # noqa: E402  (bench/jsonl.py: print + append to runs/)
 
 import calib  # noqa: E402
 import gptq  # noqa: E402
@@ -550,12 +551,7 @@ def main(argv=None):
                   f"{r['init_cpu_s']:>8.0f}s")
     result = {"bench": "init", "config": asdict(cfg), "table": list(table.values()), "concentration": list(conc.values()),
               "timing": tim, "ppl": ppl}
-    line = json.dumps(result)
-    print(line)
-    out = ROOT / "runs" / "bench_init.jsonl"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "a") as f:
-        f.write(line + "\n")
+    emit("bench_init", result)
 
 
 if __name__ == "__main__":

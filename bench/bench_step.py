@@ -30,7 +30,6 @@ Prints a table and one JSON line (also appended to runs/bench_step.jsonl).
 from __future__ import annotations
 
 import argparse
-import json
 import ctypes
 import gc
 import statistics
@@ -43,6 +42,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+
+from jsonl import emit  # noqa: E402  (bench/jsonl.py: print + append to runs/)
 import torch.nn.functional as F  # noqa: E402
 
 import baselines as bl  # noqa: E402
@@ -291,12 +292,7 @@ def main(argv=None):
                           "adapter_step": {v: r[v]["adapter_s"] for v in VARIANTS if v != BASE}}
     result = {"bench": "step", "config": asdict(cfg), "load": load, "threads": torch.get_num_threads(),
               "results": {str(b): r for b, r in res.items()}, "summary": {str(b): s for b, s in summary.items()}}
-    line = json.dumps(result)
-    print(line)
-    out = ROOT / "runs" / "bench_step.jsonl"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "a") as f:
-        f.write(line + "\n")
+    emit("bench_step", result)
 
 
 if __name__ == "__main__":
