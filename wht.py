@@ -237,11 +237,18 @@ def _apply_stage(stage: tuple, src: torch.Tensor, dst: torch.Tensor) -> None:
     torch.bmm(M.expand(A, d, d), src.view(A, n // d, d).transpose(1, 2), out=dst.view(A, d, n // d))
 
 
+def _compute_dtype(x: torch.Tensor, who: str) -> torch.dtype:
+    """The dtype the transform computes in for x (fp64 for fp64, else fp32); raises for any other dtype."""
+    if not (x.is_floating_point() and x.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16)):
+        raise ValueError(f"{who}: expected a float32/float64/float16/bfloat16 tensor, got {x.dtype}")
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def _transform_into(x: torch.Tensor, out: torch.Tensor, inverse: bool) -> None:
     """out (m, n) ← x (m, n) Tᵀ (or x T); x and out contiguous, same device; out may be x (in place).
     Computes in fp32 (fp64 for fp64 inputs), chunk by chunk of rows with a fixed workspace."""
     m, n = x.shape
-    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    cdt = _compute_dtype(x, "wht")
     stages = _plan(n, inverse, cdt, x.device)
     rows = max(1, min(m, _CHUNK_ELEMS // n))
     direct = x.dtype == cdt and out.dtype == cdt
@@ -319,8 +326,7 @@ def _cuda_wht():
 
 def _transform(x: torch.Tensor, inverse: bool, out: torch.Tensor | None = None) -> torch.Tensor:
     """x Tᵀ (inverse: x T) along the last dim, into `out` (may be x itself) or a new tensor."""
-    if not (x.is_floating_point() and x.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16)):
-        raise ValueError(f"wht: expected a float32/float64/float16/bfloat16 tensor, got {x.dtype}")
+    _compute_dtype(x, "wht")
     if x.dim() == 0:
         raise ValueError("wht: expected at least one dimension (the transformed one is the last)")
     n = x.shape[-1]
@@ -399,9 +405,7 @@ def wht_(x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
 def _check_2d(x: torch.Tensor, who: str) -> torch.dtype:
     if x.dim() != 2:
         raise ValueError(f"{who}: expected a 2-D tensor, got shape {tuple(x.shape)}")
-    if not (x.is_floating_point() and x.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16)):
-        raise ValueError(f"{who}: expected a float32/float64/float16/bfloat16 tensor, got {x.dtype}")
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+    return _compute_dtype(x, who)
 
 
 @functools.lru_cache(maxsize=256)
