@@ -32,7 +32,8 @@ def test_loader_without_cuda_says_why():
         with pytest.raises(RuntimeError, match="CPU-only"):
             mod.build()
     assert mod.SOURCE.is_file()
-    assert mod.MAX_P == 8 * 32 * 64
+    assert mod.MAX_P == 16 * 32 * 64
+    assert mod.shared_bytes(4096, 1) == 4 * 4096 and mod.shared_bytes(576, 36) == 4 * (576 + 36 * 40)
 
 
 def test_cache_dir_is_per_torch_version(monkeypatch, tmp_path):
@@ -121,8 +122,12 @@ def test_batched_noncontiguous_and_unaligned_inputs(monkeypatch):
 
 @needs_cuda
 def test_width_beyond_kernel_falls_back(monkeypatch):
-    n = 1 << 15                                                                           # P = 32768 > MAX_P
-    x = torch.randn(2, n).cuda()
-    assert wht._cuda_wht()(x, wht.hadamard_core(1), False) is None
+    fn = wht._cuda_wht()
+    x = torch.randn(2, 1 << 15).cuda()                                                    # P = 32768 = MAX_P: kernel
+    assert fn(x, wht.hadamard_core(1), False) is not None
     assert rel(wht.wht(x), torch_path(x, False, monkeypatch)) < 1e-5
-    assert math.isclose(wht.wht(x).norm().item(), x.norm().item(), rel_tol=1e-4)
+    for n in (1 << 16, 12 << 13):             # P = 65536 > MAX_P; 12·8192: 384 KiB of shared memory, more than a block has
+        x = torch.randn(2, n).cuda()
+        assert fn(x, wht.hadamard_core(wht.factorize(n)[0]), False) is None, n
+        assert rel(wht.wht(x), torch_path(x, False, monkeypatch)) < 1e-5
+        assert math.isclose(wht.wht(x).norm().item(), x.norm().item(), rel_tol=1e-4)
