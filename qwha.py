@@ -969,7 +969,7 @@ class _WHAMerged(torch.autograd.Function):
         x, values, W = ctx.saved_tensors
         mod = ctx.mod
         m, n = mod.out_features, mod.in_features
-        g2 = gy.reshape(-1, m)                                         # (N, m)
+        g2 = gy.reshape(-1, m).to(x.dtype)       # (N, m); under CUDA autocast gy comes back bf16 for an fp32 x
         gvalues = _wha_value_grad(mod, x.reshape(-1, n), g2) if ctx.needs_input_grad[1] else None
         gx = None
         if ctx.needs_input_grad[0]:

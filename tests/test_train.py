@@ -70,7 +70,7 @@ def argv(tiny, out, *extra):
     return ["--model", str(tiny / "model"), "--bits", "2", "--group-size", "32", "--rank", "4",
             "--data", str(tiny / "gsm.jsonl"), "--calib", str(tiny / "calib.txt"), "--n-calib", "4",
             "--calib-len", "32", "--n-eval", "2", "--batch-size", "2", "--max-len", "128", "--lr", "1e-2",
-            "--out", str(out), "--quiet", *extra]
+            "--out", str(out), "--quiet", "--device", "cpu", *extra]   # CPU unless extra says otherwise
 
 
 def logits_of(m, ids):
@@ -108,6 +108,25 @@ def test_pipeline_end_to_end(tiny, tmp_path):
     a, b = logits_of(merged, ids), logits_of(reloaded, ids)
     assert (a - b).abs().max() < 0.05 * b.abs().max()
     assert model_lib.Tokenizer.from_pretrained(out / "merged").encode("apples") == tok.encode("apples")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_pipeline_on_cuda(tiny, tmp_path):
+    """train.py's GPU path: bf16 autocast, the packed QuantLinear base (no dense copy), the merged backward with a
+    bf16 output gradient for fp32 inputs; the saved adapter reloads to the same outputs."""
+    out = tmp_path / "run"
+    record, m = train.run(train.parse_args(argv(tiny, out, "--steps", "2", "--eval-every", "2", "--device", "cuda")))
+    assert all(p.is_cuda for p in m.parameters())
+    steps = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in steps if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    assert all(math.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in steps)
+    reloaded, tok = load_model(tiny / "model", out / "quantized.safetensors", out / "adapter.safetensors")
+    ids = torch.tensor([tok.encode("Tom has 3 apples and buys 4 more.")])
+    m.eval()
+    with torch.no_grad():
+        a, b = m(ids.cuda()).cpu(), reloaded(ids)
+    assert (a - b).abs().max() <= 1e-3 * b.abs().max()
 
 
 def test_resume_equals_uninterrupted(tiny, tmp_path):
