@@ -67,6 +67,7 @@ class StepConfig:
     threads: int = 0                # torch threads (0: leave torch's default)
     seed: int = 0
     quiet: bool = False
+    random_weights: bool = False    # seeded random weights of the checkpoint's shape: only its config.json is read
 
 
 def log(cfg, msg, end="\n"):
@@ -76,7 +77,13 @@ def log(cfg, msg, end="\n"):
 
 def build(cfg):
     """The truncated model with frozen dense bases, and {variant: {name: adapter module}} on those bases."""
-    model = modellib.from_pretrained(Path(cfg.assets) / "smollm2-135m", device=cfg.device)
+    folder = Path(cfg.assets) / "smollm2-135m"
+    if cfg.random_weights:     # the step's cost does not depend on the weights' values
+        config = modellib.ModelConfig.from_json(folder / "config.json")
+        model = modellib.init_weights(modellib.LlamaForCausalLM(config), torch.Generator().manual_seed(cfg.seed))
+        model = model.to(cfg.device)
+    else:
+        model = modellib.from_pretrained(folder, device=cfg.device)
     model.model.layers = model.model.layers[: cfg.blocks]
     for p in model.parameters():
         p.requires_grad_(False)
@@ -190,7 +197,7 @@ def reset_peak_rss() -> int:
 
 def measure(cfg, model, names, variants, batch):
     ids = torch.randint(0, model.config.vocab_size, (batch, cfg.seq_len),
-                        generator=torch.Generator().manual_seed(batch), device=cfg.device)
+                        generator=torch.Generator().manual_seed(batch)).to(cfg.device)
     params = {v: [p for mod in mods.values() for p in mod.parameters() if p.requires_grad] for v, mods in variants.items()}
     opts = {v: torch.optim.AdamW(ps, lr=1e-4) if ps else None for v, ps in params.items()}
     counts = {v: sum(p.numel() for p in ps) for v, ps in params.items()}
@@ -245,9 +252,12 @@ def parse(argv=None):
     p.add_argument("--threads", type=int, default=d.threads)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--random-weights", action="store_true",
+                   help="seeded random weights of the checkpoint's shape (only config.json is read; the timings do "
+                        "not depend on the values: a GPU machine needs no copy of the weights)")
     a = p.parse_args(argv)
     return StepConfig(a.assets, a.blocks, a.head, tuple(int(b) for b in a.batch.split(",")), a.seq_len, a.rank,
-                      a.reps, a.device, a.threads, a.seed, a.quiet)
+                      a.reps, a.device, a.threads, a.seed, a.quiet, a.random_weights)
 
 
 def main(argv=None):
