@@ -157,9 +157,14 @@ def saved_bytes(model, ids, head) -> int:
             ptr = t.untyped_storage().data_ptr()
             if ptr not in known:
                 seen[ptr] = t.untyped_storage().nbytes()
-        return t
+        # nothing is kept: this graph never runs backward, and returning t would let a node hold its own output
+        # (a reference cycle through C++ that Python's gc cannot see), so every activation of it would leak
+        return None
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    def unpack(_):
+        raise RuntimeError("saved_bytes: the measuring forward pass cannot run backward")
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         loss_of(model, ids, head)
     return sum(seen.values())
 
