@@ -152,12 +152,16 @@ def saved_bytes(model, ids, head) -> int:
     known = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
     seen = {}
 
+    held = []     # the saved tensors' storages, alive until the graph goes (else freed memory gets reused and
+                  # distinct tensors would share a data_ptr); storages, not tensors: a tensor would hold the graph
+
     def pack(t):
         if isinstance(t, torch.Tensor):
             ptr = t.untyped_storage().data_ptr()
             if ptr not in known:
                 seen[ptr] = t.untyped_storage().nbytes()
-        # nothing is kept: this graph never runs backward, and returning t would let a node hold its own output
+            held.append(t.untyped_storage())
+        # the graph keeps nothing: it never runs backward, and returning t would let a node hold its own output
         # (a reference cycle through C++ that Python's gc cannot see), so every activation of it would leak
         return None
 
