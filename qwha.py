@@ -49,9 +49,12 @@ RULES = ("output", "magnitude", "greedy")    # per-row selection rules of select
 SWAP_ROUNDS_DEFAULT = 2   # init_qwha's exchange-search rounds (issue 9; see init_qwha)
 GREEDY_STEPS = 8          # steps of the greedy rule (select_greedy)
 RULE_DEFAULT = "output"   # init_qwha's per-row selection (see init_qwha)
-CHUNK_BYTES = 1 << 22     # gathered (k, k) float64 blocks per batched solve: a few MB stay in cache (issue 6)
+CHUNK_BYTES = 1 << 22     # gathered (k, k) float64 blocks per batched solve (issue 6: 4 MB beat 0.25-2 MB, = 8-16 MB)
 FP32_MIN_K = 128          # blocks of at least this size are factored in float32 (see refine)
 FP32_MAX_PIVOT_SPREAD = 100.0  # float32 factors whose diagonal spreads more (so cond ≥ 10⁴) are redone in float64
+PAD_PER_OCTAVE = 16       # block sizes per octave of k in the batched solve (rows padded up to them, see _padded_sizes)
+AUG_MIN_K = 64            # smaller blocks: no padding, no augmented row (measured: 32 and 96 slower at r = 8 and 64)
+_AUG_BIG = 1e30           # the last pivot of an augmented block [[A, bᵀ], [b, big]] (see _chunk_solve)
 
 
 # ---------------------------------------------------------------------------------------------- spectrum
@@ -66,7 +69,7 @@ def hadamard_hessian(H: torch.Tensor) -> torch.Tensor:
     """G = T H Tᵀ (n×n), with two WHTs (rows, then columns); symmetrized. No n×n Hadamard GEMM."""
     A = wht.wht(H)                     # (n, n) H Tᵀ
     G = wht.wht(A.T.contiguous())      # Aᵀ Tᵀ = T Hᵀ Tᵀ = T H Tᵀ  (H symmetric)
-    return (G + G.T) / 2
+    return G.T.contiguous().add_(G).mul_(0.5)   # (G + Gᵀ)/2, the transpose by a tiled copy (~2× faster at n = 1536)
 
 
 def channel_scores(E: torch.Tensor, H: torch.Tensor | None = None, kind: str = "output") -> torch.Tensor:
@@ -262,7 +265,7 @@ def select_greedy(P: torch.Tensor, G: torch.Tensor, k: torch.Tensor, steps: int 
         rows, cols = _topk_rows(S, adds[s])
         support = _csr(torch.cat([support[0], rows]), torch.cat([support[1], cols]), n)
         if s < last:
-            f = _solve_support(P, G, support, chunk_bytes=chunk_bytes, fp32_min_k=fp32_min_k)[0]
+            f = _solve_support(P, G, support, chunk_bytes=chunk_bytes, fp32_min_k=fp32_min_k, quad=False)[0]
     return support
 
 
@@ -314,9 +317,12 @@ def refine(P: torch.Tensor, G: torch.Tensor, support: torch.Tensor, *, chunk_byt
            fp32_min_k: int | None = None) -> torch.Tensor:
     """Least-squares values on a fixed support, eq. 9/35: for each row, f·G[Ω,Ω] = P[i,Ω] (P = C G).
 
-    Batched: rows grouped by k_i, G[Ω,Ω] gathered as (rows, k, k) blocks, one batched Cholesky (in place) and two
-    triangular solves per group and chunk (≤ chunk_bytes of float64 blocks); rows whose Cholesky fails fall back
-    to least squares. Blocks with k_i ≥ fp32_min_k (default None: none; init_layer_full and select_greedy pass
+    Batched: rows grouped by a padded size K_i ≥ k_i (`_padded_sizes`, ≤ 16 sizes per octave; the padding is
+    unit pivots decoupled from the block, so it changes nothing but round-off), each block gathered with its
+    right-hand side as one more row, [[G[Ω,Ω], P[i,Ω]ᵀ], [P[i,Ω], big]], so that one batched Cholesky (in place)
+    also does the forward solve and one triangular solve is left (per group and chunk, ≤ chunk_bytes of float64
+    blocks); rows whose Cholesky fails fall back to least squares (issue 6: 24,828 groups of equal k over the
+    demo model at r = 64 become 6,394). Blocks with K_i ≥ fp32_min_k (default None: none; init_layer_full and select_greedy pass
     FP32_MIN_K) are gathered and factored in float32, where gather and Cholesky are faster; their values differ
     from float64's by about eps32·cond(G[Ω,Ω]) (so the normal equations hold only to that), which moves the error
     ‖(e_i − f T_Ω)Rᵀ‖² only at second order (4e-7 at cond 2·10⁵ in the tests; bench/bench_init.py measures the
@@ -324,21 +330,7 @@ def refine(P: torch.Tensor, G: torch.Tensor, support: torch.Tensor, *, chunk_byt
     FP32_MAX_PIVOT_SPREAD (a proof that cond ≥ 10⁴), is re-solved in float64. Returns values (B,) float64 in the
     support's (CSR) order.
     """
-    return _solve_support(P, G, support, chunk_bytes=chunk_bytes, fp32_min_k=fp32_min_k)[0]
-
-
-def _row_chunks(k: torch.Tensor, chunk_bytes: int):
-    """Chunks of the rows with equal k_i = kk > 0, at most chunk_bytes of (kk, kk) float64 blocks each, as
-    (kk, r (R,) row ids, pos (R, kk) their positions in the CSR support). Rows are sorted by k once."""
-    ptr = torch.cumsum(k, 0) - k
-    order = torch.argsort(k, stable=True)
-    sizes, counts = torch.unique_consecutive(k[order], return_counts=True)
-    for kk, rows in zip(sizes.tolist(), order.split(counts.tolist())):
-        if kk == 0:
-            continue
-        ar = torch.arange(kk, device=k.device)
-        for r in rows.split(max(1, chunk_bytes // (kk * kk * 8))):
-            yield kk, r, ptr[r][:, None] + ar
+    return _solve_support(P, G, support, chunk_bytes=chunk_bytes, fp32_min_k=fp32_min_k, quad=False)[0]
 
 
 def _gather(Gd, Pd, r, c, n):
@@ -378,50 +370,190 @@ def _quad(A, x):
     return (x.double() * torch.linalg.vecdot(A, x.to(A.dtype)[:, None, :]).double()).sum(1)
 
 
-def _chunk_solve(Gd, Pd, G32, r, c, n, xe):
-    """One chunk of `_solve_support`: (x (R,k) float64, Σ x A xᵀ, Σ xe A xeᵀ or 0). G32 (n·n,) given: gather and
-    factor in float32, x A xᵀ as ‖Lᵀxᵀ‖² (both forms then good to ~1e-6 relative); rows whose float32 Cholesky
-    fails, or whose pivots spread by more than FP32_MAX_PIVOT_SPREAD, are re-solved by `_block_solve` (float64)."""
+def _padded_sizes(k: torch.Tensor, per_octave: int | None = None) -> torch.Tensor:
+    """Block size K_i ≥ k_i of each row in the batched solve: k_i rounded up to a multiple of
+    2^(⌊log₂ k_i⌋ − log₂ per_octave) (a power of two; default PAD_PER_OCTAVE), so at most per_octave + 1 sizes
+    per octave; k_i < AUG_MIN_K stays (those rows take `_plain_chunk_solve`). 16: K/k ≤ 1 + 1/16, ≤ 20 % more Cholesky flops for a row; over the demo model at r = 64, 6 % more
+    flops and 3.9× fewer groups of rows (6,394 for 24,828 distinct (layer, k)). 0 stays 0. Rows padded to K solve
+    the same system up to round-off (see `_solve_support`)."""
+    per_octave = PAD_PER_OCTAVE if per_octave is None else per_octave
+    lg = torch.log2(k.clamp_min(1).double()).floor().long()
+    step = torch.pow(2, (lg - int(math.log2(per_octave))).clamp_min(0))
+    return torch.where(k < AUG_MIN_K, k, (k + step - 1) // step * step)
+
+
+def _row_groups(k: torch.Tensor, K: torch.Tensor):
+    """The rows with equal padded size K_i = kk > 0, as (kk, r (R,) row ids), by K ascending."""
+    order = torch.argsort(K, stable=True)
+    sizes, counts = torch.unique_consecutive(K[order], return_counts=True)
+    return [(kk, r) for kk, r in zip(sizes.tolist(), order.split(counts.tolist())) if kk]
+
+
+def _aug_source(G, P, pad, dtype):
+    """The flat array every augmented block is gathered from: [Gx (N·N), P (m·n), 0, big], Gx = (N, N) with
+    G in the corner and `pad` unit pivots after it (N = n + pad), all decoupled (zeros off the diagonal)."""
+    n = G.shape[0]
+    Gx = torch.zeros(n + pad, n + pad, dtype=dtype, device=G.device)
+    Gx[:n, :n] = G
+    Gx.diagonal()[n:] = 1
+    tail = torch.tensor([0.0, _AUG_BIG], dtype=dtype, device=G.device)
+    return torch.cat([Gx.view(-1), P.reshape(-1).to(dtype), tail])
+
+
+def _aug_blocks(src, n, N, m, r, c, valid):
+    """(R, K+1, K+1) augmented blocks [[G[Ω,Ω], P[i,Ω]ᵀ], [P[i,Ω], big]] gathered from src (`_aug_source`), with
+    c (R, K) the padded columns (pads: distinct ids ≥ n, unit pivots) and valid (R, K) the real ones."""
+    R, K = c.shape
+    idx = torch.empty(R, K + 1, K + 1, dtype=c.dtype, device=c.device)
+    torch.add((c * N)[:, :, None], c[:, None, :], out=idx[:, :K, :K])      # flat index_select: see _gather
+    zero = N * N + m * n
+    brow = torch.where(valid, c + (N * N + r[:, None] * n).to(c.dtype), zero)   # P[i, c] (pads: 0)
+    idx[:, K, :K] = brow
+    idx[:, :K, K] = brow
+    idx[:, K, K] = zero + 1
+    return src.index_select(0, idx.view(-1)).view(R, K + 1, K + 1)
+
+
+def _chunk_solve(src, n, N, m, r, c, valid, xe, check_spread, quad=True):
+    """One chunk of `_solve_support`, on augmented blocks M = [[A, bᵀ], [b, big]] (A = G[Ω,Ω], b = P[i,Ω], padded):
+    one Cholesky gives L = [[L_A, 0], [yᵀ, ·]] with L_A y = bᵀ, then one triangular solve L_Aᵀ xᵀ = y; and
+    x A xᵀ = x·b = ‖y‖² for the error report. Returns (x (R, K) float64, x A xᵀ (R,), Σ xe A xeᵀ or 0, ok (R,)):
+    ok False for rows whose Cholesky fails or gives non-finite values, or (check_spread: float32 blocks) whose
+    pivots spread by more than FP32_MAX_PIVOT_SPREAD."""
+    K = c.shape[1]
+    M = _aug_blocks(src, n, N, m, r, c, valid)
+    qx = _quad(M[:, :K, :K], xe).sum() if xe is not None else 0.0      # before M is overwritten by its factor
+    L = M.mT                                                          # column-major: LAPACK factors in place
+    L, info = torch.linalg.cholesky_ex(L, out=(L, torch.empty(M.shape[0], dtype=torch.int32, device=M.device)))
+    y = L[:, K, :K]                                                   # (R, K) L_A⁻¹ bᵀ
+    # Lᵀ [x, −1]ᵀ = [0, −δ]ᵀ (δ = L_KK) is L_Aᵀ xᵀ = y on the whole contiguous factor: no copy of L_A
+    rhs = torch.zeros(M.shape[0], K + 1, 1, dtype=M.dtype, device=M.device)
+    rhs[:, K, 0] = -L[:, K, K]
+    x = torch.linalg.solve_triangular(M, rhs, upper=True)[:, :K, 0].double()
+    ok = (info == 0) & torch.isfinite(x).all(dim=1)
+    if check_spread:                                                  # cond(A) ≥ (max L_ii / min L_ii)², real rows only
+        d = torch.where(valid, L.diagonal(dim1=-2, dim2=-1)[:, :K], L[:, :1, 0])   # pads: the first pivot
+        ok &= d.amax(1) <= FP32_MAX_PIVOT_SPREAD * d.amin(1)
+    return x, (y.double().square().sum(1) if quad else None), qx, ok
+
+
+def _plain_chunk_solve(Gd, Pd, G32, r, c, n, xe, quad=True):
+    """A chunk of rows with equal small k (< AUG_MIN_K: padding and the augmented row cost more than they save
+    there): (x (R,k) float64, x A xᵀ (R,) or None, Σ xe A xeᵀ or 0). G[Ω,Ω] and P[i,Ω] gathered apart, Cholesky in
+    place, two triangular solves. G32 (n·n,) given: gather and factor in float32, x A xᵀ as ‖Lᵀxᵀ‖²; rows whose
+    float32 Cholesky fails, or whose pivots spread by more than FP32_MAX_PIVOT_SPREAD, are re-solved by
+    `_block_solve` (float64)."""
     A, b = _gather(Gd if G32 is None else G32, Pd, r, c, n)
     qx = _quad(A, xe).sum() if xe is not None else 0.0               # before A is overwritten by its factor
     x, L, ok = _spd_solve(A, b, overwrite=True)
     x = x.double()
+    qf = None
     if G32 is None:
-        qf = (x * b).sum(1)                                           # x A xᵀ = x·b at the solution
+        qf = (x * b).sum(1) if quad else None                         # x A xᵀ = x·b at the solution
     else:
         d = L.diagonal(dim1=-2, dim2=-1)                              # cond(A) ≥ (max L_ii / min L_ii)²
         ok &= d.amax(1) <= FP32_MAX_PIVOT_SPREAD * d.amin(1)
-        qf = torch.linalg.vecdot(L.mT, x.float()[:, None, :]).double().square().sum(1)    # ‖Lᵀxᵀ‖²
+        if quad:
+            qf = torch.linalg.vecdot(L.mT, x.float()[:, None, :]).double().square().sum(1)    # ‖Lᵀxᵀ‖²
     if not ok.all():                                                  # singular (or too ill-conditioned for float32)
         bad = ~ok
         A64, b64, x[bad], _ = _block_solve(Gd, Pd, r[bad], c[bad], n)
-        qf[bad] = _quad(A64, x[bad])
-    return x, qf.sum(), qx
+        if quad:
+            qf[bad] = _quad(A64, x[bad])
+    return x, qf, qx
 
 
-def _solve_support(P, G, support, extra=None, chunk_bytes=CHUNK_BYTES, fp32_min_k=FP32_MIN_K):
+def _chunk_redo(G, P, source, n, N, m, r, c, valid, x, qf, ok, f32):
+    """The rows of a chunk that `_chunk_solve` could not do (ok False): float32 rows again in float64, then rows
+    whose float64 Cholesky fails (singular blocks) one by one by least squares (`_block_solve`)."""
+    if f32:
+        bad = ~ok
+        x64, qf64, _, ok64 = _chunk_solve(source(torch.float64), n, N, m, r[bad], c[bad], valid[bad], None, False,
+                                          qf is not None)
+        x[bad] = x64
+        if qf is not None:
+            qf[bad] = qf64
+        ok = ok.clone()
+        ok[bad] = ok64
+    for j in torch.nonzero(~ok).flatten().tolist():
+        cj = c[j:j + 1][valid[j:j + 1]].view(1, -1).long()
+        A64, _, xj, _ = _block_solve(G.to(torch.float64).reshape(-1), P.to(torch.float64).reshape(-1),
+                                     r[j:j + 1], cj, n)
+        x[j] = 0
+        x[j, :cj.shape[1]] = xj[0]
+        if qf is not None:
+            qf[j] = _quad(A64, xj)[0]
+    return x, qf
+
+
+def _solve_support(P, G, support, extra=None, chunk_bytes=CHUNK_BYTES, fp32_min_k=FP32_MIN_K, quad=True):
     """refine(), plus the quadratic forms Σ_i v_i G[Ω_i,Ω_i] v_iᵀ of the solution and of `extra` (B,) values
-    on the same support, from the gathered blocks (for the error report without another m×n×n product)."""
+    on the same support, from the gathered blocks (for the error report without another m×n×n product).
+
+    Rows are batched by padded size K_i ≥ k_i (`_padded_sizes`): a row's block is G[Ω,Ω] followed by K_i − k_i
+    unit pivots decoupled from it (zero off-diagonal), with zeros on the right-hand side, so the padded system has
+    the row's solution followed by exact zeros. Each block carries its right-hand side as an extra row (see
+    `_chunk_solve`). Rows that fail (float32: or spread too much) are redone in float64; float64 failures
+    (singular blocks) row by row by least squares (`_block_solve`)."""
     m, n = P.shape
     rows, cols = support[0], support[1]
-    Pd, Gd = P.to(torch.float64).reshape(-1), G.to(torch.float64).reshape(-1)
-    values = torch.zeros(rows.numel(), dtype=torch.float64, device=P.device)
+    nnz = rows.numel()
+    values = torch.zeros(nnz + 1, dtype=torch.float64, device=P.device)   # + the sink slot of the pads
     quad_f = torch.zeros((), dtype=torch.float64, device=P.device)
     quad_x = torch.zeros((), dtype=torch.float64, device=P.device)
-    if rows.numel() == 0:
-        return values, quad_f, quad_x
-    extra = None if extra is None else extra.to(torch.float64)
+    if nnz == 0:
+        return values[:0], quad_f, quad_x
     k = torch.bincount(rows, minlength=m)                              # (m,)
-    cols = cols.to(torch.int32) if n * n < 2**31 else cols
-    G32 = Gd.float() if fp32_min_k is not None and int(k.max()) >= fp32_min_k else None
-    for kk, r, pos in _row_chunks(k, chunk_bytes):
-        pos = pos.view(-1)
-        c = cols.index_select(0, pos).view(-1, kk)                     # (R, kk)
-        xe = None if extra is None else extra.index_select(0, pos).view(-1, kk)
-        x, qf, qx = _chunk_solve(Gd, Pd, G32 if G32 is not None and kk >= fp32_min_k else None, r, c, n, xe)
-        values.index_copy_(0, pos, x.reshape(-1))
-        quad_f += qf
-        quad_x += qx
+    K = _padded_sizes(k)
+    pad = int((K - k).max())
+    N = n + pad
+    ptr = torch.cumsum(k, 0) - k
+    itype = torch.int32 if N * N + m * n + 2 < 2**31 and nnz < 2**31 else torch.int64
+    cols_x = torch.cat([cols.to(itype), cols.new_zeros(1, dtype=itype)])   # + a sink slot for pads
+    extra_x = None if extra is None else torch.cat([extra.to(torch.float64), extra.new_zeros(1, dtype=torch.float64)])
+    src = {}
+
+    def source(dtype):
+        if dtype not in src:
+            src[dtype] = _aug_source(G, P, pad, dtype)
+        return src[dtype]
+
+    for kk, rg in _row_groups(k, K):                                  # per group: indices for all its rows
+        ar = torch.arange(kk, device=P.device)
+        step = max(1, chunk_bytes // ((kk + 1) ** 2 * 8))
+        f32 = fp32_min_k is not None and kk >= fp32_min_k
+        if kk < AUG_MIN_K:                                            # K = k: no pads, plain blocks
+            if "flat" not in src:
+                Gd = G.to(torch.float64).reshape(-1)
+                src["flat"] = (Gd, P.to(torch.float64).reshape(-1), Gd.float() if fp32_min_k is not None else None)
+            Gd, Pd, G32 = src["flat"]
+            for r in rg.split(step):
+                pos = (ptr[r][:, None] + ar).view(-1)
+                x, qf, qx = _plain_chunk_solve(Gd, Pd, G32 if f32 else None, r, cols_x.index_select(0, pos).view(-1, kk),
+                                               n, None if extra_x is None else extra_x.index_select(0, pos).view(-1, kk),
+                                               quad)
+                values.index_copy_(0, pos, x.reshape(-1))
+                if quad:
+                    quad_f += qf.sum()
+                quad_x += qx
+            continue
+        kg = k[rg][:, None]
+        valid_g = ar < kg                                             # (Rg, K)
+        pos_g = torch.where(valid_g, ptr[rg][:, None] + ar, nnz)      # (Rg, K) CSR positions (pads: the sink)
+        c_g = torch.where(valid_g, cols_x[pos_g], (n + ar - kg).to(itype))   # pads: distinct unit pivots n, n+1, ..
+        xe_g = None if extra_x is None else extra_x[pos_g]
+        for s0 in range(0, rg.numel(), step):                         # chunks: ≤ chunk_bytes of blocks
+            sl = slice(s0, s0 + step)
+            r, c, valid, pos = rg[sl], c_g[sl], valid_g[sl], pos_g[sl]
+            x, qf, qx, ok = _chunk_solve(source(torch.float32 if f32 else torch.float64), n, N, m, r, c, valid,
+                                         None if xe_g is None else xe_g[sl], f32, quad)
+            if not ok.all():
+                x, qf = _chunk_redo(G, P, source, n, N, m, r, c, valid, x, qf, ok, f32)
+            values.index_copy_(0, pos.reshape(-1), x.reshape(-1))    # pads (exact zeros) go to the sink
+            if quad:
+                quad_f += qf.sum()
+            quad_x += qx
+    values = values[:nnz]
     return values, quad_f, quad_x
 
 
@@ -595,8 +727,7 @@ def layer_problem(E: torch.Tensor, H: torch.Tensor, damp: float = 1e-4) -> Layer
     m, n = E.shape
     if H.shape != (n, n):
         raise ValueError(f"init_layer: H has shape {tuple(H.shape)}, expected ({n}, {n}) for E of shape ({m}, {n})")
-    E64, H64 = E.to(torch.float64), H.to(torch.float64)
-    H64 = (H64 + H64.T) / 2
+    E64, H64 = E.to(torch.float64), H.to(torch.float64)    # H's asymmetry (round-off) goes: G is symmetrized
     mu = H64.diagonal().mean()
     lam_mu = float(damp * (mu if mu > 0 else 1.0))
     C = spectrum(E64)                                                  # (m, n) E Tᵀ

@@ -313,6 +313,7 @@ def timing(cfg, weights, H, all_names, names):
     first = next(iter(inits.values()))
     init_wall, init_cpu = first["wall_s"], first["cpu_s"]
     t = {"batched": [], "batched64": [], "authors": [], "rowloop": []}
+    tc = {k: 0.0 for k in t}                                          # process CPU time per side
     gaps = {"authors": 0.0, "rowloop": 0.0}
     fp32_err_gap = 0.0
     for j, name in enumerate(names):
@@ -332,9 +333,10 @@ def timing(cfg, weights, H, all_names, names):
         sides = sides[j % 4:] + sides[:j % 4]                         # alternate the order
         res = {}
         for side, fn in sides:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             res[side] = fn()
             t[side].append(time.perf_counter() - t0)
+            tc[side] += time.process_time() - c0
         for side in gaps:
             gap = float((res["batched"] - res[side]).abs().max() / res[side].abs().max())
             gaps[side] = max(gaps[side], gap)
@@ -363,6 +365,8 @@ def timing(cfg, weights, H, all_names, names):
             "layers": len(names), "rank": r, "refine_batched_s": tot["batched"], "refine_float64_s": tot["batched64"],
             "authors_loop_s": tot["authors"], "row_loop_s": tot["rowloop"],
             "speedup_vs_authors": tot["authors"] / tot["batched"], "speedup_vs_row_loop": tot["rowloop"] / tot["batched"],
+            "refine_cpu_s": tc, "cpu_speedup_vs_authors": tc["authors"] / tc["batched"],
+            "cpu_speedup_vs_row_loop": tc["rowloop"] / tc["batched"],
             "float64_speedup_vs_authors": tot["authors"] / tot["batched64"],
             "median_layer_speedup_vs_authors": statistics.median(a / b for a, b in zip(t["authors"], t["batched"])),
             "max_rel_value_gap_vs_authors": gaps["authors"], "max_rel_value_gap_vs_row_loop": gaps["rowloop"],
@@ -536,6 +540,9 @@ def main(argv=None):
               f"({tim['speedup_vs_authors']:.1f}×, median layer {tim['median_layer_speedup_vs_authors']:.1f}×; "
               f"all-float64 {tim['float64_speedup_vs_authors']:.1f}×) | per-row loop on G blocks {tim['row_loop_s']:.2f}s "
               f"({tim['speedup_vs_row_loop']:.1f}×)")
+        print(f"  CPU time: batched {tim['refine_cpu_s']['batched']:.2f}s | authors' loop "
+              f"{tim['refine_cpu_s']['authors']:.2f}s ({tim['cpu_speedup_vs_authors']:.1f}×) | per-row loop on G blocks "
+              f"{tim['refine_cpu_s']['rowloop']:.2f}s ({tim['cpu_speedup_vs_row_loop']:.1f}×)")
         print(f"Max relative value gap: vs authors' loop {tim['max_rel_value_gap_vs_authors']:.1e}, vs row loop "
               f"{tim['max_rel_value_gap_vs_row_loop']:.1e} (float32 blocks from k = {tim['fp32_min_k']}); their layer "
               f"error vs all-float64 {tim['max_rel_err_gap_float32_blocks']:.1e}; layer-error gap vs per-row lstsq of "

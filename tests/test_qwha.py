@@ -264,6 +264,41 @@ def test_refine_falls_back_on_singular_blocks():
 
 
 
+@given(st.lists(st.integers(0, 5000), min_size=1, max_size=50), st.sampled_from([1, 2, 4, 8, 16]))
+def test_padded_sizes_round_up_to_at_most_per_octave_sizes(ks, per_octave):
+    k = torch.tensor(ks)
+    K = qwha._padded_sizes(k, per_octave)
+    assert (K >= k).all() and ((K == 0) == (k == 0)).all()
+    assert ((K - k) * per_octave <= k).all()                      # K ≤ k·(1 + 1/per_octave)
+    assert (K[k < qwha.AUG_MIN_K] == k[k < qwha.AUG_MIN_K]).all()  # small blocks are not padded
+    for j in range(14):                                           # ≤ per_octave + 1 sizes per octave of k
+        sel = (k >= 2**j) & (k < 2 ** (j + 1))
+        assert torch.unique(K[sel]).numel() <= per_octave + 1
+
+
+@SET
+@given(shapes(), st.floats(0.3, 0.9))
+def test_padding_the_blocks_changes_nothing_but_round_off(shape, frac):
+    """The batched solve pads each row's block with decoupled unit pivots up to a shared size and carries the
+    right-hand side as an extra row: with heavy padding (one size per octave) the values and the quadratic forms
+    for the error report are those of the plain blocks (no padding, two triangular solves)."""
+    m, n, seed = shape
+    E, H, C, G, sup = _problem(m, n, seed, frac)
+    f_sel = C[sup[0], sup[1]]
+    out = {}
+    old = qwha.PAD_PER_OCTAVE, qwha.AUG_MIN_K
+    try:
+        for po in (1, 1 << 20):                # every block padded and augmented, then every block plain
+            qwha.PAD_PER_OCTAVE, qwha.AUG_MIN_K = po, (2 if po == 1 else 1 << 20)
+            out[po] = qwha._solve_support(C @ G, G, sup, extra=f_sel, fp32_min_k=None)
+    finally:
+        qwha.PAD_PER_OCTAVE, qwha.AUG_MIN_K = old
+    (f1, qf1, qx1), (f0, qf0, qx0) = out[1], out[1 << 20]
+    torch.testing.assert_close(f1, f0, rtol=1e-7, atol=1e-7 * float(f0.abs().max()))
+    assert float(qf1) == pytest.approx(float(qf0), rel=1e-9)
+    assert float(qx1) == pytest.approx(float(qx0), rel=1e-9)
+
+
 @SET
 @given(shapes(), st.floats(0.1, 0.9))
 def test_float32_blocks_give_the_float64_error(shape, frac):
