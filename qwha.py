@@ -322,7 +322,7 @@ def refine(P: torch.Tensor, G: torch.Tensor, support: torch.Tensor, *, chunk_byt
     right-hand side as one more row, [[G[Ω,Ω], P[i,Ω]ᵀ], [P[i,Ω], big]], so that one batched Cholesky (in place)
     also does the forward solve and one triangular solve is left (per group and chunk, ≤ chunk_bytes of float64
     blocks); rows whose Cholesky fails fall back to least squares (issue 6: 24,828 groups of equal k over the
-    demo model at r = 64 become 6,394). Blocks with K_i ≥ fp32_min_k (default None: none; init_layer_full and select_greedy pass
+    demo model at r = 64 become 6,874). Blocks with K_i ≥ fp32_min_k (default None: none; init_layer_full and select_greedy pass
     FP32_MIN_K) are gathered and factored in float32, where gather and Cholesky are faster; their values differ
     from float64's by about eps32·cond(G[Ω,Ω]) (so the normal equations hold only to that), which moves the error
     ‖(e_i − f T_Ω)Rᵀ‖² only at second order (4e-7 at cond 2·10⁵ in the tests; bench/bench_init.py measures the
@@ -374,7 +374,7 @@ def _padded_sizes(k: torch.Tensor, per_octave: int | None = None) -> torch.Tenso
     """Block size K_i ≥ k_i of each row in the batched solve: k_i rounded up to a multiple of
     2^(⌊log₂ k_i⌋ − log₂ per_octave) (a power of two; default PAD_PER_OCTAVE), so at most per_octave + 1 sizes
     per octave; k_i < AUG_MIN_K stays (those rows take `_plain_chunk_solve`). 16: K/k ≤ 1 + 1/16, ≤ 20 % more Cholesky flops for a row; over the demo model at r = 64, 6 % more
-    flops and 3.9× fewer groups of rows (6,394 for 24,828 distinct (layer, k)). 0 stays 0. Rows padded to K solve
+    flops and 3.6× fewer groups of rows (6,874 for 24,828 distinct (layer, k)). 0 stays 0. Rows padded to K solve
     the same system up to round-off (see `_solve_support`)."""
     per_octave = PAD_PER_OCTAVE if per_octave is None else per_octave
     lg = torch.log2(k.clamp_min(1).double()).floor().long()
