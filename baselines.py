@@ -26,7 +26,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -432,30 +431,14 @@ def init_adapters(model: nn.Module, weights: Mapping[str, torch.Tensor], hessian
     """Wrap every target linear in the adapter of `cfg`, initialized at WHA's budget (the counterpart of
     qwha.init_qwha). weights: the ORIGINAL full-precision weights {name: W}; hessians: {name: H} undamped.
     Returns one report row per layer (the keys of qwha.init_qwha's, plus adapter), a table on stderr unless quiet."""
-    names = list(names) if names is not None else list(hessians)
     gen = torch.Generator().manual_seed(cfg.seed)
-    report, t_all = [], time.perf_counter()
-    for i, name in enumerate(names):
-        if name not in hessians:
-            raise ValueError(f"init_adapters: no Hessian for {name}")
-        if name not in weights:
-            raise ValueError(f"init_adapters: no original weight for {name} (pass the full-precision weights)")
-        mod = model.get_submodule(name)
-        base = mod.base if isinstance(mod, ADAPTER_TYPES) else mod
-        try:
-            new, row = init_layer_adapter(base, weights[name], hessians[name], cfg, gen, device)
-        except ValueError as e:
-            raise ValueError(f"init_adapters: {name}: {e}") from e
-        qwha._set_module(model, name, new)
-        report.append({"layer": name, "adapter": cfg.adapter, **row})
-        if not quiet:
-            el = time.perf_counter() - t_all
-            print(f"\rinit {cfg.adapter} {i + 1}/{len(names)} {name} rel {row['rel_refined']:.3f} "
-                  f"({el:.1f}s, ETA {el / (i + 1) * (len(names) - i - 1):.0f}s)   ",
-                  end="", file=sys.stderr, flush=True)
-    if not quiet:
-        print("\n" + qwha.format_report(report), file=sys.stderr)
-    return report
+
+    def init_one(base, W, H):
+        new, row = init_layer_adapter(base, W, H, cfg, gen, device)
+        return new, {"adapter": cfg.adapter, **row}
+
+    return qwha.wrap_layers(model, hessians, weights, init_one, names=names, adapter_types=ADAPTER_TYPES,
+                            who="init_adapters", label=f"{cfg.adapter} ", quiet=quiet)
 
 
 # ---------------------------------------------------------------------------------------------- files

@@ -1189,22 +1189,12 @@ def init_qwha(model: nn.Module, hessians: Mapping[str, torch.Tensor], weights: M
     perplexity after init (10,158; 8,978 with 2 rounds, against 7,848 for top-k + 2 rounds), measured by
     `python bench/bench_init.py --bits '' --no-timing --ppl-bits 2 --ppl-rounds 0,2 --ppl-greedy-rounds 0,2`.
     """
-    names = list(names) if names is not None else list(hessians)
     gen = torch.Generator().manual_seed(seed)
-    report = []
-    t_all = time.perf_counter()
-    for i, name in enumerate(names):
-        if name not in hessians:
-            raise ValueError(f"init_qwha: no Hessian for {name}")
-        if name not in weights:
-            raise ValueError(f"init_qwha: no original weight for {name} (pass the full-precision weights)")
-        mod = model.get_submodule(name)
-        base = mod.base if isinstance(mod, WHALinear) else mod
+
+    def init_one(base: nn.Module, W: torch.Tensor, H: torch.Tensor) -> tuple[nn.Module, dict]:
         Q = _base_weight(base).detach()
-        W = weights[name]
         if W.shape != Q.shape:
-            raise ValueError(f"init_qwha: {name}: original weight {tuple(W.shape)} vs base {tuple(Q.shape)}")
-        H = hessians[name]
+            raise ValueError(f"original weight {tuple(W.shape)} vs base {tuple(Q.shape)}")
         dev = torch.device(device) if device is not None else H.device
         m, n = Q.shape
         E = W.to(dev, torch.float64) - Q.to(dev, torch.float64)
@@ -1213,8 +1203,7 @@ def init_qwha(model: nn.Module, hessians: Mapping[str, torch.Tensor], weights: M
                              score=score, rule=rule, damp=damp, generator=gen, swap_rounds=swap_rounds,
                              greedy_steps=greedy_steps)
         wrapped = WHALinear(base, li.indices, li.values / scale, scale=scale)
-        _set_module(model, name, wrapped)
-        row = {"layer": name, "shape": [m, n], "budget": int(li.values.numel()),
+        row = {"shape": [m, n], "budget": int(li.values.numel()),
                "err_before": li.err_before, "err_select": li.err_select, "err_refined": li.err_refined,
                "rel_select": li.err_select / max(li.err_before, 1e-30),
                "rel_refined": li.err_refined / max(li.err_before, 1e-30),
@@ -1223,10 +1212,39 @@ def init_qwha(model: nn.Module, hessians: Mapping[str, torch.Tensor], weights: M
             row["err_noswap"] = li.info.get("err_refined_noswap", li.err_refined)
         if compute_rank:
             row["rank_F"] = int(torch.linalg.matrix_rank(wrapped.dense_F().float()))
-        report.append(row)
+        return wrapped, row
+
+    return wrap_layers(model, hessians, weights, init_one, names=names, adapter_types=(WHALinear,),
+                       who="init_qwha", quiet=quiet)
+
+
+def wrap_layers(model: nn.Module, hessians: Mapping[str, torch.Tensor], weights: Mapping[str, torch.Tensor],
+                init_one, *, names: list[str] | None = None, adapter_types: tuple = (), who: str = "init",
+                label: str = "", quiet: bool = False) -> list[dict]:
+    """The per-layer loop of init_qwha and baselines.init_adapters: for each target linear (default: every
+    Hessian's name), check that its Hessian and original weight exist, take its base (the module itself, or the
+    base of an adapter of `adapter_types` already there), call `init_one(base, W, H) -> (module, row)`, put the
+    module in its place; progress on one stderr line and the report table at the end unless quiet. Returns the
+    rows, each with "layer" first. Errors of init_one come back as ValueError naming `who` and the layer."""
+    names = list(names) if names is not None else list(hessians)
+    report = []
+    t_all = time.perf_counter()
+    for i, name in enumerate(names):
+        if name not in hessians:
+            raise ValueError(f"{who}: no Hessian for {name}")
+        if name not in weights:
+            raise ValueError(f"{who}: no original weight for {name} (pass the full-precision weights)")
+        mod = model.get_submodule(name)
+        base = mod.base if adapter_types and isinstance(mod, adapter_types) else mod
+        try:
+            new, row = init_one(base, weights[name], hessians[name])
+        except ValueError as e:
+            raise ValueError(f"{who}: {name}: {e}") from e
+        _set_module(model, name, new)
+        report.append({"layer": name, **row})
         if not quiet:
             el = time.perf_counter() - t_all
-            print(f"\rinit {i + 1}/{len(names)} {name} rel {row['rel_refined']:.3f} "
+            print(f"\rinit {label}{i + 1}/{len(names)} {name} rel {row['rel_refined']:.3f} "
                   f"({el:.1f}s, ETA {el / (i + 1) * (len(names) - i - 1):.0f}s)   ",
                   end="", file=sys.stderr, flush=True)
     if not quiet:
