@@ -717,9 +717,16 @@ class LayerProblem:
 
     def error(self, support: torch.Tensor, f: torch.Tensor, quad: torch.Tensor) -> float:
         """‖(E − F T)Rᵀ‖ = sqrt(‖ERᵀ‖² − 2 Σ_Ω f·P_raw + Σ_i f_i G_raw[Ω,Ω] f_iᵀ) from quad = Σ_i f_i G[Ω,Ω] f_iᵀ
-        (G_raw = G − λμ I on the support)."""
+        (G_raw = G − λμ I on the support). Where that sum cancels to under 1e-6 of ‖ERᵀ‖² (a near-exact fit, e.g.
+        a full budget), its round-off, about 1e-7 of ‖ERᵀ‖² with float32 blocks, would dominate the result: then the
+        error is formed directly, Σ_i d_i G_raw d_iᵀ with D = C − F (one m·n² product, as in layer_problem)."""
         p_raw = self.P_raw[support[0], support[1]]
-        return math.sqrt(max(self.e0sq - 2 * float(f @ p_raw) + float(quad) - self.lam_mu * float(f @ f), 0.0))
+        sq = self.e0sq - 2 * float(f @ p_raw) + float(quad) - self.lam_mu * float(f @ f)
+        if sq < 1e-6 * self.e0sq:
+            D = self.C.clone()
+            D[support[0], support[1]] -= f.to(D.dtype)
+            sq = float(((D @ self.G_raw) * D).sum())
+        return math.sqrt(max(sq, 0.0))
 
 
 def layer_problem(E: torch.Tensor, H: torch.Tensor, damp: float = 1e-4) -> LayerProblem:

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -301,9 +301,10 @@ def test_padding_the_blocks_changes_nothing_but_round_off(shape, frac):
 
 @SET
 @given(shapes(), st.floats(0.1, 0.9))
+@example(shape=(4, 144, 1), frac=0.875)     # 1.8e-6 apart: rows of 126 of 144 coefficients, a worse-conditioned block
 def test_float32_blocks_give_the_float64_error(shape, frac):
     """refine(fp32_min_k=1) factors every block in float32: the layer error of its values matches float64's to
-    second order (1e-6 here), and init_layer_full's report of it is the true (dense) error to ~1e-6."""
+    second order (1e-5 here), and init_layer_full's report of it is the true (dense) error to ~1e-6."""
     m, n, seed = shape
     E, H, C, G, sup = _problem(m, n, seed, frac)
     T = T_of(n)
@@ -311,7 +312,7 @@ def test_float32_blocks_give_the_float64_error(shape, frac):
     for k32 in (None, 1):
         f = qwha.refine(C @ G, G, sup, fp32_min_k=k32)
         err[k32] = float(qwha.layer_error(E, H, dense(sup, f, m, n) @ T))
-    assert err[1] == pytest.approx(err[None], rel=1e-6)
+    assert err[1] == pytest.approx(err[None], rel=1e-5)
     li = qwha.init_layer_full(E, H, sup.shape[1], fp32_min_k=1)
     want = float(qwha.layer_error(E, H, dense(li.indices, li.values, m, n) @ T))
     sel = float(qwha.layer_error(E, H, dense(li.indices, C[li.indices[0], li.indices[1]], m, n) @ T))
@@ -344,6 +345,10 @@ def test_float32_rows_that_are_singular_or_ill_conditioned_are_redone_in_float64
 @SET
 @given(shapes(), st.sampled_from(["adaalloc", "magnitude", "random", "random_rows", "none"]),
        st.booleans(), st.sampled_from(["output", "weight"]))
+# a full budget in float32 blocks (k = 144): the near-zero error once came from cancelling sums (0.0 and 3e-5 where
+# the values give 1.06e-6 and 8.9e-7); drawn by Hypothesis on another machine
+@example(shape=(2, 144, 0), select="adaalloc", refine=True, score="output")
+@example(shape=(2, 144, 1), select="adaalloc", refine=True, score="output")
 def test_init_layer_report_matches_dense_errors(shape, select, refine, score):
     m, n, seed = shape
     g = torch.Generator().manual_seed(seed)
@@ -363,7 +368,11 @@ def test_init_layer_report_matches_dense_errors(shape, select, refine, score):
     Fs = dense(li.indices, C[li.indices[0], li.indices[1]], m, n)
     assert li.err_select == pytest.approx(float(qwha.layer_error(E, H, Fs @ T)), rel=1e-9, abs=1e-7 * li.err_before)  # sqrt(eps)
     if select != "none":
-        assert li.err_refined <= li.err_select * (1 + 1e-6) + tol
+        # the values minimize the damped error err² + λμ‖f‖² (λμ = damp·mean diag H, damp = 1e-4 by default), so
+        # err_refined² ≤ err_select² + λμ‖f_sel‖²: at a full budget the selection is exact and refinement is not
+        lam_mu = 1e-4 * float(H.diagonal().mean())
+        bound = li.err_select ** 2 + lam_mu * float(C[li.indices[0], li.indices[1]].square().sum())
+        assert li.err_refined ** 2 <= bound * (1 + 1e-6) + tol ** 2
         assert li.err_refined < li.err_before
 
 
