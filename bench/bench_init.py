@@ -5,7 +5,11 @@
 
 1. Calibration: n_calib random windows of seq_len tokens from assets/wikitext/train.txt (seeded), Hessians of
    all 210 linears collected once (calib.collect_hessians, full-precision inputs) and cached to a file.
-2. Each layer GPTQ-quantized (gptq.gptq_quantize, group 64) at each bit width (cached per bit width), E = W − Q.
+2. Each layer GPTQ-quantized (gptq.gptq_quantize, group 64) at each bit width, E = W − Q; --gptq refined (default)
+   with train.py's GPTQ settings (the defaults of its TrainConfig fields train.QUANT_KEYS: act-order, clipped
+   grids, coordinate-descent passes, scale refit), --gptq classic with plain GPTQ (every option off). Cached per
+   bit width, calibration and settings: runs/gptq-<bits>b-<n>x<len>.safetensors (classic) and
+   runs/gptq-<bits>b-<n>x<len>-<settings tag>.safetensors, e.g. ...-ao-clip-cd2-refit (settings also in its metadata).
 3. Average layer output error ‖(E − ΔW)Rᵀ‖_F after init, for None, Random, Magnitude (|C|, global top-B),
    AdaAlloc (each refined) and AdaAlloc unrefined, at the same budget B = r(m+n); also AdaAlloc with the
    channel score 'weight' (‖e_i‖, the authors' code) against 'output' (‖e_i Rᵀ‖), AdaAlloc + N rounds of
@@ -72,6 +76,7 @@ class BenchConfig:
     methods: str = ""              # comma list of method labels to run ('' = all; "AdaAlloc + swaps" = every N)
     timing_methods: str = "AdaAlloc"  # comma list of method labels timed over all layers (the first is the reference)
     quantizer: str = "gptq"        # the error table's E = W − Q: gptq (cached) | rtn (round to nearest)
+    gptq: str = "refined"          # GPTQ settings: refined (train.py's defaults) | classic (plain gptq_quantize)
 
 
 def log(cfg, msg):
@@ -108,22 +113,74 @@ def get_hessians(cfg: BenchConfig, model, names):
     return H, str(path)
 
 
+GPTQ_KINDS = ("refined", "classic")
+
+
+def gptq_settings(kind: str) -> dict:
+    """The GPTQ settings of --gptq, as train.QUANT_KEYS: {magr, act_order, gptq_clip, gptq_cd_passes, gptq_refit}.
+    refined: train.py's defaults (read from its TrainConfig fields, so the bench follows them); classic: all off."""
+    import dataclasses
+
+    import train
+    if kind not in GPTQ_KINDS:
+        raise ValueError(f"--gptq {kind!r}: expected one of {GPTQ_KINDS}")
+    defaults = {f.name: f.default for f in dataclasses.fields(train.TrainConfig) if f.name in train.QUANT_KEYS}
+    if set(defaults) != set(train.QUANT_KEYS):
+        raise ValueError(f"train.QUANT_KEYS {train.QUANT_KEYS}: not all are TrainConfig fields with defaults")
+    if kind == "classic":
+        return {k: type(v)(0) for k, v in defaults.items()}      # False / 0 passes: plain gptq_quantize
+    return defaults
+
+
+def gptq_tag(settings: dict) -> str:
+    """Cache-name suffix of the settings ('' for classic, e.g. '-ao-clip-cd2-refit' for train.py's)."""
+    parts = [("magr", settings["magr"]), ("ao", settings["act_order"]), ("clip", settings["gptq_clip"]),
+             (f"cd{settings['gptq_cd_passes']}", settings["gptq_cd_passes"]), ("refit", settings["gptq_refit"])]
+    unknown = set(settings) - {"magr", "act_order", "gptq_clip", "gptq_cd_passes", "gptq_refit"}
+    if unknown:
+        raise ValueError(f"GPTQ settings {sorted(unknown)} have no cache-name tag: add them to gptq_tag")
+    return "".join(f"-{t}" for t, on in parts if on)
+
+
+def gptq_cache_path(cfg: BenchConfig, bits: int, settings: dict) -> Path:
+    return ROOT / f"runs/gptq-{bits}b-{cfg.n_calib}x{cfg.seq_len}{gptq_tag(settings)}.safetensors"
+
+
+def quantize_layer(W, H, bits, settings: dict, name: str = "") -> torch.Tensor:
+    """Q (dequantized fp32) of one layer as train.quantize makes it (group 64) with these settings."""
+    Wq = gptq.magr(W.float(), H, group_size=64) if settings["magr"] else W
+    return gptq.gptq_quantize(Wq, H, bits, group_size=64, act_order=settings["act_order"],
+                              clip=settings["gptq_clip"], cd_passes=settings["gptq_cd_passes"],
+                              refit=settings["gptq_refit"], name=name, measure=False).dequantize()
+
+
 def get_quantized(cfg: BenchConfig, weights, H, names, bits):
-    """{name: Q (dequantized fp32)} from gptq_quantize, cached per bit width and calibration."""
+    """{name: Q (dequantized fp32)} from gptq_quantize with --gptq's settings, cached per bit width, calibration
+    and settings (the settings also in the file's metadata, checked on load; the classic files predate it)."""
+    import json
+
+    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
-    path = ROOT / f"runs/gptq-{bits}b-{cfg.n_calib}x{cfg.seq_len}.safetensors"
+    settings = gptq_settings(cfg.gptq)
+    path = gptq_cache_path(cfg, bits, settings)
     Q = load_file(str(path)) if path.exists() else {}
+    if Q:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        if "gptq" in meta and json.loads(meta["gptq"]) != settings:
+            raise ValueError(f"{path} was made with GPTQ settings {meta['gptq']}, not {settings}: remove it")
     todo = [n for n in names if n not in Q]
     t0 = time.perf_counter()
     for i, name in enumerate(todo):
-        Q[name] = gptq.gptq_quantize(weights[name], H[name], bits, group_size=64, name=name).dequantize()
+        Q[name] = quantize_layer(weights[name], H[name], bits, settings, name=name)
         if not cfg.quiet:
-            print(f"\rGPTQ {bits}b {i + 1}/{len(todo)} ({time.perf_counter() - t0:.0f}s)", end="", file=sys.stderr)
+            print(f"\rGPTQ ({cfg.gptq}) {bits}b {i + 1}/{len(todo)} ({time.perf_counter() - t0:.0f}s)", end="", file=sys.stderr)
     if todo:
         log(cfg, "")
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")   # atomic: other layers already cached are kept
-        save_file({k: v.contiguous() for k, v in Q.items()}, str(tmp))
+        save_file({k: v.contiguous() for k, v in Q.items()}, str(tmp),
+                  metadata={"gptq": json.dumps(settings), "bits": str(bits), "group_size": "64"})
         os.replace(tmp, path)
     return Q
 
@@ -220,6 +277,10 @@ def quantized(cfg, weights, H, names, bits):
     return {n: gptq.quantize_rtn(weights[n], bits, group_size=64).dequantize() for n in names}
 
 
+def quantizer_label(cfg) -> str:
+    return f"gptq-{cfg.gptq}" if cfg.quantizer == "gptq" else cfg.quantizer
+
+
 def top_energy(E, H, frac):
     """(energy along the top ⌈frac·n⌉ eigen-directions u_l of H, total): the output error ‖E Rᵀ‖² = Σ_l λ_l ‖E u_l‖².
     An error white in the whitened domain (GPTQ's aim) puts the share frac there; round-to-nearest far more."""
@@ -256,7 +317,7 @@ def error_table(cfg, weights, H, names, bits):
                          "ratio": statistics.fmean(errs) / statistics.fmean(gptq_errs),
                          "mean_layer_ratio": statistics.fmean(e / g for e, g in zip(errs, gptq_errs)),
                          "seconds": time.perf_counter() - t0,
-                         "per_type": per_type_ratio(names, errs, gptq_errs), "quantizer": cfg.quantizer,
+                         "per_type": per_type_ratio(names, errs, gptq_errs), "quantizer": quantizer_label(cfg),
                          "removed_energy": 1 - sum(e * e for e in errs) / sum(g * g for g in gptq_errs)}
             log(cfg, f"  {key:<34} mean err {rows[key]['mean_err']:.4g}  ×{rows[key]['ratio']:.3f} of GPTQ")
     return rows
@@ -475,6 +536,9 @@ def parse(argv=None) -> BenchConfig:
                    help="comma list of S for the rows 'AdaAlloc greedy (S steps)' ('' : none); the first for --ppl-bits")
     p.add_argument("--quantizer", default=d.quantizer, choices=("gptq", "rtn"),
                    help="the error table's quantizer (rtn: how the init fares on a less white error)")
+    p.add_argument("--gptq", default=d.gptq, choices=GPTQ_KINDS,
+                   help="GPTQ settings: refined = train.py's defaults (act-order, clipped grids, coordinate descent, "
+                        "refit), classic = plain GPTQ; each cached under its own name")
     p.add_argument("--timing-methods", default=d.timing_methods,
                    help="comma list of method labels whose whole-model init is timed (the first is the reference)")
     p.add_argument("--ppl-windows", type=int, default=d.ppl_windows, help="windows of --seq-len tokens of test.txt")
@@ -484,7 +548,7 @@ def parse(argv=None) -> BenchConfig:
                        a.hessians, not a.no_timing, a.timing_rank, a.timing_layers, a.threads, a.verify_layers,
                        a.quiet, a.ppl_bits, a.ppl_rank, ints(a.ppl_rounds), ints(a.ppl_greedy_rounds),
                        a.ppl_windows, ints(a.swap_rounds), ints(a.greedy_steps), a.methods, a.timing_methods,
-                       a.quantizer)
+                       a.quantizer, a.gptq)
 
 
 def main(argv=None):
@@ -509,21 +573,21 @@ def main(argv=None):
     table = {k: v for k, v in table.items() if v["method"] != "concentration"}
     if table:
         print(f"\nAverage layer output error after init, {len(names)} layers of SmolLM2-135M, "
-              f"{cfg.quantizer.upper()} g64, Hessians {cfg.n_calib}×{cfg.seq_len} tokens ({hpath})")
+              f"{quantizer_label(cfg).upper()} g64, Hessians {cfg.n_calib}×{cfg.seq_len} tokens ({hpath})")
         print(f"{'bits':>4} {'r':>3} {'method':<44} {'mean err':>10} {'× bare':>8} {'mean of ratios':>15} {'time':>9}")
     for row in table.values():
         print(f"{row['bits']:>4} {row['rank']:>3} {row['method']:<44} {row['mean_err']:>10.4g} "
               f"{row['ratio']:>8.3f} {row['mean_layer_ratio']:>15.3f} {row['seconds']:>8.1f}s")
     if table:
         types = list(next(iter(table.values()))["per_type"])
-        print(f"\n× bare {cfg.quantizer.upper()} per layer type (ratio of the type's mean errors)\n{'bits':>4} {'r':>3} {'method':<44} "
+        print(f"\n× bare {quantizer_label(cfg).upper()} per layer type (ratio of the type's mean errors)\n{'bits':>4} {'r':>3} {'method':<44} "
               + " ".join(f"{t:>9}" for t in types))
         for row in table.values():
             print(f"{row['bits']:>4} {row['rank']:>3} {row['method']:<44} "
                   + " ".join(f"{row['per_type'][t]:>9.3f}" for t in types))
     if conc:
         print(f"\nShare of the output error ‖ERᵀ‖² along the top d = (B/(m·n))·n eigen-directions of H "
-              f"({cfg.quantizer.upper()}; white: B/(m·n)), and the share the init removes")
+              f"({quantizer_label(cfg).upper()}; white: B/(m·n)), and the share the init removes")
         for row in conc.values():
             removed = {v["method"]: v["removed_energy"] for v in table.values()
                        if (v["bits"], v["rank"]) == (row["bits"], row["rank"])}

@@ -1,0 +1,72 @@
+"""bench/bench_init.py's GPTQ settings (--gptq) and their cache (the benchmark itself needs the demo checkpoint)."""
+import dataclasses
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import gptq
+import train
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+import bench_init  # noqa: E402
+
+
+def tiny_layer(m=8, n=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(m, n, generator=g)
+    X = torch.randn(4 * n, n, generator=g, dtype=torch.float64)
+    return W, X.T @ X / X.shape[0]                                    # (m, n), (n, n) SPD
+
+
+def test_refined_is_train_defaults_and_classic_is_all_off():
+    defaults = {f.name: f.default for f in dataclasses.fields(train.TrainConfig) if f.name in train.QUANT_KEYS}
+    assert bench_init.gptq_settings("refined") == defaults
+    assert defaults["act_order"] and defaults["gptq_clip"] and defaults["gptq_cd_passes"] > 0   # what the README says
+    assert not any(bench_init.gptq_settings("classic").values())
+    with pytest.raises(ValueError, match="--gptq 'fancy'"):
+        bench_init.gptq_settings("fancy")
+
+
+def test_cache_names_keep_classic_and_tell_every_setting_apart():
+    cfg = bench_init.BenchConfig()
+    classic = bench_init.gptq_settings("classic")
+    assert bench_init.gptq_cache_path(cfg, 3, classic).name == "gptq-3b-32x256.safetensors"   # the files made before
+    combos = [dict(magr=a, act_order=b, gptq_clip=c, gptq_cd_passes=p, gptq_refit=d)
+              for a, b, c, d in itertools.product((False, True), repeat=4) for p in (0, 1, 2)]
+    tags = {bench_init.gptq_tag(s) for s in combos}
+    assert len(tags) == len(combos)                                    # injective: no two settings share a file
+    with pytest.raises(ValueError, match="damp"):
+        bench_init.gptq_tag({**classic, "damp": 0.1})
+
+
+@pytest.mark.parametrize("kind", bench_init.GPTQ_KINDS)
+def test_quantize_layer_is_gptq_with_the_settings(kind):
+    W, H = tiny_layer()
+    s = bench_init.gptq_settings(kind)
+    ref = gptq.gptq_quantize(W, H, 3, 64, act_order=s["act_order"], clip=s["gptq_clip"],
+                             cd_passes=s["gptq_cd_passes"], refit=s["gptq_refit"]).dequantize()
+    assert torch.equal(bench_init.quantize_layer(W, H, 3, s), ref)
+    if kind == "classic":
+        assert torch.equal(ref, gptq.gptq_quantize(W, H, 3, 64).dequantize())
+
+
+def test_get_quantized_caches_by_settings_and_refuses_a_mislabelled_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench_init, "ROOT", tmp_path)
+    W, H = tiny_layer()
+    weights, Hs, names = {"a": W}, {"a": H}, ["a"]
+    cfg = {k: bench_init.BenchConfig(quiet=True, gptq=k) for k in bench_init.GPTQ_KINDS}
+    Q = {k: bench_init.get_quantized(c, weights, Hs, names, 2)["a"] for k, c in cfg.items()}
+    assert not torch.equal(Q["refined"], Q["classic"])                 # two files, neither overwrote the other
+    for k, c in cfg.items():
+        path = bench_init.gptq_cache_path(c, 2, bench_init.gptq_settings(k))
+        assert path.exists() and torch.equal(load_file(str(path))["a"], Q[k])
+        assert torch.equal(bench_init.get_quantized(c, {"a": W + 1}, Hs, names, 2)["a"], Q[k])   # from the cache
+    path = bench_init.gptq_cache_path(cfg["refined"], 2, bench_init.gptq_settings("refined"))
+    save_file({"a": Q["classic"]}, str(path), metadata={"gptq": json.dumps(bench_init.gptq_settings("classic"))})
+    with pytest.raises(ValueError, match="was made with GPTQ settings"):
+        bench_init.get_quantized(cfg["refined"], weights, Hs, names, 2)
