@@ -679,18 +679,6 @@ class LayerInit:
     info: dict = field(default_factory=dict)
 
 
-def _quad_error2(e0sq, C, P_raw, G_raw, support, f):
-    """‖(E − F T)Rᵀ‖² = ‖ERᵀ‖² − 2 Σ_Ω f·P + Σ_i f_i G[Ω_i,Ω_i] f_iᵀ (no m×n×n product; G undamped)."""
-    m, n = C.shape
-    if f.numel() == 0:
-        return e0sq
-    rows, cols = support
-    Fs = torch.sparse_coo_tensor(support, f, (m, n), is_coalesced=True, check_invariants=False)
-    FG = torch.sparse.mm(Fs, G_raw)                                   # (m, n)
-    quad = (FG[rows, cols] * f).sum()
-    return float(e0sq - 2 * (f * P_raw[rows, cols]).sum() + quad)
-
-
 def init_layer(E: torch.Tensor, H: torch.Tensor, budget: int, **kw) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantization-aware init of one layer (eqs. 5–9): (indices (2, B) long [row, col], values (B,) fp32).
 
@@ -715,6 +703,12 @@ class LayerProblem:
     @property
     def e0sq(self) -> float:
         return float(self.e_out.sum())
+
+    def quad(self, support: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+        """Σ_i f_i G[Ω_i,Ω_i] f_iᵀ (damped G) by one sparse F·G product (B·n), where no blocks were gathered."""
+        rows, cols = support
+        Fs = torch.sparse_coo_tensor(support, f, self.C.shape, is_coalesced=True, check_invariants=False)
+        return (torch.sparse.mm(Fs, self.G)[rows, cols] * f).sum()
 
     def error(self, support: torch.Tensor, f: torch.Tensor, quad: torch.Tensor) -> float:
         """‖(E − F T)Rᵀ‖ = sqrt(‖ERᵀ‖² − 2 Σ_Ω f·P_raw + Σ_i f_i G_raw[Ω,Ω] f_iᵀ) from quad = Σ_i f_i G[Ω,Ω] f_iᵀ
@@ -773,7 +767,7 @@ def init_layer_full(E: torch.Tensor, H: torch.Tensor, budget: int, *, temperatur
                              min_per_row=min_per_row, generator=generator, P=pb.P, greedy_steps=greedy_steps)
     f_sel = pb.C[support[0], support[1]]
     if not (refine and support.shape[1]):
-        err = math.sqrt(max(_quad_error2(pb.e0sq, pb.C, pb.P_raw, pb.G_raw, support, f_sel), 0.0))
+        err = pb.error(support, f_sel, pb.quad(support, f_sel))
         return _layer_init(support, f_sel, pb, err, err, t0, {})
     solve = dict(chunk_bytes=chunk_bytes, fp32_min_k=fp32_min_k)
     f, qf, qs = _solve_support(pb.P, pb.G, support, extra=f_sel, **solve)
