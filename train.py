@@ -259,10 +259,7 @@ def quantize(model, hessians, cfg: TrainConfig, log) -> dict[str, torch.Tensor]:
             ql = loaded[name].to(W.device)
         else:
             H = hessians[name].to(W.device)
-            Wf = W.float()
-            Wq = gptq.magr(Wf, H, group_size=cfg.group_size) if cfg.magr else Wf
-            state = gptq.gptq_quantize(Wq, H, cfg.bits, cfg.group_size, act_order=cfg.act_order, clip=cfg.gptq_clip,
-                                       cd_passes=cfg.gptq_cd_passes, refit=cfg.gptq_refit, name=name)
+            state = gptq_layer(W, H, cfg.bits, cfg.group_size, quant_settings(cfg), name=name)
             ql = gptq.QuantLinear.from_state(state, bias=lin.bias)
         originals[name] = W.cpu()
         model_lib.set_module(model, name, ql)
@@ -311,11 +308,27 @@ def init_adapters(model, hessians, originals, cfg: TrainConfig, log) -> dict:
 QUANT_KEYS = ("magr", "act_order", "gptq_clip", "gptq_cd_passes", "gptq_refit")  # GPTQ settings in the file
 
 
+def quant_settings(cfg: TrainConfig) -> dict:
+    """cfg's GPTQ settings {key: value} for QUANT_KEYS: what gptq_layer takes and the quantized file records."""
+    return {k: getattr(cfg, k) for k in QUANT_KEYS}
+
+
+def gptq_layer(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, settings: dict, name: str = "",
+               measure: bool = True) -> gptq.QuantState:
+    """One linear as train.py quantizes it: MagR first if settings["magr"], then GPTQ with the other settings
+    (quant_settings); bench/bench_init.py quantizes through it too."""
+    Wf = W.float()
+    Wq = gptq.magr(Wf, H, group_size=group_size) if settings["magr"] else Wf
+    return gptq.gptq_quantize(Wq, H, bits, group_size, act_order=settings["act_order"], clip=settings["gptq_clip"],
+                              cd_passes=settings["gptq_cd_passes"], refit=settings["gptq_refit"], name=name,
+                              measure=measure)
+
+
 def save_base(model, path: Path, cfg: TrainConfig) -> None:
     layers = {n: model_lib.get_module(model, n) for n in model_lib.linear_names(model)}
     layers = {n: getattr(m, "base", m) for n, m in layers.items()}
     meta = {"model": cfg.model, "bits": cfg.bits, "group_size": cfg.group_size,
-            **{k: getattr(cfg, k) for k in QUANT_KEYS}}
+            **quant_settings(cfg)}
     data.atomic_write(path, lambda p: gptq.save_quantized(p, layers, meta))
 
 

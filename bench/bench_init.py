@@ -47,6 +47,7 @@ import calib  # noqa: E402
 import gptq  # noqa: E402
 import model as modellib  # noqa: E402
 import qwha  # noqa: E402
+import train  # noqa: E402  (its GPTQ settings and layer quantizer)
 
 
 @dataclass
@@ -121,7 +122,6 @@ def gptq_settings(kind: str) -> dict:
     refined: train.py's defaults (read from its TrainConfig fields, so the bench follows them); classic: all off."""
     import dataclasses
 
-    import train
     if kind not in GPTQ_KINDS:
         raise ValueError(f"--gptq {kind!r}: expected one of {GPTQ_KINDS}")
     defaults = {f.name: f.default for f in dataclasses.fields(train.TrainConfig) if f.name in train.QUANT_KEYS}
@@ -147,11 +147,8 @@ def gptq_cache_path(cfg: BenchConfig, bits: int, settings: dict) -> Path:
 
 
 def quantize_layer(W, H, bits, settings: dict, name: str = "") -> torch.Tensor:
-    """Q (dequantized fp32) of one layer as train.quantize makes it (group 64) with these settings."""
-    Wq = gptq.magr(W.float(), H, group_size=64) if settings["magr"] else W
-    return gptq.gptq_quantize(Wq, H, bits, group_size=64, act_order=settings["act_order"],
-                              clip=settings["gptq_clip"], cd_passes=settings["gptq_cd_passes"],
-                              refit=settings["gptq_refit"], name=name, measure=False).dequantize()
+    """Q (dequantized fp32) of one layer as train.quantize makes it (train.gptq_layer, group 64) with these settings."""
+    return train.gptq_layer(W, H, bits, 64, settings, name=name, measure=False).dequantize()
 
 
 def get_quantized(cfg: BenchConfig, weights, H, names, bits):
