@@ -284,10 +284,11 @@ def _use_sampled(mod: WHALinear, tokens: int, device: torch.device) -> bool:
 def _wha_value_grad(mod: WHALinear, x2: torch.Tensor, g2: torch.Tensor) -> torch.Tensor:
     """∂L/∂values = s·(gyᵀ x Tᵀ) at the support, x2 (N, n), g2 (N, m) (see the note above _BLOCK_ELEMS)."""
     m, n, N = g2.shape[1], x2.shape[1], x2.shape[0]
-    if N < m or _use_sampled(mod, N, x2.device):
+    sampled = _use_sampled(mod, N, x2.device)
+    if N < m or sampled:
         xTt = wht.wht_to_t(x2.to(torch.float32))                                        # (n, N) (x Tᵀ)ᵀ
         gyT = g2.T.to(torch.float32)                                                     # (m, N)
-        if not _use_sampled(mod, N, x2.device):
+        if not sampled:
             return (gyT @ xTt.T).view(-1).index_select(0, mod.indices).mul_(mod.scale)   # (m, n) dense
         lay = mod.support_layout()
         crow, col = lay.crow_col(m, n)
