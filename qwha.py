@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import math
 import sys
+import threading
 import time
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -315,7 +317,7 @@ def select_support(C: torch.Tensor, G: torch.Tensor, budget: int, *, select: str
 
 
 def refine(P: torch.Tensor, G: torch.Tensor, support: torch.Tensor, *, chunk_bytes: int = CHUNK_BYTES,
-           fp32_min_k: int | None = None) -> torch.Tensor:
+           fp32_min_k: int | None = None, workers: int = 1) -> torch.Tensor:
     """Least-squares values on a fixed support, eq. 9/35: for each row, f·G[Ω,Ω] = P[i,Ω] (P = C G).
 
     Batched: rows grouped by a padded size K_i ≥ k_i (`_padded_sizes`, ≤ 16 sizes per octave; the padding is
@@ -328,10 +330,21 @@ def refine(P: torch.Tensor, G: torch.Tensor, support: torch.Tensor, *, chunk_byt
     from float64's by about eps32·cond(G[Ω,Ω]) (so the normal equations hold only to that), which moves the error
     ‖(e_i − f T_Ω)Rᵀ‖² only at second order (4e-7 at cond 2·10⁵ in the tests; bench/bench_init.py measures the
     demo layers). The check: a row whose float32 Cholesky fails, or whose factor's diagonal spreads by more than
-    FP32_MAX_PIVOT_SPREAD (a proof that cond ≥ 10⁴), is re-solved in float64. Returns values (B,) float64 in the
-    support's (CSR) order.
+    FP32_MAX_PIVOT_SPREAD (a proof that cond ≥ 10⁴), is re-solved in float64. workers > 1: the chunks are solved
+    that many at a time in threads, each with torch.get_num_threads() // workers intra-op threads meanwhile (the
+    values do not depend on it; see wrap_layers for why threads over chunks rather than inside LAPACK). Returns
+    values (B,) float64 in the support's (CSR) order.
     """
-    return _solve_support(P, G, support, chunk_bytes=chunk_bytes, fp32_min_k=fp32_min_k, quad=False)[0]
+    if workers < 1:
+        raise ValueError(f"refine: workers must be >= 1, got {workers}")
+    threads = torch.get_num_threads()
+    if workers > 1:
+        torch.set_num_threads(max(1, threads // workers))
+    try:
+        return _solve_support(P, G, support, chunk_bytes=chunk_bytes, fp32_min_k=fp32_min_k, quad=False,
+                              workers=workers)[0]
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _gather(Gd, Pd, r, c, n):
@@ -487,7 +500,8 @@ def _chunk_redo(G, P, source, n, N, m, r, c, valid, x, qf, ok, f32):
     return x, qf
 
 
-def _solve_support(P, G, support, extra=None, chunk_bytes=CHUNK_BYTES, fp32_min_k=FP32_MIN_K, quad=True):
+def _solve_support(P, G, support, extra=None, chunk_bytes=CHUNK_BYTES, fp32_min_k=FP32_MIN_K, quad=True,
+                   workers=1):
     """refine(), plus the quadratic forms Σ_i v_i G[Ω_i,Ω_i] v_iᵀ of the solution and of `extra` (B,) values
     on the same support, from the gathered blocks (for the error report without another m×n×n product).
 
@@ -512,31 +526,44 @@ def _solve_support(P, G, support, extra=None, chunk_bytes=CHUNK_BYTES, fp32_min_
     itype = torch.int32 if N * N + m * n + 2 < 2**31 and nnz < 2**31 else torch.int64
     cols_x = torch.cat([cols.to(itype), cols.new_zeros(1, dtype=itype)])   # + a sink slot for pads
     extra_x = None if extra is None else torch.cat([extra.to(torch.float64), extra.new_zeros(1, dtype=torch.float64)])
-    src = {}
+    src, lock = {}, threading.Lock()
 
-    def source(dtype):
-        if dtype not in src:
-            src[dtype] = _aug_source(G, P, pad, dtype)
-        return src[dtype]
+    def source(dtype):                                                # made once, on first use (any thread)
+        with lock:
+            if dtype not in src:
+                src[dtype] = _aug_source(G, P, pad, dtype)
+            return src[dtype]
 
-    for kk, rg in _row_groups(k, K):                                  # per group: indices for all its rows
+    def augmented(f32, r, c, valid, xe, pos):                          # a chunk of padded, augmented blocks
+        x, qf, qx, ok = _chunk_solve(source(torch.float32 if f32 else torch.float64), n, N, m, r, c, valid, xe, f32,
+                                     quad)
+        if not ok.all():
+            x, qf = _chunk_redo(G, P, source, n, N, m, r, c, valid, x, qf, ok, f32)
+        values.index_copy_(0, pos.reshape(-1), x.reshape(-1))        # pads (exact zeros) go to the sink
+        return qf, qx
+
+    def plain(Gd, Pd, G32, r, c, xe, pos):                            # a chunk of small blocks of equal k
+        x, qf, qx = _plain_chunk_solve(Gd, Pd, G32, r, c, n, xe, quad)
+        values.index_copy_(0, pos, x.reshape(-1))
+        return qf, qx
+
+    groups = _row_groups(k, K)
+    flat = None
+    if any(kk < AUG_MIN_K for kk, _ in groups):
+        Gd = G.to(torch.float64).reshape(-1)
+        flat = (Gd, P.to(torch.float64).reshape(-1), Gd.float() if fp32_min_k is not None else None)
+    tasks = []                                                        # (function, args) per chunk, in order
+    for kk, rg in groups:                                             # per group: indices for all its rows
         ar = torch.arange(kk, device=P.device)
         step = max(1, chunk_bytes // ((kk + 1) ** 2 * 8))
         f32 = fp32_min_k is not None and kk >= fp32_min_k
         if kk < AUG_MIN_K:                                            # K = k: no pads, plain blocks
-            if "flat" not in src:
-                Gd = G.to(torch.float64).reshape(-1)
-                src["flat"] = (Gd, P.to(torch.float64).reshape(-1), Gd.float() if fp32_min_k is not None else None)
-            Gd, Pd, G32 = src["flat"]
+            Gd, Pd, G32 = flat
             for r in rg.split(step):
                 pos = (ptr[r][:, None] + ar).view(-1)
-                x, qf, qx = _plain_chunk_solve(Gd, Pd, G32 if f32 else None, r, cols_x.index_select(0, pos).view(-1, kk),
-                                               n, None if extra_x is None else extra_x.index_select(0, pos).view(-1, kk),
-                                               quad)
-                values.index_copy_(0, pos, x.reshape(-1))
-                if quad:
-                    quad_f += qf.sum()
-                quad_x += qx
+                xe = None if extra_x is None else extra_x.index_select(0, pos).view(-1, kk)
+                tasks.append((plain, (Gd, Pd, G32 if f32 else None, r, cols_x.index_select(0, pos).view(-1, kk),
+                                      xe, pos)))
             continue
         kg = k[rg][:, None]
         valid_g = ar < kg                                             # (Rg, K)
@@ -545,15 +572,17 @@ def _solve_support(P, G, support, extra=None, chunk_bytes=CHUNK_BYTES, fp32_min_
         xe_g = None if extra_x is None else extra_x[pos_g]
         for s0 in range(0, rg.numel(), step):                         # chunks: ≤ chunk_bytes of blocks
             sl = slice(s0, s0 + step)
-            r, c, valid, pos = rg[sl], c_g[sl], valid_g[sl], pos_g[sl]
-            x, qf, qx, ok = _chunk_solve(source(torch.float32 if f32 else torch.float64), n, N, m, r, c, valid,
-                                         None if xe_g is None else xe_g[sl], f32, quad)
-            if not ok.all():
-                x, qf = _chunk_redo(G, P, source, n, N, m, r, c, valid, x, qf, ok, f32)
-            values.index_copy_(0, pos.reshape(-1), x.reshape(-1))    # pads (exact zeros) go to the sink
-            if quad:
-                quad_f += qf.sum()
-            quad_x += qx
+            tasks.append((augmented, (f32, rg[sl], c_g[sl], valid_g[sl], None if xe_g is None else xe_g[sl],
+                                      pos_g[sl])))
+    if workers > 1 and len(tasks) > 1:                                # chunks write disjoint positions of values
+        with ThreadPoolExecutor(workers) as pool:
+            results = list(pool.map(lambda t: t[0](*t[1]), tasks))
+    else:
+        results = [fn(*args) for fn, args in tasks]
+    for qf, qx in results:                                            # summed in chunk order, as with 1 worker
+        if quad:
+            quad_f += qf.sum()
+        quad_x += qx
     values = values[:nnz]
     return values, quad_f, quad_x
 
@@ -797,7 +826,7 @@ def init_qwha(model: nn.Module, hessians: Mapping[str, torch.Tensor], weights: M
               refine: bool = True, score: str = "output", rule: str = RULE_DEFAULT, damp: float = 1e-4,
               names: list[str] | None = None, device: torch.device | str | None = None, seed: int = 0,
               compute_rank: bool = False, quiet: bool = False, swap_rounds: int = SWAP_ROUNDS_DEFAULT,
-              greedy_steps: int = GREEDY_STEPS) -> list[dict]:
+              greedy_steps: int = GREEDY_STEPS, workers: int = 1) -> list[dict]:
     """Wrap every target linear of `model` in a WHALinear initialized by init_layer (eqs. 5–9).
 
     hessians: {name: H = XᵀX/N} (undamped). weights: {name: W}, the ORIGINAL full-precision weights (the
@@ -813,7 +842,12 @@ def init_qwha(model: nn.Module, hessians: Mapping[str, torch.Tensor], weights: M
     rule lowers the layer error further (0.806 of GPTQ's; 0.802 with 2 exchange rounds) but not the held-out
     perplexity after init (10,158; 8,978 with 2 rounds, against 7,848 for top-k + 2 rounds), measured by
     `python bench/bench_init.py --bits '' --no-timing --ppl-bits 2 --ppl-rounds 0,2 --ppl-greedy-rounds 0,2`.
+    workers: layers initialized at once in threads (`wrap_layers`; the result does not depend on it). Not with
+    select="random", whose one generator is drawn from in layer order.
     """
+    if workers > 1 and select == "random":
+        raise ValueError("init_qwha: workers > 1 needs a deterministic selection; select='random' draws from one "
+                         "generator in layer order (use workers=1)")
     gen = torch.Generator().manual_seed(seed)
 
     def init_one(base: nn.Module, W: torch.Tensor, H: torch.Tensor) -> tuple[nn.Module, dict]:
@@ -840,31 +874,49 @@ def init_qwha(model: nn.Module, hessians: Mapping[str, torch.Tensor], weights: M
         return wrapped, row
 
     return wrap_layers(model, hessians, weights, init_one, names=names, adapter_types=(WHALinear,),
-                       who="init_qwha", quiet=quiet)
+                       who="init_qwha", quiet=quiet, workers=workers)
 
 
 def wrap_layers(model: nn.Module, hessians: Mapping[str, torch.Tensor], weights: Mapping[str, torch.Tensor],
                 init_one, *, names: list[str] | None = None, adapter_types: tuple = (), who: str = "init",
-                label: str = "", quiet: bool = False) -> list[dict]:
+                label: str = "", quiet: bool = False, workers: int = 1) -> list[dict]:
     """The per-layer loop of init_qwha and baselines.init_adapters: for each target linear (default: every
     Hessian's name), check that its Hessian and original weight exist, take its base (the module itself, or the
     base of an adapter of `adapter_types` already there), call `init_one(base, W, H) -> (module, row)`, put the
     module in its place; progress on one stderr line and the report table at the end unless quiet. Returns the
-    rows, each with "layer" first. Errors of init_one come back as ValueError naming `who` and the layer."""
+    rows, each with "layer" first. Errors of init_one come back as ValueError naming `who` and the layer.
+
+    workers > 1: that many layers at once in threads (torch releases the GIL in its kernels), each with
+    torch.get_num_threads() // workers intra-op threads for the duration (restored after). On a CPU this is what
+    uses the cores: the init's many small batched LAPACK calls do not run faster with more intra-op threads
+    (measured on 2 cores: the whole demo model 58 s wall with 1 thread, 61 s with 2; 1.8x faster with 2 workers).
+    Each layer's result does not depend on `workers` (init_one must not share state between layers, e.g. a
+    generator). Modules are put in place, and rows reported, in the order of `names`; inputs are read from
+    `weights` / `hessians` in the calling thread, at most 2·workers layers ahead."""
     names = list(names) if names is not None else list(hessians)
-    report = []
-    t_all = time.perf_counter()
-    for i, name in enumerate(names):
+    if workers < 1:
+        raise ValueError(f"{who}: workers must be >= 1, got {workers}")
+    for name in names:                                                # every input checked before any work
         if name not in hessians:
             raise ValueError(f"{who}: no Hessian for {name}")
         if name not in weights:
             raise ValueError(f"{who}: no original weight for {name} (pass the full-precision weights)")
-        mod = model.get_submodule(name)
-        base = mod.base if adapter_types and isinstance(mod, adapter_types) else mod
+
+    def run(name, base, W, H):
         try:
-            new, row = init_one(base, weights[name], hessians[name])
+            return init_one(base, W, H)
         except ValueError as e:
             raise ValueError(f"{who}: {name}: {e}") from e
+
+    def job(name):                                                    # (callable, args), inputs read here
+        mod = model.get_submodule(name)
+        base = mod.base if adapter_types and isinstance(mod, adapter_types) else mod
+        return run, (name, base, weights[name], hessians[name])
+
+    report = []
+    t_all = time.perf_counter()
+
+    def done(i, name, new, row):
         _set_module(model, name, new)
         report.append({"layer": name, **row})
         if not quiet:
@@ -872,6 +924,25 @@ def wrap_layers(model: nn.Module, hessians: Mapping[str, torch.Tensor], weights:
             print(f"\rinit {label}{i + 1}/{len(names)} {name} rel {row['rel_refined']:.3f} "
                   f"({el:.1f}s, ETA {el / (i + 1) * (len(names) - i - 1):.0f}s)   ",
                   end="", file=sys.stderr, flush=True)
+
+    if workers == 1:
+        for i, name in enumerate(names):
+            fn, args = job(name)
+            done(i, name, *fn(*args))
+    else:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(max(1, threads // workers))
+        try:
+            with ThreadPoolExecutor(workers) as pool:
+                pending = []                                          # futures in the order of names
+                for i, name in enumerate(names):
+                    fn, args = job(name)
+                    pending.append(pool.submit(fn, *args))
+                    while len(pending) > 2 * workers or (pending and i == len(names) - 1):
+                        j = len(report)
+                        done(j, names[j], *pending.pop(0).result())
+        finally:
+            torch.set_num_threads(threads)
     if not quiet:
         print("\n" + format_report(report), file=sys.stderr)
     return report

@@ -61,6 +61,7 @@ class TrainConfig:
     swap_rounds: int = qwha.SWAP_ROUNDS_DEFAULT  # QWHA: exchange-search rounds after refinement (0: the paper's plain init)
     rule: str = qwha.RULE_DEFAULT       # QWHA per-row selection: output (the paper's top-k) | greedy (qwha.select_greedy)
     greedy_steps: int = qwha.GREEDY_STEPS  # QWHA: steps of --rule greedy
+    init_workers: int = 0               # QWHA: layers initialized at once in threads (0: torch's threads on a CPU, 1 on a GPU)
     magr: bool = False                  # MagR preprocessing before GPTQ
     act_order: bool = True              # GPTQ: columns by decreasing diag H (static groups, no g_idx)
     gptq_clip: bool = True              # GPTQ: per-group clipped-range grid search (gptq.fit_groups_clipped)
@@ -162,6 +163,8 @@ def validate(cfg: TrainConfig) -> model_lib.ModelConfig:
         raise FileNotFoundError(f"--model {folder}: no config.json in the folder")
     if cfg.bits not in gptq.SUPPORTED_BITS:
         raise ValueError(f"--bits {cfg.bits}: expected one of {gptq.SUPPORTED_BITS}")
+    if cfg.init_workers < 0:
+        raise ValueError(f"--init-workers {cfg.init_workers}: expected 0 (auto) or a number of threads")
     if cfg.swap_rounds < 0:
         raise ValueError(f"--swap-rounds {cfg.swap_rounds}: expected 0 (no exchange search) or more rounds")
     if cfg.gptq_cd_passes < 0:
@@ -284,6 +287,14 @@ def is_qwha(cfg: TrainConfig) -> bool:
         ("wha", 1, "adaalloc", True, True)
 
 
+def init_workers(cfg: TrainConfig) -> int:
+    """--init-workers, 0 resolved: on a CPU one layer per torch thread (the init's small batched solves do not
+    use more intra-op threads well, see qwha.wrap_layers), on a GPU one layer at a time."""
+    if cfg.init_workers:
+        return cfg.init_workers
+    return 1 if cfg.device.startswith("cuda") else max(1, torch.get_num_threads())
+
+
 def init_adapters(model, hessians, originals, cfg: TrainConfig, log) -> dict:
     """Wrap every QuantLinear with a WHA adapter initialized by AdaAlloc + refinement (paper eqs. 5-9), or with
     the baseline adapter of --adapter/--transform-dims/--select/--refine/--qa-init (baselines.init_adapters).
@@ -294,7 +305,7 @@ def init_adapters(model, hessians, originals, cfg: TrainConfig, log) -> dict:
     if is_qwha(cfg):
         rows = qwha.init_qwha(model, hessians, originals, budget_rank=cfg.rank, temperature=cfg.temperature,
                               seed=cfg.seed, quiet=cfg.quiet, swap_rounds=cfg.swap_rounds, rule=cfg.rule,
-                              greedy_steps=cfg.greedy_steps)
+                              greedy_steps=cfg.greedy_steps, workers=init_workers(cfg))
     else:
         rows = baselines.init_adapters(model, originals, hessians, adapter_config(cfg), quiet=cfg.quiet)
     mean = lambda k: sum(r[k] for r in rows) / len(rows)  # noqa: E731

@@ -306,6 +306,31 @@ def test_padding_the_blocks_changes_nothing_but_round_off(shape, frac):
 
 
 @SET
+@given(shapes(), st.floats(0.05, 0.9), st.sampled_from([None, 1, 40]), st.sampled_from([2, 3]))
+def test_refine_with_workers_is_bitwise_the_same(shape, frac, k32, workers):
+    """Chunks solved in threads: the same values bit for bit (plain and padded blocks, float32 and float64,
+    many chunks), and the quadratic forms of the report summed in the same order."""
+    m, n, seed = shape
+    E, H, C, G, sup = _problem(m, n, seed, frac)
+    old = qwha.AUG_MIN_K
+    try:
+        qwha.AUG_MIN_K = 8                         # both block kinds on these small widths
+        want = qwha._solve_support(C @ G, G, sup, extra=C[sup[0], sup[1]], chunk_bytes=3000, fp32_min_k=k32)
+        got = qwha._solve_support(C @ G, G, sup, extra=C[sup[0], sup[1]], chunk_bytes=3000, fp32_min_k=k32,
+                                  workers=workers)
+        threads = torch.get_num_threads()
+        f = qwha.refine(C @ G, G, sup, chunk_bytes=3000, fp32_min_k=k32, workers=workers)
+        assert torch.get_num_threads() == threads
+    finally:
+        qwha.AUG_MIN_K = old
+    for a, b in zip(want, got):
+        assert torch.equal(a, b)
+    assert torch.equal(f, want[0])
+    with pytest.raises(ValueError, match="workers must be >= 1"):
+        qwha.refine(C @ G, G, sup, workers=0)
+
+
+@SET
 @given(shapes(), st.floats(0.1, 0.9))
 @example(shape=(4, 144, 1), frac=0.875)     # 1.8e-6 apart: rows of 126 of 144 coefficients, a worse-conditioned block
 def test_float32_blocks_give_the_float64_error(shape, frac):
@@ -629,6 +654,36 @@ def test_init_qwha_wraps_and_reports(capsys):
     assert torch.isfinite(model(x)).all()
     with pytest.raises(ValueError, match="original weight"):
         qwha.init_qwha(Toy(), hessians, {}, quiet=True)
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_init_qwha_workers_give_the_same_adapters_in_order(workers):
+    """Layers initialized in threads: bitwise the same indices and values, the rows in the order of the names,
+    and torch's thread count restored."""
+    ref_model, names, weights, hessians = _toy_quantized(seed=1)
+    ref = qwha.init_qwha(ref_model, hessians, weights, budget_rank=3, quiet=True, swap_rounds=1)
+    model, _, _, _ = _toy_quantized(seed=1)
+    threads = torch.get_num_threads()
+    got = qwha.init_qwha(model, hessians, weights, budget_rank=3, quiet=True, swap_rounds=1, workers=workers)
+    assert torch.get_num_threads() == threads
+    assert [r["layer"] for r in got] == names
+    for a, b in zip(ref, got):
+        assert {k: v for k, v in a.items() if k != "seconds"} == {k: v for k, v in b.items() if k != "seconds"}
+    for name in names:
+        x, y = ref_model.get_submodule(name), model.get_submodule(name)
+        assert torch.equal(x.indices, y.indices) and torch.equal(x.values, y.values)
+
+
+def test_init_qwha_workers_errors_name_the_layer_and_bad_settings():
+    model, names, weights, hessians = _toy_quantized()
+    bad = dict(hessians)
+    bad[names[2]] = hessians[names[2]][:-1]                       # wrong shape: the third layer fails
+    with pytest.raises(ValueError, match=names[2].replace(".", r"\.")):
+        qwha.init_qwha(model, bad, weights, budget_rank=3, quiet=True, workers=2)
+    with pytest.raises(ValueError, match="workers must be >= 1"):
+        qwha.init_qwha(model, hessians, weights, quiet=True, workers=0)
+    with pytest.raises(ValueError, match="select='random'"):
+        qwha.init_qwha(model, hessians, weights, quiet=True, workers=2, select="random")
 
 
 def test_save_load_round_trip_is_bitwise(tmp_path):
