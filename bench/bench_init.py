@@ -65,6 +65,7 @@ class BenchConfig:
     timing_rank: int = 64
     timing_layers: str = "0,5,10,15,20,25"  # blocks for batched-vs-loop refinement ("all": slow, the loops)
     threads: int = 1               # torch threads (1: no oversubscription on shared cores; CPU time reported too)
+    workers: int = 2               # timing: also init_qwha(workers=W) and refine(workers=W) (threads; 1: skip)
     verify_layers: int = 3         # layers checked against a per-row lstsq of the whitened problem
     quiet: bool = False
     ppl_bits: int = 0              # > 0: held-out perplexity after init at this bit width (all 210 layers)
@@ -334,7 +335,10 @@ def per_type_ratio(names, errs, gptq_errs):
 
 def whole_model_init(cfg, weights, H, Q, all_names):
     """Init of every layer at r = cfg.timing_rank for each of --timing-methods, alternating per layer (order
-    rotated) after a warm-up: {label: (wall s, CPU s, mean error / mean GPTQ error)}."""
+    rotated) after a warm-up: {label: (wall s, CPU s, mean error / mean GPTQ error)}. With --workers W > 1, then
+    each method once more through qwha.init_qwha(workers=W) on a model of nn.Linear bases holding Q (the API a
+    user calls; layers W at a time in threads, torch threads // W each): rows "<label>, W workers", with
+    "same_errors": whether every layer's error equals the sequential pass's."""
     r = cfg.timing_rank
     ms = methods(cfg, cfg.timing_methods)
     if not ms:
@@ -343,6 +347,7 @@ def whole_model_init(cfg, weights, H, Q, all_names):
     for _, kw in ms:
         qwha.init_layer_full(E0, H[all_names[0]], r * sum(E0.shape), **kw)
     wall, cpu, err = ({label: 0.0 for label, _ in ms} for _ in range(3))
+    errs = {label: [] for label, _ in ms}
     err0 = 0.0
     for j, name in enumerate(all_names):
         E = weights[name].double() - Q[name].double()
@@ -353,12 +358,46 @@ def whole_model_init(cfg, weights, H, Q, all_names):
             wall[label] += time.perf_counter() - w0
             cpu[label] += time.process_time() - c0
             err[label] += li.err_refined
+            errs[label].append(li.err_refined)
         err0 += li.err_before
         if not cfg.quiet:
             print(f"\rinit {j + 1}/{len(all_names)} " + " ".join(f"{v:.1f}s" for v in cpu.values()), end="", file=sys.stderr)
     log(cfg, "")
-    return {label: {"wall_s": wall[label], "cpu_s": cpu[label], "ratio": err[label] / err0,
-                    "cpu_vs_first": cpu[label] / cpu[ms[0][0]]} for label, _ in ms}
+    out = {label: {"wall_s": wall[label], "cpu_s": cpu[label], "ratio": err[label] / err0,
+                   "cpu_vs_first": cpu[label] / cpu[ms[0][0]], "wall_vs_first": wall[label] / wall[ms[0][0]]}
+           for label, _ in ms}
+    if cfg.workers > 1:
+        for label, kw in ms:
+            if kw.get("select") == "random":
+                continue                                              # init_qwha refuses workers with one generator
+            mdl = linear_tree(Q, all_names)
+            w0, c0 = time.perf_counter(), time.process_time()
+            rows = qwha.init_qwha(mdl, H, weights, budget_rank=r, names=all_names, quiet=True, workers=cfg.workers,
+                                  **{"swap_rounds": 0, **kw})
+            w, c = time.perf_counter() - w0, time.process_time() - c0
+            out[f"{label}, {cfg.workers} workers"] = {
+                "wall_s": w, "cpu_s": c, "ratio": sum(x["err_refined"] for x in rows) / err0,
+                "cpu_vs_first": c / cpu[ms[0][0]], "wall_vs_first": w / wall[ms[0][0]], "workers": cfg.workers,
+                "same_errors": [x["err_refined"] for x in rows] == errs[label]}
+            log(cfg, f"init with {cfg.workers} workers ({label}): {w:.1f}s wall, {c:.1f}s CPU")
+    return out
+
+
+def linear_tree(Q, names):
+    """A module tree with an nn.Linear at each name (weight Q[name], frozen, shared not copied): the bases
+    qwha.init_qwha wraps."""
+    root = torch.nn.Module()
+    for name in names:
+        parent = root
+        *path, leaf = name.split(".")
+        for part in path:
+            if not hasattr(parent, part):
+                parent.add_module(part, torch.nn.Module())
+            parent = getattr(parent, part)
+        lin = torch.nn.Linear(Q[name].shape[1], Q[name].shape[0], bias=False)
+        lin.weight = torch.nn.Parameter(Q[name], requires_grad=False)
+        parent.add_module(leaf, lin)
+    return root
 
 
 def timing(cfg, weights, H, all_names, names):
@@ -371,6 +410,8 @@ def timing(cfg, weights, H, all_names, names):
     first = next(iter(inits.values()))
     init_wall, init_cpu = first["wall_s"], first["cpu_s"]
     t = {"batched": [], "batched64": [], "authors": [], "rowloop": []}
+    if cfg.workers > 1:
+        t["batched_w"] = []                                           # as "batched", chunks over workers threads
     tc = {k: 0.0 for k in t}                                          # process CPU time per side
     gaps = {"authors": 0.0, "rowloop": 0.0}
     fp32_err_gap = 0.0
@@ -388,7 +429,10 @@ def timing(cfg, weights, H, all_names, names):
                  ("batched64", lambda: qwha.refine(P, G, li.indices)),
                  ("authors", lambda: authors_per_row(bases, RE, li.indices)),
                  ("rowloop", lambda: per_row_normal_equations(P, G, li.indices))]
-        sides = sides[j % 4:] + sides[:j % 4]                         # alternate the order
+        if cfg.workers > 1:
+            sides.append(("batched_w", lambda: qwha.refine(P, G, li.indices, fp32_min_k=qwha.FP32_MIN_K,
+                                                           workers=cfg.workers)))
+        sides = sides[j % len(sides):] + sides[:j % len(sides)]       # alternate the order
         res = {}
         for side, fn in sides:
             t0, c0 = time.perf_counter(), time.process_time()
@@ -398,6 +442,8 @@ def timing(cfg, weights, H, all_names, names):
         for side in gaps:
             gap = float((res["batched"] - res[side]).abs().max() / res[side].abs().max())
             gaps[side] = max(gaps[side], gap)
+        if cfg.workers > 1 and not torch.equal(res["batched_w"], res["batched"]):
+            raise RuntimeError(f"{name}: refine with {cfg.workers} workers differs from 1 worker")
         # what float32 blocks cost in the objective: the damped layer error of both value sets, dense
         e32, e64 = (float(qwha.layer_error(E, Hd, dense_F(li.indices, res[s], m, n) @ wht_matrix(n)))
                     for s in ("batched", "batched64"))
@@ -429,7 +475,10 @@ def timing(cfg, weights, H, all_names, names):
             "median_layer_speedup_vs_authors": statistics.median(a / b for a, b in zip(t["authors"], t["batched"])),
             "max_rel_value_gap_vs_authors": gaps["authors"], "max_rel_value_gap_vs_row_loop": gaps["rowloop"],
             "max_rel_err_gap_float32_blocks": fp32_err_gap, "fp32_min_k": qwha.FP32_MIN_K,
-            "verify_layers": names[: cfg.verify_layers],
+            "verify_layers": names[: cfg.verify_layers], "workers": cfg.workers,
+            "refine_workers_s": tot.get("batched_w"),
+            "workers_speedup_vs_authors": tot["authors"] / tot["batched_w"] if "batched_w" in tot else None,
+            "workers_speedup_vs_row_loop": tot["rowloop"] / tot["batched_w"] if "batched_w" in tot else None,
             "max_rel_err_gap_vs_lstsq": max(err_gaps) if err_gaps else None, "threads": torch.get_num_threads()}
 
 
@@ -516,6 +565,8 @@ def parse(argv=None) -> BenchConfig:
     p.add_argument("--timing-layers", default=d.timing_layers, help="block indices for the timing, or 'all'")
     p.add_argument("--timing-rank", type=int, default=d.timing_rank)
     p.add_argument("--threads", type=int, default=d.threads)
+    p.add_argument("--workers", type=int, default=d.workers,
+                   help="timing: layers (whole-model init) and chunks (refinement) at once in threads (1: skip)")
     p.add_argument("--verify-layers", type=int, default=d.verify_layers)
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--swap-rounds", default=",".join(map(str, d.swap_rounds)),
@@ -540,10 +591,12 @@ def parse(argv=None) -> BenchConfig:
                    help="comma list of method labels whose whole-model init is timed (the first is the reference)")
     p.add_argument("--ppl-windows", type=int, default=d.ppl_windows, help="windows of --seq-len tokens of test.txt")
     a = p.parse_args(argv)
+    if a.workers < 1:
+        p.error(f"--workers {a.workers}: expected 1 (no threaded timing) or more")
     ints = lambda s: tuple(int(x) for x in s.split(",") if x)
     return BenchConfig(a.assets, ints(a.bits), ints(a.rank), a.n_calib, a.seq_len, d.batch_size, a.seed, a.layers,
-                       a.hessians, not a.no_timing, a.timing_rank, a.timing_layers, a.threads, a.verify_layers,
-                       a.quiet, a.ppl_bits, a.ppl_rank, ints(a.ppl_rounds), ints(a.ppl_greedy_rounds),
+                       a.hessians, not a.no_timing, a.timing_rank, a.timing_layers, a.threads, a.workers,
+                       a.verify_layers, a.quiet, a.ppl_bits, a.ppl_rank, ints(a.ppl_rounds), ints(a.ppl_greedy_rounds),
                        a.ppl_windows, ints(a.swap_rounds), ints(a.greedy_steps), a.methods, a.timing_methods,
                        a.quantizer, a.gptq)
 
@@ -592,15 +645,21 @@ def main(argv=None):
                   + ", ".join(f"{k} {v:.3f}" for k, v in removed.items()))
     if tim:
         print(f"\nInit of all {tim['init_layers']} layers at r={tim['rank']} (given Hessians, {tim['threads']} thread(s), "
-              f"alternating per layer):")
-        print(f"{'method':<44} {'wall':>8} {'CPU':>8} {'CPU ×':>6} {'× GPTQ':>7}")
+              f"alternating per layer; 'W workers': qwha.init_qwha(workers=W), W layers at once in threads):")
+        print(f"{'method':<44} {'wall':>8} {'CPU':>8} {'CPU ×':>6} {'wall ×':>6} {'× GPTQ':>7}")
         for label, v in tim["inits"].items():
-            print(f"{label:<44} {v['wall_s']:>7.1f}s {v['cpu_s']:>7.1f}s {v['cpu_vs_first']:>6.2f} {v['ratio']:>7.3f}")
+            same = "" if "same_errors" not in v else ("  same errors" if v["same_errors"] else "  ERRORS DIFFER")
+            print(f"{label:<44} {v['wall_s']:>7.1f}s {v['cpu_s']:>7.1f}s {v['cpu_vs_first']:>6.2f} "
+                  f"{v['wall_vs_first']:>6.2f} {v['ratio']:>7.3f}{same}")
         print(f"Refinement alone over {tim['layers']} layers: batched {tim['refine_batched_s']:.2f}s (all-float64 "
               f"{tim['refine_float64_s']:.2f}s) | authors' per-row loop {tim['authors_loop_s']:.2f}s "
               f"({tim['speedup_vs_authors']:.1f}×, median layer {tim['median_layer_speedup_vs_authors']:.1f}×; "
               f"all-float64 {tim['float64_speedup_vs_authors']:.1f}×) | per-row loop on G blocks {tim['row_loop_s']:.2f}s "
               f"({tim['speedup_vs_row_loop']:.1f}×)")
+        if tim["refine_workers_s"] is not None:
+            print(f"  batched with {tim['workers']} workers {tim['refine_workers_s']:.2f}s: "
+                  f"{tim['workers_speedup_vs_authors']:.1f}× the authors' loop, {tim['workers_speedup_vs_row_loop']:.1f}× "
+                  f"the per-row loop on G blocks (the same values bit for bit as 1 worker)")
         print(f"  CPU time: batched {tim['refine_cpu_s']['batched']:.2f}s | authors' loop "
               f"{tim['refine_cpu_s']['authors']:.2f}s ({tim['cpu_speedup_vs_authors']:.1f}×) | per-row loop on G blocks "
               f"{tim['refine_cpu_s']['rowloop']:.2f}s ({tim['cpu_speedup_vs_row_loop']:.1f}×)")

@@ -70,3 +70,22 @@ def test_get_quantized_caches_by_settings_and_refuses_a_mislabelled_file(tmp_pat
     save_file({"a": Q["classic"]}, str(path), metadata={"gptq": json.dumps(bench_init.gptq_settings("classic"))})
     with pytest.raises(ValueError, match="was made with GPTQ settings"):
         bench_init.get_quantized(cfg["refined"], weights, Hs, names, 2)
+
+
+def test_whole_model_init_with_workers_times_init_qwha_and_gets_the_same_errors():
+    names = ["model.layers.0.mlp.up_proj", "model.layers.0.mlp.down_proj", "model.layers.1.self_attn.q_proj"]
+    weights, H, Q = {}, {}, {}
+    for i, name in enumerate(names):
+        W, Hn = tiny_layer(m=8 + 8 * i, n=64, seed=i)
+        weights[name], H[name] = W, Hn
+        Q[name] = gptq.quantize_rtn(W, 2, 64).dequantize()
+    cfg = dataclasses.replace(bench_init.BenchConfig(), timing_rank=2, workers=2, quiet=True,
+                              timing_methods="AdaAlloc,Random")
+    out = bench_init.whole_model_init(cfg, weights, H, Q, names)
+    assert set(out) == {"AdaAlloc", "Random", "AdaAlloc, 2 workers"}   # no threaded run for the random selection
+    threaded = out["AdaAlloc, 2 workers"]
+    assert threaded["same_errors"] is True and threaded["workers"] == 2
+    assert threaded["ratio"] == out["AdaAlloc"]["ratio"] < 1
+    assert bench_init.parse(["--workers", "1"]).workers == 1
+    with pytest.raises(SystemExit):
+        bench_init.parse(["--workers", "0"])
