@@ -332,7 +332,7 @@ def refine(P: torch.Tensor, G: torch.Tensor, support: torch.Tensor, *, chunk_byt
     demo layers). The check: a row whose float32 Cholesky fails, or whose factor's diagonal spreads by more than
     FP32_MAX_PIVOT_SPREAD (a proof that cond ≥ 10⁴), is re-solved in float64. workers > 1: the chunks are solved
     that many at a time in threads, each with torch.get_num_threads() // workers intra-op threads meanwhile (the
-    values do not depend on it; see wrap_layers for why threads over chunks rather than inside LAPACK). Returns
+    values are those of workers = 1 at the same per-worker thread count; see wrap_layers). Returns
     values (B,) float64 in the support's (CSR) order.
     """
     if workers < 1:
@@ -842,7 +842,7 @@ def init_qwha(model: nn.Module, hessians: Mapping[str, torch.Tensor], weights: M
     rule lowers the layer error further (0.806 of GPTQ's; 0.802 with 2 exchange rounds) but not the held-out
     perplexity after init (10,158; 8,978 with 2 rounds, against 7,848 for top-k + 2 rounds), measured by
     `python bench/bench_init.py --bits '' --no-timing --ppl-bits 2 --ppl-rounds 0,2 --ppl-greedy-rounds 0,2`.
-    workers: layers initialized at once in threads (`wrap_layers`; the result does not depend on it). Not with
+    workers: layers initialized at once in threads (`wrap_layers`, which says what it changes). Not with
     select="random", whose one generator is drawn from in layer order.
     """
     if workers > 1 and select == "random":
@@ -890,8 +890,10 @@ def wrap_layers(model: nn.Module, hessians: Mapping[str, torch.Tensor], weights:
     torch.get_num_threads() // workers intra-op threads for the duration (restored after). On a CPU this is what
     uses the cores: the init's many small batched LAPACK calls do not run faster with more intra-op threads
     (measured on 2 cores: the whole demo model 58 s wall with 1 thread, 61 s with 2; 1.8x faster with 2 workers).
-    Each layer's result does not depend on `workers` (init_one must not share state between layers, e.g. a
-    generator). Modules are put in place, and rows reported, in the order of `names`; inputs are read from
+    A layer's result is the one init_one gives on the calling thread with the same torch thread count: bitwise
+    the same as workers = 1 where that count is 1, else within the round-off that changing torch.set_num_threads
+    itself causes (train.py on the demo model, 2 threads vs 2 workers: mean layer error equal within 2e-11 relative).
+    init_one must not share state between layers (e.g. a generator). Modules are put in place, and rows reported, in the order of `names`; inputs are read from
     `weights` / `hessians` in the calling thread, at most 2·workers layers ahead."""
     names = list(names) if names is not None else list(hessians)
     if workers < 1:

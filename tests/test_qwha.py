@@ -658,12 +658,16 @@ def test_init_qwha_wraps_and_reports(capsys):
 
 @pytest.mark.parametrize("workers", [2, 3])
 def test_init_qwha_workers_give_the_same_adapters_in_order(workers):
-    """Layers initialized in threads: bitwise the same indices and values, the rows in the order of the names,
-    and torch's thread count restored."""
+    """Layers initialized in threads: bitwise the indices and values of one worker at one thread each, the rows
+    in the order of the names, and torch's thread count restored."""
     ref_model, names, weights, hessians = _toy_quantized(seed=1)
-    ref = qwha.init_qwha(ref_model, hessians, weights, budget_rank=3, quiet=True, swap_rounds=1)
-    model, _, _, _ = _toy_quantized(seed=1)
     threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        ref = qwha.init_qwha(ref_model, hessians, weights, budget_rank=3, quiet=True, swap_rounds=1)
+    finally:
+        torch.set_num_threads(threads)
+    model, _, _, _ = _toy_quantized(seed=1)
     got = qwha.init_qwha(model, hessians, weights, budget_rank=3, quiet=True, swap_rounds=1, workers=workers)
     assert torch.get_num_threads() == threads
     assert [r["layer"] for r in got] == names
