@@ -4,7 +4,8 @@
     python bench/bench_adapters.py --bits 2 --layers all
 
 On SmolLM2-135M with real calibration Hessians (the cache of bench/bench_init.py, runs/hessians-32x256.safetensors,
-made here the same way if missing) and GPTQ g64 bases (cached per bit width as bench_init.py does):
+made here the same way if missing) and GPTQ g64 bases (--gptq refined: train.py's settings, the default;
+classic: plain GPTQ; cached as bench_init.py does):
 1. Average layer output error ‖(E − ΔW) Rᵀ‖_F after init (paper Tables 2 and 5) for each combination below, all at
    B = r·(m + n) trainable parameters per layer (LoRA: rank r), absolute and as a ratio of bare GPTQ.
 2. Outlier coverage (paper App. B.3, Table 6): outliers = the top 10 % of |E| in the layer; their coefficients
@@ -31,7 +32,7 @@ from jsonl import emit  # noqa: E402  (bench/jsonl.py: print + append to runs/)
 import baselines as bl  # noqa: E402
 import model as modellib  # noqa: E402
 import qwha  # noqa: E402
-from bench_init import get_hessians, get_quantized  # noqa: E402  (same caches in runs/)
+from bench_init import GPTQ_KINDS, get_hessians, get_quantized  # noqa: E402  (same caches in runs/)
 
 # (label, AdapterConfig keywords): Table 2 (selection on WHA), Table 5 (kernel with AdaAlloc), the 2-D and
 # LoRA baselines of Table 1 with quantization-aware values (LoCA's and plain LoRA's own zero init is "None").
@@ -70,6 +71,7 @@ class BenchConfig:
     threads: int = 1
     quiet: bool = False
     batch_size: int = 4             # calibration windows per forward
+    gptq: str = "refined"           # GPTQ settings of the bases, as bench_init.py --gptq: refined (train.py's) | classic
 
 
 def log(cfg, msg, end="\n"):
@@ -140,9 +142,12 @@ def parse(argv=None) -> BenchConfig:
     p.add_argument("--hessians", default=d.hessians)
     p.add_argument("--threads", type=int, default=d.threads)
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--gptq", default=d.gptq, choices=GPTQ_KINDS,
+                   help="GPTQ settings of the bases: refined = train.py's defaults, classic = plain GPTQ "
+                        "(cached as bench_init.py does)")
     a = p.parse_args(argv)
     return BenchConfig(a.assets, tuple(int(b) for b in a.bits.split(",")), a.rank, a.n_calib, a.seq_len, a.seed,
-                       a.layers, a.hessians, a.threads, a.quiet)
+                       a.layers, a.hessians, a.threads, a.quiet, d.batch_size, a.gptq)
 
 
 def main(argv=None):
@@ -164,7 +169,7 @@ def main(argv=None):
         table += t
         coverage[bits] = c
 
-    print(f"\nAverage layer output error after init, {len(names)} layers of SmolLM2-135M, GPTQ g64, "
+    print(f"\nAverage layer output error after init, {len(names)} layers of SmolLM2-135M, GPTQ ({cfg.gptq}) g64, "
           f"budget r·(m+n) with r = {cfg.rank}, Hessians {hpath}")
     print(f"{'bits':>4} {'method':<30} {'mean err':>10} {'× GPTQ':>8} {'mean of ratios':>15} {'rank':>5}")
     for bits in cfg.bits:
