@@ -1,0 +1,29 @@
+"""bench/bench_wht.py and bench/bench_gptq.py run end to end on tiny inputs (no demo checkpoint needed), so a change
+to the modules they call cannot leave them broken unnoticed; their figures come from the full runs in README."""
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+import bench_gptq  # noqa: E402
+import bench_wht  # noqa: E402
+
+
+def test_bench_wht_runs_and_matches_the_dense_transform(capsys):
+    res = bench_wht.main(["--rows", "8", "--widths", "64", "96", "--repeats", "1", "--no-radix2"])
+    assert [r["n"] for r in res["results"]] == [64, 96]
+    for r in res["results"]:
+        assert r["max_rel_err_wht"] < 1e-5 and r["wht_ms"] > 0 and r["dense_ms"] > 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["bench"] == "wht"
+
+
+def test_bench_gptq_runs_on_random_weights_with_every_option(tmp_path, capsys):
+    cfg = bench_gptq.parse(["--weights", str(tmp_path / "absent.safetensors"), "--blocks", "1", "--bits", "2",
+                            "--act-order", "--clip", "--cd-passes", "1", "--refit", "--magr-blocks", "0",
+                            "--magr-iters", "2", "--quiet"])
+    res = bench_gptq.run(cfg)
+    bench_gptq.report(res, cfg)
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["bench"] == "gptq" and out["weights"] == "random" and out["layers"] == 7
+    assert 0 < res["ratio_gptq_rtn"][2] < 1 and 0 < res["ratio_opt_rtn"][2] < 1   # GPTQ beats RTN on correlated H
+    assert res["sampled"]["layers"] == 7 and res["bytes_2bit_g64_vs_fp16"] <= 0.16
