@@ -892,9 +892,10 @@ def wrap_layers(model: nn.Module, hessians: Mapping[str, torch.Tensor], weights:
     (measured on 2 cores: the whole demo model 58 s wall with 1 thread, 61 s with 2; 1.8x faster with 2 workers).
     A layer's result is the one init_one gives on the calling thread with the same torch thread count: bitwise
     the same as workers = 1 where that count is 1, else within the round-off that changing torch.set_num_threads
-    itself causes (train.py on the demo model, 2 threads vs 2 workers: mean layer error equal within 2e-11 relative).
-    init_one must not share state between layers (e.g. a generator). Modules are put in place, and rows reported, in the order of `names`; inputs are read from
-    `weights` / `hessians` in the calling thread, at most 2·workers layers ahead."""
+    itself causes (train.py on the demo model, 2 threads vs 2 workers: mean layer error equal within 2e-11
+    relative). init_one must not share state between layers (e.g. a generator). Modules are put in place, and
+    rows reported, in the order of `names`; inputs are read from `weights` / `hessians` in the calling thread,
+    at most 2·workers layers ahead."""
     names = list(names) if names is not None else list(hessians)
     if workers < 1:
         raise ValueError(f"{who}: workers must be >= 1, got {workers}")
@@ -904,16 +905,16 @@ def wrap_layers(model: nn.Module, hessians: Mapping[str, torch.Tensor], weights:
         if name not in weights:
             raise ValueError(f"{who}: no original weight for {name} (pass the full-precision weights)")
 
+    def inputs(name):                                                 # read in the calling thread
+        mod = model.get_submodule(name)
+        base = mod.base if adapter_types and isinstance(mod, adapter_types) else mod
+        return name, base, weights[name], hessians[name]
+
     def run(name, base, W, H):
         try:
             return init_one(base, W, H)
         except ValueError as e:
             raise ValueError(f"{who}: {name}: {e}") from e
-
-    def job(name):                                                    # (callable, args), inputs read here
-        mod = model.get_submodule(name)
-        base = mod.base if adapter_types and isinstance(mod, adapter_types) else mod
-        return run, (name, base, weights[name], hessians[name])
 
     report = []
     t_all = time.perf_counter()
@@ -929,8 +930,7 @@ def wrap_layers(model: nn.Module, hessians: Mapping[str, torch.Tensor], weights:
 
     if workers == 1:
         for i, name in enumerate(names):
-            fn, args = job(name)
-            done(i, name, *fn(*args))
+            done(i, name, *run(*inputs(name)))
     else:
         threads = torch.get_num_threads()
         torch.set_num_threads(max(1, threads // workers))
@@ -938,8 +938,7 @@ def wrap_layers(model: nn.Module, hessians: Mapping[str, torch.Tensor], weights:
             with ThreadPoolExecutor(workers) as pool:
                 pending = []                                          # futures in the order of names
                 for i, name in enumerate(names):
-                    fn, args = job(name)
-                    pending.append(pool.submit(fn, *args))
+                    pending.append(pool.submit(run, *inputs(name)))
                     while len(pending) > 2 * workers or (pending and i == len(names) - 1):
                         j = len(report)
                         done(j, names[j], *pending.pop(0).result())
