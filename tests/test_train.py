@@ -210,6 +210,8 @@ def test_bad_inputs_stop_before_heavy_work(tiny, tmp_path, no_heavy_work):
         train.main(base + ["--bits", "5"])
     with pytest.raises(ValueError, match=r"--swap-rounds -1: expected 0"):
         train.main(base + ["--swap-rounds", "-1"])
+    with pytest.raises(ValueError, match=r"--init-workers -1: expected 0 \(auto\)"):
+        train.main(base + ["--init-workers", "-1"])
     with pytest.raises(ValueError, match=r"--group-size 48 does not divide the input width 64 of q_proj"):
         train.main(base + ["--group-size", "48"])
     bad = tmp_path / "bad.jsonl"
@@ -228,6 +230,23 @@ def test_bad_inputs_stop_before_heavy_work(tiny, tmp_path, no_heavy_work):
     (odd / "config.json").write_text(json.dumps({**cfg, "hidden_size": 88, "head_dim": 22}))
     with pytest.raises(ValueError, match="q_proj.*no Hadamard matrix for width 88"):
         train.main(["--model", str(odd)] + base[2:] + ["--group-size", "8"])
+
+
+def test_init_workers_flag(monkeypatch):
+    """--init-workers N is N; 0 is one worker per torch thread on a CPU and one on a GPU; and it reaches init_qwha."""
+    cfg = train.parse_args(["--model", "m", "--device", "cpu"])
+    assert cfg.init_workers == 0
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    assert train.init_workers(cfg) == 3
+    cfg.device = "cuda:0"
+    assert train.init_workers(cfg) == 1
+    cfg.init_workers = 2
+    assert train.init_workers(cfg) == 2
+    seen = {}
+    monkeypatch.setattr(train.qwha, "init_qwha", lambda *a, **kw: seen.update(kw) or [
+        {"err_before": 1.0, "err_select": 1.0, "err_refined": 1.0, "rel_refined": 1.0}])
+    train.init_adapters(None, {}, {}, cfg, lambda msg: None)
+    assert seen["workers"] == 2
 
 
 def test_swap_rounds_flag_reaches_the_init(tiny, tmp_path):
