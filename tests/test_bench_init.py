@@ -84,7 +84,7 @@ def test_whole_model_init_with_workers_times_init_qwha_and_gets_the_same_errors(
     out = bench_init.whole_model_init(cfg, weights, H, Q, names)
     assert set(out) == {"AdaAlloc", "Random", "AdaAlloc, 2 workers"}   # no threaded run for the random selection
     threaded = out["AdaAlloc, 2 workers"]
-    assert threaded["same_errors"] is True and threaded["workers"] == 2
+    assert threaded["same_errors"] is True and threaded["workers"] == 2 and threaded["max_rel_err_gap"] == 0
     assert threaded["ratio"] == out["AdaAlloc"]["ratio"] < 1
     assert bench_init.parse(["--workers", "1"]).workers == 1
     with pytest.raises(SystemExit):
