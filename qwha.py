@@ -892,8 +892,8 @@ def wrap_layers(model: nn.Module, hessians: Mapping[str, torch.Tensor], weights:
     (measured on 2 cores: the whole demo model 58 s wall with 1 thread, 61 s with 2; 1.8x faster with 2 workers).
     A layer's result is the one init_one gives on the calling thread with the same torch thread count: bitwise
     the same as workers = 1 where that count is 1, else within the round-off that changing torch.set_num_threads
-    itself causes (train.py on the demo model, 2 threads vs 2 workers: mean layer error equal within 2e-11
-    relative). init_one must not share state between layers (e.g. a generator). Modules are put in place, and
+    itself causes, amplified in the float32 blocks (2 threads vs 2 workers on the demo model: mean layer error
+    within 2e-11 relative at r = 8, each layer's within 3e-5 at r = 64; bench/bench_init.py --threads 2). init_one must not share state between layers (e.g. a generator). Modules are put in place, and
     rows reported, in the order of `names`; inputs are read from `weights` / `hessians` in the calling thread,
     at most 2·workers layers ahead."""
     names = list(names) if names is not None else list(hessians)
