@@ -23,6 +23,7 @@ With AdamW the per-step change of a value is ≈ lr regardless of its size, so t
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import threading
@@ -335,14 +336,22 @@ def refine(P: torch.Tensor, G: torch.Tensor, support: torch.Tensor, *, chunk_byt
     values are those of workers = 1 at the same per-worker thread count; see wrap_layers). Returns
     values (B,) float64 in the support's (CSR) order.
     """
+    with _threads_per_worker(workers, "refine"):
+        return _solve_support(P, G, support, chunk_bytes=chunk_bytes, fp32_min_k=fp32_min_k, quad=False,
+                              workers=workers)[0]
+
+
+@contextlib.contextmanager
+def _threads_per_worker(workers: int, who: str):
+    """For `workers` threads that each run torch ops: torch.get_num_threads() // workers intra-op threads (at least
+    1) meanwhile, restored after; nothing changes for workers = 1. Raises for workers < 1, naming `who`."""
     if workers < 1:
-        raise ValueError(f"refine: workers must be >= 1, got {workers}")
+        raise ValueError(f"{who}: workers must be >= 1, got {workers}")
     threads = torch.get_num_threads()
     if workers > 1:
         torch.set_num_threads(max(1, threads // workers))
     try:
-        return _solve_support(P, G, support, chunk_bytes=chunk_bytes, fp32_min_k=fp32_min_k, quad=False,
-                              workers=workers)[0]
+        yield
     finally:
         torch.set_num_threads(threads)
 
@@ -893,12 +902,11 @@ def wrap_layers(model: nn.Module, hessians: Mapping[str, torch.Tensor], weights:
     A layer's result is the one init_one gives on the calling thread with the same torch thread count: bitwise
     the same as workers = 1 where that count is 1, else within the round-off that changing torch.set_num_threads
     itself causes, amplified in the float32 blocks (2 threads vs 2 workers on the demo model: mean layer error
-    within 2e-11 relative at r = 8, each layer's within 3e-5 at r = 64; bench/bench_init.py --threads 2). init_one must not share state between layers (e.g. a generator). Modules are put in place, and
-    rows reported, in the order of `names`; inputs are read from `weights` / `hessians` in the calling thread,
-    at most 2·workers layers ahead."""
+    within 2e-11 relative at r = 8, each layer's within 3e-5 at r = 64; bench/bench_init.py --threads 2).
+    init_one must not share state between layers (e.g. a generator). Modules are put in place, and rows
+    reported, in the order of `names`; inputs are read from `weights` / `hessians` in the calling thread, at most
+    2·workers layers ahead."""
     names = list(names) if names is not None else list(hessians)
-    if workers < 1:
-        raise ValueError(f"{who}: workers must be >= 1, got {workers}")
     for name in names:                                                # every input checked before any work
         if name not in hessians:
             raise ValueError(f"{who}: no Hessian for {name}")
@@ -932,18 +940,13 @@ def wrap_layers(model: nn.Module, hessians: Mapping[str, torch.Tensor], weights:
         for i, name in enumerate(names):
             done(i, name, *run(*inputs(name)))
     else:
-        threads = torch.get_num_threads()
-        torch.set_num_threads(max(1, threads // workers))
-        try:
-            with ThreadPoolExecutor(workers) as pool:
-                pending = []                                          # futures in the order of names
-                for i, name in enumerate(names):
-                    pending.append(pool.submit(run, *inputs(name)))
-                    while len(pending) > 2 * workers or (pending and i == len(names) - 1):
-                        j = len(report)
-                        done(j, names[j], *pending.pop(0).result())
-        finally:
-            torch.set_num_threads(threads)
+        with _threads_per_worker(workers, who), ThreadPoolExecutor(workers) as pool:
+            pending = []                                              # futures in the order of names
+            for i, name in enumerate(names):
+                pending.append(pool.submit(run, *inputs(name)))
+                while len(pending) > 2 * workers or (pending and i == len(names) - 1):
+                    j = len(report)
+                    done(j, names[j], *pending.pop(0).result())
     if not quiet:
         print("\n" + format_report(report), file=sys.stderr)
     return report
