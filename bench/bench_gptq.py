@@ -9,8 +9,10 @@ Measures (CPU unless --device says otherwise):
     of RTN on the same layers measured alternately in the same process after a warm-up; with any of --clip,
     --cd-passes, --refit, --opt-act-order (gptq_quantize's options) also GPTQ with those options, alternating
     layer by layer;
-  * the mean layer output error ‖(W − Q)Rᵀ‖ / ‖W Rᵀ‖ (RᵀR = H) of RTN vs GPTQ (vs GPTQ + options) over all
-    layers, and of
+  * the layer output error of RTN vs GPTQ (vs GPTQ + options) over all layers, averaged two ways: the mean of
+    ‖(W − Q)Rᵀ‖ (RᵀR = H; gptq issue 4's "layer output error", as bench_init reports it: layers with larger
+    outputs weigh more) and the mean of the relative error ‖(W − Q)Rᵀ‖ / ‖W Rᵀ‖ (every layer weighs the same);
+    each as a ratio of GPTQ's mean over RTN's. And the relative error of
     RTN vs GPTQ vs MagR+GPTQ over the linears of a few sampled blocks (MagR's 200 iterations are slow on CPU);
   * the bytes of the 2-bit, group-64 QuantLinears against the fp16 weights;
   * with --ppl-windows N (demo checkpoint only): held-out Wikipedia perplexity of the whole model with every
@@ -145,6 +147,13 @@ def rel_err(W, Q, H) -> float:
     return gptq.output_error(W, Q, H)[1]
 
 
+def both_errs(W, Q, H, abs_list: list, rel_list: list) -> None:
+    """Append ‖(W − Q)Rᵀ‖ to abs_list and ‖(W − Q)Rᵀ‖ / ‖W Rᵀ‖ to rel_list (one computation)."""
+    a, r = gptq.output_error(W, Q, H)
+    abs_list.append(a)
+    rel_list.append(r)
+
+
 def options(cfg: BenchConfig) -> dict:
     """gptq_quantize's settings for the "GPTQ + options" column ({} when no option is chosen)."""
     opts = {"clip": cfg.clip, "cd_passes": cfg.cd_passes, "refit": cfg.refit}
@@ -212,11 +221,12 @@ def run(cfg: BenchConfig) -> dict:
             gptq.quantize_rtn(weights[n], 4, cfg.group_size)
 
     res = {"gptq_time_s": {}, "gptq_cpu_s": {}, "rtn_time_s": {}, "err_rtn": {}, "err_gptq": {}, "retries": 0,
-           "opt_time_s": {}, "opt_cpu_s": {}, "err_opt": {}}
+           "opt_time_s": {}, "opt_cpu_s": {}, "err_opt": {}, "abs_err_rtn": {}, "abs_err_gptq": {}, "abs_err_opt": {}}
     keep = {b: {"RTN": {}, "GPTQ": {}, **({f"GPTQ+{opt_label(cfg)}": {}} if opts else {})}
             for b in (cfg.ppl_bits if cfg.ppl_windows > 0 else ()) if b in cfg.bits}   # states for perplexity
     for b in cfg.bits:                                            # alternating: RTN, GPTQ, GPTQ + options per layer
         errs_r, errs_g, errs_o, t_r, t_g, c_g, t_o, c_o = [], [], [], 0.0, 0.0, 0.0, 0.0, 0.0
+        abs_r, abs_g, abs_o = [], [], []                              # ‖(W − Q)Rᵀ‖ per layer
         for i, n in enumerate(names):
             W, H = weights[n], hessians[n]
             sync()
@@ -230,8 +240,8 @@ def run(cfg: BenchConfig) -> dict:
             sync()
             t_g += time.perf_counter() - t
             c_g += time.process_time() - c
-            errs_r.append(rel_err(W, r.dequantize(), H))
-            errs_g.append(rel_err(W, s.dequantize(), H))
+            both_errs(W, r.dequantize(), H, abs_r, errs_r)
+            both_errs(W, s.dequantize(), H, abs_g, errs_g)
             if b in keep:
                 keep[b]["RTN"][n], keep[b]["GPTQ"][n] = r, s
             res["retries"] += s.stats["retries"]
@@ -241,15 +251,17 @@ def run(cfg: BenchConfig) -> dict:
                 sync()
                 t_o += time.perf_counter() - t
                 c_o += time.process_time() - c
-                errs_o.append(rel_err(W, so.dequantize(), H))
+                both_errs(W, so.dequantize(), H, abs_o, errs_o)
                 if b in keep:
                     keep[b][f"GPTQ+{opt_label(cfg)}"][n] = so
             progress(cfg, f"{b}-bit {i + 1}/{len(names)} {n}  gptq {t_g:.1f}s (cpu {c_g:.1f}s)  rtn {t_r:.1f}s"
                      + (f"  +{opt_label(cfg)} {t_o:.1f}s" if opts else ""))
         res["gptq_time_s"][b], res["gptq_cpu_s"][b], res["rtn_time_s"][b] = t_g, c_g, t_r
         res["err_rtn"][b], res["err_gptq"][b] = statistics.fmean(errs_r), statistics.fmean(errs_g)
+        res["abs_err_rtn"][b], res["abs_err_gptq"][b] = statistics.fmean(abs_r), statistics.fmean(abs_g)
         if opts:
             res["opt_time_s"][b], res["opt_cpu_s"][b], res["err_opt"][b] = t_o, c_o, statistics.fmean(errs_o)
+            res["abs_err_opt"][b] = statistics.fmean(abs_o)
 
     sample = [n for n in names if int(n.split(".")[2]) in cfg.magr_blocks]
     res["sampled"] = {"layers": len(sample), "blocks": list(cfg.magr_blocks), "rtn": {}, "gptq": {}, "magr_gptq": {}}
@@ -282,6 +294,8 @@ def run(cfg: BenchConfig) -> dict:
                 "rtn_time_median_s": statistics.median(res["rtn_time_s"].values()),
                 "ratio_gptq_rtn": {b: res["err_gptq"][b] / res["err_rtn"][b] for b in cfg.bits},
                 "ratio_opt_rtn": {b: res["err_opt"][b] / res["err_rtn"][b] for b in res["err_opt"]},
+                "abs_ratio_gptq_rtn": {b: res["abs_err_gptq"][b] / res["abs_err_rtn"][b] for b in cfg.bits},
+                "abs_ratio_opt_rtn": {b: res["abs_err_opt"][b] / res["abs_err_rtn"][b] for b in res["abs_err_opt"]},
                 "opt_time_median_s": statistics.median(res["opt_time_s"].values()) if opts else None,
                 "bytes_2bit_g64_vs_fp16": q_bytes / fp16_bytes})
     return res
@@ -294,17 +308,20 @@ def report(res: dict, cfg: BenchConfig) -> None:
     print(f"GPTQ on {res['layers']} linears (weights: {res['weights']}; Hessians: {res['hessians']}; "
           f"{res['threads']} threads, {res['device']}), group {res['group_size']}, act_order {res['act_order']}"
           + (f"; options {res['options']}" if opt else ""))
+    print("err: mean relative error ‖(W − Q)Rᵀ‖/‖WRᵀ‖; /RTN: its ratio to RTN's; ‖·‖/RTN: the ratio of the mean "
+          "‖(W − Q)Rᵀ‖ (absolute) to RTN's")
     head = (f"{'bits':>4} | {'GPTQ s':>7} | {'cpu s':>6} | {'RTN s':>6} | {'err RTN':>8} | {'err GPTQ':>8} | "
-            f"{'GPTQ/RTN':>8}")
+            f"{'GPTQ/RTN':>8} | {'‖·‖/RTN':>7}")
     if opt:
-        head += f" | {lab + ' s':>16} | {'cpu s':>6} | {'err':>7} | {lab + '/RTN':>16}"
+        head += f" | {lab + ' s':>16} | {'cpu s':>6} | {'err':>7} | {lab + '/RTN':>16} | {'‖·‖/RTN':>7}"
     print(head + f" || sampled {s['layers']} layers: {'RTN':>7} | {'GPTQ':>7} | {'MagR+GPTQ':>9}")
     for b in cfg.bits:
         row = (f"{b:>4} | {res['gptq_time_s'][b]:7.1f} | {res['gptq_cpu_s'][b]:6.1f} | {res['rtn_time_s'][b]:6.2f} | "
-               f"{res['err_rtn'][b]:8.4f} | {res['err_gptq'][b]:8.4f} | {res['ratio_gptq_rtn'][b]:8.3f}")
+               f"{res['err_rtn'][b]:8.4f} | {res['err_gptq'][b]:8.4f} | {res['ratio_gptq_rtn'][b]:8.3f} | "
+               f"{res['abs_ratio_gptq_rtn'][b]:7.3f}")
         if opt:
             row += (f" | {res['opt_time_s'][b]:16.1f} | {res['opt_cpu_s'][b]:6.1f} | {res['err_opt'][b]:7.4f} | "
-                    f"{res['ratio_opt_rtn'][b]:16.3f}")
+                    f"{res['ratio_opt_rtn'][b]:16.3f} | {res['abs_ratio_opt_rtn'][b]:7.3f}")
         print(row + f" || {'':>23}{s['rtn'][b]:7.4f} | {s['gptq'][b]:7.4f} | {s['magr_gptq'][b]:9.4f}")
     if opt:
         print(f"median GPTQ{lab} time for all {res['layers']} layers: {res['opt_time_median_s']:.1f} s (bar < 120 s)")

@@ -27,3 +27,11 @@ def test_bench_gptq_runs_on_random_weights_with_every_option(tmp_path, capsys):
     assert out["bench"] == "gptq" and out["weights"] == "random" and out["layers"] == 7
     assert 0 < res["ratio_gptq_rtn"][2] < 1 and 0 < res["ratio_opt_rtn"][2] < 1   # GPTQ beats RTN on correlated H
     assert res["sampled"]["layers"] == 7 and res["bytes_2bit_g64_vs_fp16"] <= 0.16
+    assert 0 < res["abs_ratio_gptq_rtn"][2] < 1 and 0 < res["abs_ratio_opt_rtn"][2] < 1
+    # the absolute aggregate is the plain mean of ‖(W − Q)Rᵀ‖ over the layers (checked here for RTN, recomputed)
+    weights, _ = bench_gptq.load_weights(cfg)
+    hessians, _ = bench_gptq.load_hessians(cfg, weights)
+    rtn = [bench_gptq.gptq.output_error(W, bench_gptq.gptq.quantize_rtn(W, 2, 64).dequantize(), hessians[n])[0]
+           for n, W in weights.items()]
+    assert abs(res["abs_err_rtn"][2] - sum(rtn) / len(rtn)) <= 1e-9 * res["abs_err_rtn"][2]
+    assert abs(out["abs_ratio_gptq_rtn"]["2"] - res["abs_err_gptq"][2] / res["abs_err_rtn"][2]) < 1e-12
