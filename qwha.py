@@ -498,10 +498,12 @@ def _chunk_redo(G, P, source, n, N, m, r, c, valid, x, qf, ok, f32):
             qf[bad] = qf64
         ok = ok.clone()
         ok[bad] = ok64
-    for j in torch.nonzero(~ok).flatten().tolist():
+    failed = torch.nonzero(~ok).flatten().tolist()
+    if failed:                                                        # flat float64 G and P, made once for all rows
+        Gd, Pd = G.to(torch.float64).reshape(-1), P.to(torch.float64).reshape(-1)
+    for j in failed:
         cj = c[j:j + 1][valid[j:j + 1]].view(1, -1).long()
-        A64, _, xj, _ = _block_solve(G.to(torch.float64).reshape(-1), P.to(torch.float64).reshape(-1),
-                                     r[j:j + 1], cj, n)
+        A64, _, xj, _ = _block_solve(Gd, Pd, r[j:j + 1], cj, n)
         x[j] = 0
         x[j, :cj.shape[1]] = xj[0]
         if qf is not None:
