@@ -10,9 +10,11 @@ these modules and re-exports the names.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import warnings
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -157,7 +159,8 @@ class WHALinear(SparseAdapter):
         if self.choose_path(x.numel() // self.in_features) == "activations":
             F = self.dense_F(x.dtype)                                  # (m, n)
             return self.base(x) + self.scale * (wht.wht(x) @ F.T)
-        return _WHAMerged.apply(x, self.values, self)
+        grad_values = torch.is_grad_enabled() and self.values.requires_grad
+        return _WHAMerged.apply(x, self.values, self, _shared_input(x) if grad_values else None)
 
     keep_weight: bool | None = None   # merged path: save W for backward (True), re-form it there (False), or
     #                                   decide by the token count (None, _keep_weight)
@@ -191,10 +194,19 @@ class WHALinear(SparseAdapter):
 #   so that autograd holds only x and the values, as for the frozen base. Saving every W costs a SmolLM2 block
 #   +42 % peak tensor memory at batch 1 and +5 % at batch 8; re-forming every W costs 5-10 % of its CPU step
 #   (bench/bench_step.py, rows "QWHA" and "QWHA keep W").
+# On a CPU, where F has few entries per row (k̄ = B/m ≤ _CSR_MAX_K: the demo's r = 8) and T is small enough to stay
+# cached (n ≤ _CSR_MAX_N), W is formed instead as Q + s·F T with F a CSR matrix and T dense (_dense_T): B·n
+# multiply-adds in one sparse product (MKL's) against the WHT's m·n·(K + Σ f_i); one thread, SmolLM2 shapes at
+# r = 8: 0.71 ms vs 0.93 ms for 576×576 (k̄ = 16), 1.46 vs 2.4 ms for 1536×576 (k̄ = 11), but 0.53 vs 0.40 ms for
+# 192×576 (k̄ = 32) and 6.4 vs 3.0 ms for 576×1536 (T of 9 MB).
+# The layers that read one input (q/k/v, gate/up) share its transform x Tᵀ for their value gradients
+# (_SharedInput): the first of their backward passes computes it, the last drops it.
 _BLOCK_ELEMS = 1 << 17      # elements per row block (512 KB in fp32)
 _GROUP_ELEMS = 1 << 19      # elements of W re-formed at a time for the input gradient (2 MB)
 _SDDMM_COST = 6             # CPU, torch's sampled_addmm vs MKL sgemm + gather, per multiply-add (measured: the
 _SDDMM_MAX_ELEMS = 1 << 21  # sampled product wins below density 1/6 while x Tᵀ (N·n) stays cache-sized)
+_CSR_MAX_K = 20             # CPU: form W with a CSR F and a dense T at ≤ this many entries per row on average,
+_CSR_MAX_N = 1024           # and n ≤ this (T: 4 MB in fp32 at 1024)
 
 
 def _block_rows(m: int, n: int) -> int:
@@ -236,9 +248,22 @@ def _support_layout(indices: torch.Tensor, m: int, n: int, rows: int) -> _Suppor
     return _SupportLayout(rows, ptr, order, (j * r_c + r).to(torch.int32), flat)
 
 
+@functools.lru_cache(maxsize=8)
+def _dense_T(n: int, device: torch.device) -> torch.Tensor:
+    """T = wht.hadamard_matrix(n) (n, n) fp32, cached (the CSR formation's right factor; n ≤ _CSR_MAX_N)."""
+    return wht.hadamard_matrix(n, torch.float32, device)
+
+
+def _csr_form(mod: WHALinear, device: torch.device) -> bool:
+    """Whether W is formed as Q + s·F T with a CSR F and a dense T (see the note above _BLOCK_ELEMS)."""
+    m, n = mod.out_features, mod.in_features
+    return device.type == "cpu" and n <= _CSR_MAX_N and mod.indices.numel() <= _CSR_MAX_K * m
+
+
 def _form_rows(mod: WHALinear, values: torch.Tensor, W: torch.Tensor, row0: int = 0) -> torch.Tensor:
-    """Rows row0 ... row0 + len(W) of Q + s·F T into W (fp32, no autograd; eq. 4), block by block: s·F's block
-    scattered into a zeroed (n, r) buffer and transformed by wht.wht_from_t, the base added by the last GEMM.
+    """Rows row0 ... row0 + len(W) of Q + s·F T into W (fp32, no autograd; eq. 4). Block by block: s·F's block
+    scattered into a zeroed (n, r) buffer and transformed by wht.wht_from_t, the base added by the last GEMM;
+    or (_csr_form) all rows at once, F's rows as a CSR matrix times the dense T, added to Q by one addmm.
     row0 and row0 + len(W) are block boundaries (multiples of the layout's rows, or m)."""
     m, n = mod.out_features, mod.in_features
     lay = mod.support_layout()
@@ -246,6 +271,16 @@ def _form_rows(mod: WHALinear, values: torch.Tensor, W: torch.Tensor, row0: int 
     if lay.order is not None:
         v = v[lay.order]
     Q = _base_weight(mod.base)
+    if _csr_form(mod, values.device):
+        crow, col = lay.crow_col(m, n)                                 # CSR of the sorted support, int32
+        r1 = row0 + W.shape[0]
+        p, q = int(crow[row0]), int(crow[r1])
+        with warnings.catch_warnings():                                # "beta state" notice
+            warnings.simplefilter("ignore", UserWarning)
+            Fs = torch.sparse_csr_tensor(crow[row0:r1 + 1] - p, col[p:q], v[p:q], (r1 - row0, n),
+                                         check_invariants=False)     # F[row0:r1] (unscaled)
+            return torch.addmm(Q[row0:r1].to(torch.float32), Fs, _dense_T(n, values.device), alpha=mod.scale,
+                               out=W)
     buf = torch.empty(min(m, lay.rows) * n, dtype=torch.float32, device=values.device)
     for a in range(row0, row0 + W.shape[0], lay.rows):
         e, (p, q) = min(m, a + lay.rows), lay.ptr[a // lay.rows: a // lay.rows + 2]
@@ -281,12 +316,54 @@ def _use_sampled(mod: WHALinear, tokens: int, device: torch.device) -> bool:
     return device.type == "cpu" and B * _SDDMM_COST < m * n and tokens * n <= _SDDMM_MAX_ELEMS
 
 
-def _wha_value_grad(mod: WHALinear, x2: torch.Tensor, g2: torch.Tensor) -> torch.Tensor:
-    """∂L/∂values = s·(gyᵀ x Tᵀ) at the support, x2 (N, n), g2 (N, m) (see the note above _BLOCK_ELEMS)."""
+class _SharedInput:
+    """(x Tᵀ)ᵀ of one input x for the merged layers that read that same tensor (q/k/v, gate/up). Each forward that
+    will need a value gradient joins (`_shared_input`); the first backward to need the transform computes it and
+    keeps it while other users remain, `release` drops it after the last. It belongs to the tensor object x at
+    its version at forward time: autograd refuses a backward whose saved x was modified in place since, so every
+    user's saved x holds the same values."""
+
+    def __init__(self, x: torch.Tensor):
+        key = id(x)
+        self.ref = weakref.ref(x, lambda _: _SHARED.pop(key, None))    # forget the entry when x goes
+        self.version = x._version
+        self.users = 0
+        self.xTt: torch.Tensor | None = None
+
+    def get(self, x2: torch.Tensor) -> torch.Tensor:
+        xTt = self.xTt
+        if xTt is None:
+            xTt = wht.wht_to_t(x2.to(torch.float32))                  # (n, N) (x Tᵀ)ᵀ
+            if self.users > 1:
+                self.xTt = xTt
+        return xTt
+
+    def release(self) -> None:
+        self.users -= 1
+        if self.users <= 0:
+            self.xTt = None
+
+
+_SHARED: dict[int, _SharedInput] = {}
+
+
+def _shared_input(x: torch.Tensor) -> _SharedInput:
+    """The _SharedInput of the tensor object x at its current version, joined by one more user."""
+    sh = _SHARED.get(id(x))
+    if sh is None or sh.ref() is not x or sh.version != x._version:
+        sh = _SHARED[id(x)] = _SharedInput(x)
+    sh.users += 1
+    return sh
+
+
+def _wha_value_grad(mod: WHALinear, x2: torch.Tensor, g2: torch.Tensor,
+                    shared: _SharedInput | None = None) -> torch.Tensor:
+    """∂L/∂values = s·(gyᵀ x Tᵀ) at the support, x2 (N, n), g2 (N, m) (see the note above _BLOCK_ELEMS);
+    shared: where x Tᵀ comes from when other layers read the same x."""
     m, n, N = g2.shape[1], x2.shape[1], x2.shape[0]
     sampled = _use_sampled(mod, N, x2.device)
     if N < m or sampled:
-        xTt = wht.wht_to_t(x2.to(torch.float32))                                        # (n, N) (x Tᵀ)ᵀ
+        xTt = shared.get(x2) if shared is not None else wht.wht_to_t(x2.to(torch.float32))   # (n, N) (x Tᵀ)ᵀ
         gyT = g2.T.to(torch.float32)                                                     # (m, N)
         if not sampled:
             return (gyT @ xTt.T).view(-1).index_select(0, mod.indices).mul_(mod.scale)   # (m, n) dense
@@ -324,10 +401,10 @@ class _WHAMerged(torch.autograd.Function):
     of the (m, n) F or ΔW goes to autograd but a kept W."""
 
     @staticmethod
-    def forward(ctx, x, values, mod):
+    def forward(ctx, x, values, mod, shared):
         W = _wha_merged_weight(mod, values).to(x.dtype)                 # (m, n)
         b = mod.bias
-        ctx.mod = mod
+        ctx.mod, ctx.shared = mod, shared
         ctx.save_for_backward(x, values, W if _keep_weight(mod, x.numel() // mod.in_features) else None)
         return Fn.linear(x, W, None if b is None else b.to(x.dtype))
 
@@ -337,11 +414,15 @@ class _WHAMerged(torch.autograd.Function):
         mod = ctx.mod
         m, n = mod.out_features, mod.in_features
         g2 = gy.reshape(-1, m).to(x.dtype)       # (N, m); under CUDA autocast gy comes back bf16 for an fp32 x
-        gvalues = _wha_value_grad(mod, x.reshape(-1, n), g2) if ctx.needs_input_grad[1] else None
+        gvalues = None
+        if ctx.needs_input_grad[1]:
+            gvalues = _wha_value_grad(mod, x.reshape(-1, n), g2, ctx.shared)
+        if ctx.shared is not None:
+            ctx.shared.release()
         gx = None
         if ctx.needs_input_grad[0]:
             gx = (g2 @ W if W is not None else _wha_input_grad(mod, values, g2)).view(x.shape)
-        return gx, gvalues, None
+        return gx, gvalues, None, None
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:

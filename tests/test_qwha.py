@@ -550,13 +550,16 @@ def _wha_reference(mod, x, gy):
 
 @pytest.mark.parametrize("route", ["sampled", "dense x", "dense gW"])
 @pytest.mark.parametrize("sort", [True, False])
-def test_merged_path_equals_dense_autograd(monkeypatch, route, sort):
+@pytest.mark.parametrize("form", ["wht", "csr"])
+def test_merged_path_equals_dense_autograd(monkeypatch, route, sort, form):
     """Forward, value gradients and input gradients of the merged path against a dense fp64 autograd reference,
-    for each value-gradient route, in many row blocks and groups (ragged last ones), with a row-sorted or
-    shuffled support with a repeated entry (values at the same position add, as in dense_F)."""
+    for each value-gradient route and each way to form W (WHT of row blocks, or CSR F times dense T), in many
+    row blocks and groups (ragged last ones), with a row-sorted or shuffled support with a repeated entry (values
+    at the same position add, as in dense_F)."""
     monkeypatch.setattr(wha, "_BLOCK_ELEMS", 5 * 96)                 # 5 rows per block
     monkeypatch.setattr(wha, "_GROUP_ELEMS", 10 * 96)                # W re-formed 2 blocks at a time for gx
     monkeypatch.setattr(wha, "_SDDMM_COST", 10**9 if route != "sampled" else 0)
+    monkeypatch.setattr(wha, "_CSR_MAX_K", 10**9 if form == "csr" else 0)
     m, n = 23, 96
     N = {"sampled": 30, "dense x": 7, "dense gW": 40}[route]             # dense x: N < m; dense gW: N >= m
     g = torch.Generator().manual_seed(3)
@@ -565,6 +568,7 @@ def test_merged_path_equals_dense_autograd(monkeypatch, route, sort):
     flat = torch.cat([flat, flat[:1]])                                  # a repeated position
     flat = flat.sort().values if sort else flat
     mod = qwha.WHALinear(base, flat, torch.randn(flat.numel(), generator=g), scale=0.7, path="merged")
+    assert wha._csr_form(mod, torch.device("cpu")) == (form == "csr")
     x = torch.randn(2, N // 2, n, generator=g, requires_grad=True)
     gy = torch.randn(2, N // 2, m, generator=g)
     y = mod(x)
@@ -577,6 +581,89 @@ def test_merged_path_equals_dense_autograd(monkeypatch, route, sort):
     assert dup.sum() == 2 and mod.values.grad[dup][0] == mod.values.grad[dup][1]   # get the same gradient
     with torch.no_grad():
         torch.testing.assert_close(mod(x), x @ mod.merge().T + mod.bias, rtol=1e-5, atol=1e-5)
+
+
+def test_csr_formation_is_chosen_by_entries_per_row_and_width():
+    """W is formed through a CSR F and a dense T on a CPU where F has ≤ _CSR_MAX_K entries per row on average and
+    n ≤ _CSR_MAX_N (SmolLM2 at r = 8: q/o and gate/up yes, k/v (32 per row) and down (n = 1536) no)."""
+    cpu = torch.device("cpu")
+
+    def mod(m, n, r):
+        return qwha.WHALinear(nn.Linear(n, m, bias=False), torch.arange(r * (m + n)) * (m * n // (r * (m + n))))
+
+    assert [wha._csr_form(mod(m, n, 8), cpu) for m, n in [(576, 576), (1536, 576), (192, 576), (576, 1536)]] == \
+        [True, True, False, False]
+    assert not wha._csr_form(mod(576, 576, 64), cpu)                    # r = 64: 128 entries per row
+    assert not wha._csr_form(mod(576, 576, 8), torch.device("meta"))    # only on a CPU
+    T = wha._dense_T(48, cpu)
+    assert T is wha._dense_T(48, cpu)                                   # cached
+    torch.testing.assert_close(T, wht.hadamard_matrix(48), rtol=0, atol=0)
+
+
+class Siblings(nn.Module):
+    """Three merged WHA layers on one input, like q/k/v: y = Σ_l wha_l(x)·c_l."""
+
+    def __init__(self, m=(20, 8, 8), n=48, B=60, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.mods = nn.ModuleList()
+        for i, mi in enumerate(m):
+            base = FakeQuantLinear(torch.randn(mi, n, generator=g), torch.randn(mi, generator=g))
+            flat = torch.randperm(mi * n, generator=g)[:B]
+            self.mods.append(qwha.WHALinear(base, flat, torch.randn(B, generator=g), scale=0.7, path="merged"))
+
+    def forward(self, x):
+        return [mod(x) for mod in self.mods]
+
+
+@pytest.mark.parametrize("route", ["sampled", "dense x"])
+def test_layers_reading_one_input_share_its_transform(monkeypatch, route):
+    """q/k/v-like layers reading the same x transform it once for their value gradients (wht_to_t called once,
+    not three times), give the gradients of the dense reference, and keep nothing of it after the backward;
+    the registry forgets x when x goes."""
+    monkeypatch.setattr(wha, "_SDDMM_COST", 10**9 if route != "sampled" else 0)
+    net = Siblings()
+    N = 30 if route == "sampled" else 6                                  # dense x: N < m (= 8 ... 20)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(N, 48, generator=g, requires_grad=True)
+    gys = [torch.randn(N, mod.out_features, generator=g) for mod in net.mods]
+    calls = []
+    real = wht.wht_to_t
+    monkeypatch.setattr(wht, "wht_to_t", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    ys = net(x)
+    sh = wha._SHARED[id(x)]
+    assert sh.users == 3 and sh.xTt is None                              # joined by all three, nothing held yet
+    torch.autograd.backward(ys, gys)
+    assert calls.count((N, 48)) == 1                                    # x transformed once for the three
+    assert sh.users == 0 and sh.xTt is None                             # dropped after the last backward
+    gx = torch.zeros(N, 48, dtype=torch.float64)
+    for mod, gy in zip(net.mods, gys):
+        _, gv_ref, gx_ref = _wha_reference(mod, x, gy)
+        torch.testing.assert_close(mod.values.grad.double(), gv_ref, rtol=1e-5, atol=1e-4)
+        gx += gx_ref
+    torch.testing.assert_close(x.grad.double(), gx, rtol=1e-5, atol=1e-4)
+    del ys, x
+    assert not any(s is sh for s in wha._SHARED.values())              # x gone: its entry too
+
+
+def test_shared_input_follows_the_tensor_and_its_version():
+    """A new _SharedInput for another tensor or for the same tensor changed in place; none without a value
+    gradient (frozen values, or no grad)."""
+    x, z = torch.randn(4, 16), torch.randn(4, 16)
+    a = wha._shared_input(x)
+    assert wha._shared_input(x) is a and a.users == 2
+    assert wha._shared_input(z) is not a
+    x.add_(1)
+    assert wha._shared_input(x) is not a
+    mod, _, _ = _wha(m=6, n=16, B=10, seed=2)
+    mod.path = "merged"
+    with torch.no_grad():
+        w = torch.randn(3, 16)
+        mod(w)
+    assert id(w) not in wha._SHARED
+    mod.values.requires_grad_(False)
+    mod(w)
+    assert id(w) not in wha._SHARED
 
 
 def test_merged_path_follows_changed_indices():
