@@ -196,9 +196,9 @@ class WHALinear(SparseAdapter):
 #   (bench/bench_step.py, rows "QWHA" and "QWHA keep W").
 # On a CPU, where F has few entries per row (k̄ = B/m ≤ _CSR_MAX_K: the demo's r = 8) and T is small enough to stay
 # cached (n ≤ _CSR_MAX_N), W is formed instead as Q + s·F T with F a CSR matrix and T dense (_dense_T): B·n
-# multiply-adds in one sparse product (MKL's) against the WHT's m·n·(K + Σ f_i); one thread, SmolLM2 shapes at
-# r = 8: 0.71 ms vs 0.93 ms for 576×576 (k̄ = 16), 1.46 vs 2.4 ms for 1536×576 (k̄ = 11), but 0.53 vs 0.40 ms for
-# 192×576 (k̄ = 32) and 6.4 vs 3.0 ms for 576×1536 (T of 9 MB).
+# multiply-adds in one sparse product (MKL's) against the WHT's m·n·(K + Σ f_i); bench/bench_merged.py, one thread,
+# SmolLM2 shapes at r = 8, CSR / WHT time: 0.84-0.96 for 576×576 (k̄ = 16), 0.60-0.66 for 1536×576 (k̄ = 11), but
+# 1.57-1.65 for 192×576 (k̄ = 32) and 1.66-2.19 for 576×1536 (T of 9 MB).
 # The layers that read one input (q/k/v, gate/up) share its transform x Tᵀ for their value gradients
 # (_SharedInput): the first of their backward passes computes it, the last drops it.
 _BLOCK_ELEMS = 1 << 17      # elements per row block (512 KB in fp32)

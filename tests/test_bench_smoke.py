@@ -1,4 +1,4 @@
-"""bench/bench_wht.py and bench/bench_gptq.py run end to end on tiny inputs (no demo checkpoint needed), so a change
+"""bench/bench_wht.py, bench/bench_gptq.py and bench/bench_merged.py run end to end on tiny inputs (no demo checkpoint needed), so a change
 to the modules they call cannot leave them broken unnoticed; their figures come from the full runs in README."""
 import json
 import sys
@@ -6,6 +6,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import bench_gptq  # noqa: E402
+import bench_merged  # noqa: E402
+import wha  # noqa: E402
 import bench_wht  # noqa: E402
 
 
@@ -35,3 +37,15 @@ def test_bench_gptq_runs_on_random_weights_with_every_option(tmp_path, capsys):
            for n, W in weights.items()]
     assert abs(res["abs_err_rtn"][2] - sum(rtn) / len(rtn)) <= 1e-9 * res["abs_err_rtn"][2]
     assert abs(out["abs_ratio_gptq_rtn"]["2"] - res["abs_err_gptq"][2] / res["abs_err_rtn"][2]) < 1e-12
+
+
+def test_bench_merged_runs_both_formations_and_the_shared_transform(capsys):
+    res = bench_merged.main(["--shapes", "8x48,24x40", "--rank", "2", "--tokens", "6", "--siblings", "8,4",
+                             "--sibling-in", "24", "--repeats", "1"])
+    f = res["formation"]
+    assert [(r["m"], r["n"]) for r in f] == [(8, 48), (24, 40)]
+    assert all(r["max_abs_diff"] < 1e-5 and r["wht_ms"] > 0 and r["csr_ms"] > 0 for r in f)
+    assert [r["chosen"] for r in f] == ["csr", "csr"] and f[0]["entries_per_row"] == 2 * (8 + 48) / 8
+    assert (wha._CSR_MAX_K, wha._CSR_MAX_N) == (res["csr_max_k"], res["csr_max_n"])   # restored after forcing
+    assert res["siblings"]["same_grads"] and res["siblings"]["out"] == [8, 4]
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["bench"] == "merged"
