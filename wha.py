@@ -187,7 +187,9 @@ class WHALinear(SparseAdapter):
 # - the value gradient s·(gyᵀ x Tᵀ) at the support, by the cheapest of: a sampled product at the support only
 #   (torch.sparse.sampled_addmm, on a CPU where F is sparse enough: _SDDMM_COST), a dense product with x Tᵀ
 #   (when the tokens N < m), or the dense gyᵀ x transformed block by block (N ≥ m). Each is exact; which one
-#   runs only changes rounding.
+#   runs only changes rounding. On a CPU the first two go through the tokens _SDDMM_CHUNK at a time, summing,
+#   so that each chunk of x Tᵀ stays cache-sized (at 8 × 512 tokens and r = 8 the sampled product in chunks of
+#   512 takes 0.35-0.5x the dense gyᵀ x route on SmolLM2's layers, bench/bench_merged.py).
 # - the input gradient gy W: with W saved by the forward when it is small next to the layer's activations
 #   (_keep_weight: m·n·4 bytes per layer until backward; all the W together are the size of the model's
 #   weights), else W re-formed a few blocks (_GROUP_ELEMS) at a time and used at once (gx += gy[:, a:e] W[a:e]),
@@ -204,7 +206,8 @@ class WHALinear(SparseAdapter):
 _BLOCK_ELEMS = 1 << 17      # elements per row block (512 KB in fp32)
 _GROUP_ELEMS = 1 << 19      # elements of W re-formed at a time for the input gradient (2 MB)
 _SDDMM_COST = 6             # CPU, torch's sampled_addmm vs MKL sgemm + gather, per multiply-add (measured: the
-_SDDMM_MAX_ELEMS = 1 << 21  # sampled product wins below density 1/6 while x Tᵀ (N·n) stays cache-sized)
+#                             sampled product wins below density 1/6 with x Tᵀ in cache-sized token chunks)
+_SDDMM_CHUNK = 512          # CPU: tokens per chunk of the value gradient (x Tᵀ of 512 × 576 is 1.2 MB)
 _CSR_MAX_K = 20             # CPU: form W with a CSR F and a dense T at ≤ this many entries per row on average,
 _CSR_MAX_N = 1024           # and n ≤ this (T: 4 MB in fp32 at 1024)
 
@@ -311,13 +314,24 @@ def _wha_input_grad(mod: WHALinear, values: torch.Tensor, g2: torch.Tensor) -> t
     return gx
 
 
-def _use_sampled(mod: WHALinear, tokens: int, device: torch.device) -> bool:
+def _use_sampled(mod: WHALinear, device: torch.device) -> bool:
     m, n, B = mod.out_features, mod.in_features, mod.indices.numel()
-    return device.type == "cpu" and B * _SDDMM_COST < m * n and tokens * n <= _SDDMM_MAX_ELEMS
+    return device.type == "cpu" and B * _SDDMM_COST < m * n
+
+
+def _token_chunk(N: int, device: torch.device) -> int:
+    return max(1, _SDDMM_CHUNK) if device.type == "cpu" else max(1, N)
+
+
+def _transform_chunks(x2: torch.Tensor) -> list[torch.Tensor]:
+    """(x Tᵀ)ᵀ of x2 (N, n), _token_chunk tokens at a time: [(n, N_c) contiguous fp32]."""
+    c = _token_chunk(x2.shape[0], x2.device)
+    return [wht.wht_to_t(x2[a:a + c].to(torch.float32)) for a in range(0, x2.shape[0], c)]
 
 
 class _SharedInput:
-    """(x Tᵀ)ᵀ of one input x for the merged layers that read that same tensor (q/k/v, gate/up). Each forward that
+    """(x Tᵀ)ᵀ of one input x (in token chunks, _transform_chunks) for the merged layers that read that same tensor
+    (q/k/v, gate/up). Each forward that
     will need a value gradient joins (`_shared_input`); the first backward to need the transform computes it and
     keeps it while other users remain, `release` drops it after the last. It belongs to the tensor object x at
     its version at forward time: autograd refuses a backward whose saved x was modified in place since, so every
@@ -328,12 +342,12 @@ class _SharedInput:
         self.ref = weakref.ref(x, lambda _: _SHARED.pop(key, None))    # forget the entry when x goes
         self.version = x._version
         self.users = 0
-        self.xTt: torch.Tensor | None = None
+        self.xTt: list[torch.Tensor] | None = None
 
-    def get(self, x2: torch.Tensor) -> torch.Tensor:
+    def get(self, x2: torch.Tensor) -> list[torch.Tensor]:
         xTt = self.xTt
         if xTt is None:
-            xTt = wht.wht_to_t(x2.to(torch.float32))                  # (n, N) (x Tᵀ)ᵀ
+            xTt = _transform_chunks(x2)
             if self.users > 1:
                 self.xTt = xTt
         return xTt
@@ -361,18 +375,29 @@ def _wha_value_grad(mod: WHALinear, x2: torch.Tensor, g2: torch.Tensor,
     """∂L/∂values = s·(gyᵀ x Tᵀ) at the support, x2 (N, n), g2 (N, m) (see the note above _BLOCK_ELEMS);
     shared: where x Tᵀ comes from when other layers read the same x."""
     m, n, N = g2.shape[1], x2.shape[1], x2.shape[0]
-    sampled = _use_sampled(mod, N, x2.device)
+    if N == 0:
+        return torch.zeros(mod.indices.numel(), dtype=torch.float32, device=x2.device)
+    sampled = _use_sampled(mod, x2.device)
     if N < m or sampled:
-        xTt = shared.get(x2) if shared is not None else wht.wht_to_t(x2.to(torch.float32))   # (n, N) (x Tᵀ)ᵀ
-        gyT = g2.T.to(torch.float32)                                                     # (m, N)
+        chunks = shared.get(x2) if shared is not None else _transform_chunks(x2)       # [(n, N_c) (x Tᵀ)ᵀ]
+        starts = range(0, N, _token_chunk(N, x2.device))
         if not sampled:
-            return (gyT @ xTt.T).view(-1).index_select(0, mod.indices).mul_(mod.scale)   # (m, n) dense
+            G = None                                                                     # (m, n) dense gyᵀ x Tᵀ
+            for a, xt in zip(starts, chunks):
+                gT = g2[a:a + xt.shape[1]].T.to(torch.float32)                           # (m, N_c)
+                G = gT @ xt.T if G is None else G.addmm_(gT, xt.T)
+            return G.view(-1).index_select(0, mod.indices).mul_(mod.scale)
         lay = mod.support_layout()
         crow, col = lay.crow_col(m, n)
         with warnings.catch_warnings():                                                  # "beta state" notice
             warnings.simplefilter("ignore", UserWarning)
-            S = torch.sparse_csr_tensor(crow, col, gyT.new_zeros(col.numel()), (m, n), check_invariants=False)
-        g = torch.sparse.sampled_addmm(S, gyT.contiguous(), xTt.T, beta=0.0).values()    # CSR (row-sorted) order
+            S = torch.sparse_csr_tensor(crow, col, x2.new_zeros(col.numel(), dtype=torch.float32), (m, n),
+                                        check_invariants=False)
+            g = None                                                                     # CSR (row-sorted) order
+            for a, xt in zip(starts, chunks):
+                gT = g2[a:a + xt.shape[1]].T.to(torch.float32).contiguous()              # (m, N_c)
+                v = torch.sparse.sampled_addmm(S, gT, xt.T, beta=0.0).values()
+                g = v if g is None else g.add_(v)
     else:
         lay = mod.support_layout()
         gW = (g2.T @ x2).to(torch.float32)                                               # (m, n) gyᵀ x

@@ -5,7 +5,10 @@
 1. Forming W = Q + s·F T (done twice per step at batch 1: forward, and again for the input gradient), both ways on
    the same layer: the row-block WHT (wht.wht_from_t) and a CSR F times the cached dense T; which one the merged
    path picks (wha._csr_form: at most wha._CSR_MAX_K entries per row on average, n ≤ wha._CSR_MAX_N, on a CPU).
-2. The backward of layers that read one input, like q/k/v (out widths --siblings, in width --sibling-in): forward
+2. The value gradient s·(gyᵀ x Tᵀ) at the support over --vg-tokens tokens (default 8 × 512, batch 8), per layer:
+   the route the merged path takes (wha._use_sampled: the sampled product, x Tᵀ in chunks of wha._SDDMM_CHUNK
+   tokens) against the dense gyᵀ x, transformed and gathered (the route taken where F is denser).
+3. The backward of layers that read one input, like q/k/v (out widths --siblings, in width --sibling-in): forward
    and backward of all of them on one x (x Tᵀ transformed once for their value gradients, wha._SharedInput)
    against the same on a copy of x per layer (transformed once per layer).
 Random weights and supports (the cost depends only on the shapes and B = r·(m + n)); every side in one process,
@@ -61,6 +64,16 @@ def form(mod: wha.WHALinear, csr: bool) -> torch.Tensor:
         wha._CSR_MAX_K, wha._CSR_MAX_N = old
 
 
+def value_grad(mod: wha.WHALinear, x: torch.Tensor, gy: torch.Tensor, dense: bool) -> torch.Tensor:
+    """The merged path's value gradient, or (dense) the dense gyᵀ x route forced (needs N ≥ m)."""
+    old = wha._SDDMM_COST
+    wha._SDDMM_COST = 10**9 if dense else old
+    try:
+        return wha._wha_value_grad(mod, x, gy)
+    finally:
+        wha._SDDMM_COST = old
+
+
 def run(args) -> dict:
     g = torch.Generator().manual_seed(args.seed)
     cpu = torch.device("cpu")
@@ -72,6 +85,17 @@ def run(args) -> dict:
         rows.append({"m": m, "n": n, "entries_per_row": mod.indices.numel() / m, "wht_ms": t["wht"] * 1e3,
                      "csr_ms": t["csr"] * 1e3, "csr_vs_wht": t["csr"] / t["wht"], "max_abs_diff": diff,
                      "chosen": "csr" if wha._csr_form(mod, cpu) else "wht"})
+    vg = []
+    for m, n in args.shapes:
+        mod = layer(m, n, args.rank, g)
+        x, gy = torch.randn(args.vg_tokens, n, generator=g), torch.randn(args.vg_tokens, m, generator=g)
+        t = medians({"chosen": lambda: value_grad(mod, x, gy, False),
+                     "dense": lambda: value_grad(mod, x, gy, True)}, args.repeats)
+        a, b = value_grad(mod, x, gy, False), value_grad(mod, x, gy, True)
+        vg.append({"m": m, "n": n, "tokens": args.vg_tokens,
+                   "route": "sampled" if wha._use_sampled(mod, cpu) else "dense",
+                   "chosen_ms": t["chosen"] * 1e3, "dense_ms": t["dense"] * 1e3, "chosen_vs_dense": t["chosen"] / t["dense"],
+                   "max_rel_diff": ((a - b).abs().max() / b.abs().max()).item()})
     n = args.sibling_in
     mods = [layer(m, n, args.rank, g) for m in args.siblings]
     x = torch.randn(args.tokens, n, generator=g)
@@ -92,7 +116,8 @@ def run(args) -> dict:
            "separate_ms": t["separate"] * 1e3, "saved_ms": (t["separate"] - t["shared"]) * 1e3,
            "same_grads": same}
     return {"bench": "merged", "rank": args.rank, "threads": torch.get_num_threads(), "repeats": args.repeats,
-            "csr_max_k": wha._CSR_MAX_K, "csr_max_n": wha._CSR_MAX_N, "formation": rows, "siblings": sib}
+            "csr_max_k": wha._CSR_MAX_K, "csr_max_n": wha._CSR_MAX_N, "sddmm_chunk": wha._SDDMM_CHUNK,
+            "formation": rows, "value_grad": vg, "siblings": sib}
 
 
 def report(res: dict) -> None:
@@ -101,6 +126,12 @@ def report(res: dict) -> None:
     for r in res["formation"]:
         print(f"{r['m']:>5} x {r['n']:<5}{r['entries_per_row']:>6.1f} {r['wht_ms']:>8.3f} {r['csr_ms']:>8.3f} "
               f"{r['csr_vs_wht']:>8.2f} {r['chosen']:>7} {r['max_abs_diff']:>9.1e}")
+    print(f"Value gradient, {res['value_grad'][0]['tokens'] if res['value_grad'] else 0} tokens: the merged path's "
+          f"route against the dense gyᵀ x")
+    print(f"{'m x n':>11} {'route':>8} {'route ms':>9} {'dense ms':>9} {'ratio':>6} {'rel diff':>9}")
+    for r in res["value_grad"]:
+        print(f"{r['m']:>5} x {r['n']:<5}{r['route']:>8} {r['chosen_ms']:>9.2f} {r['dense_ms']:>9.2f} "
+              f"{r['chosen_vs_dense']:>6.2f} {r['max_rel_diff']:>9.1e}")
     s = res["siblings"]
     print(f"Forward + backward of {len(s['out'])} layers ({'/'.join(map(str, s['out']))} x {s['in']}) on one input "
           f"of {s['tokens']} tokens: shared x Tᵀ {s['shared_ms']:.2f} ms, one per layer {s['separate_ms']:.2f} ms "
@@ -113,6 +144,7 @@ def parse(argv=None):
     p.add_argument("--shapes", default="576x576,192x576,1536x576,576x1536", help="comma list of MxN")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--tokens", type=int, default=512)
+    p.add_argument("--vg-tokens", type=int, default=4096, help="tokens for the value-gradient table (>= every m)")
     p.add_argument("--siblings", default="576,192,192", help="out widths of the layers sharing one input")
     p.add_argument("--sibling-in", type=int, default=576)
     p.add_argument("--repeats", type=int, default=15)
@@ -127,6 +159,9 @@ def parse(argv=None):
                 f"{a.siblings!r})")
     if any(len(s) != 2 for s in a.shapes):
         p.error(f"--shapes: each shape is MxN, got {a.shapes}")
+    if any(a.vg_tokens < m for m, _ in a.shapes):
+        p.error(f"--vg-tokens {a.vg_tokens}: the dense route it is compared with needs at least m tokens "
+                f"(largest m: {max(m for m, _ in a.shapes)})")
     if a.threads:
         torch.set_num_threads(a.threads)
     return a

@@ -551,11 +551,13 @@ def _wha_reference(mod, x, gy):
 @pytest.mark.parametrize("route", ["sampled", "dense x", "dense gW"])
 @pytest.mark.parametrize("sort", [True, False])
 @pytest.mark.parametrize("form", ["wht", "csr"])
-def test_merged_path_equals_dense_autograd(monkeypatch, route, sort, form):
+@pytest.mark.parametrize("chunk", [512, 4])
+def test_merged_path_equals_dense_autograd(monkeypatch, route, sort, form, chunk):
     """Forward, value gradients and input gradients of the merged path against a dense fp64 autograd reference,
-    for each value-gradient route and each way to form W (WHT of row blocks, or CSR F times dense T), in many
-    row blocks and groups (ragged last ones), with a row-sorted or shuffled support with a repeated entry (values
-    at the same position add, as in dense_F)."""
+    for each value-gradient route, each way to form W (WHT of row blocks, or CSR F times dense T) and the value
+    gradient in one token chunk or many (ragged last one), in many row blocks and groups (ragged last ones), with
+    a row-sorted or shuffled support with a repeated entry (values at the same position add, as in dense_F)."""
+    monkeypatch.setattr(wha, "_SDDMM_CHUNK", chunk)
     monkeypatch.setattr(wha, "_BLOCK_ELEMS", 5 * 96)                 # 5 rows per block
     monkeypatch.setattr(wha, "_GROUP_ELEMS", 10 * 96)                # W re-formed 2 blocks at a time for gx
     monkeypatch.setattr(wha, "_SDDMM_COST", 10**9 if route != "sampled" else 0)
@@ -622,8 +624,9 @@ def test_layers_reading_one_input_share_its_transform(monkeypatch, route):
     not three times), give the gradients of the dense reference, and keep nothing of it after the backward;
     the registry forgets x when x goes."""
     monkeypatch.setattr(wha, "_SDDMM_COST", 10**9 if route != "sampled" else 0)
+    monkeypatch.setattr(wha, "_SDDMM_CHUNK", 4)                         # x Tᵀ in chunks of 4 tokens
     net = Siblings()
-    N = 30 if route == "sampled" else 6                                  # dense x: N < m (= 8 ... 20)
+    N = 30 if route == "sampled" else 7                                  # dense x: N < m (= 8 ... 20)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(N, 48, generator=g, requires_grad=True)
     gys = [torch.randn(N, mod.out_features, generator=g) for mod in net.mods]
@@ -634,7 +637,7 @@ def test_layers_reading_one_input_share_its_transform(monkeypatch, route):
     sh = wha._SHARED[id(x)]
     assert sh.users == 3 and sh.xTt is None                              # joined by all three, nothing held yet
     torch.autograd.backward(ys, gys)
-    assert calls.count((N, 48)) == 1                                    # x transformed once for the three
+    assert calls == [(4, 48)] * (N // 4) + [(N % 4, 48)]               # x transformed once for the three
     assert sh.users == 0 and sh.xTt is None                             # dropped after the last backward
     gx = torch.zeros(N, 48, dtype=torch.float64)
     for mod, gy in zip(net.mods, gys):
@@ -644,6 +647,17 @@ def test_layers_reading_one_input_share_its_transform(monkeypatch, route):
     torch.testing.assert_close(x.grad.double(), gx, rtol=1e-5, atol=1e-4)
     del ys, x
     assert not any(s is sh for s in wha._SHARED.values())              # x gone: its entry too
+
+
+def test_merged_path_with_no_tokens():
+    """An empty batch gives an empty output and zero value gradients (no chunk of x Tᵀ to sum)."""
+    mod, _, _ = _wha(m=6, n=16, B=10, seed=3)
+    mod.path = "merged"
+    x = torch.zeros(0, 16, requires_grad=True)
+    y = mod(x)
+    assert y.shape == (0, 6)
+    y.sum().backward()
+    assert torch.equal(mod.values.grad, torch.zeros(10)) and x.grad.shape == (0, 16)
 
 
 def test_shared_input_follows_the_tensor_and_its_version():
