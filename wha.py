@@ -189,7 +189,7 @@ class WHALinear(SparseAdapter):
 #   (when the tokens N < m), or the dense gyᵀ x transformed block by block (N ≥ m). Each is exact; which one
 #   runs only changes rounding. On a CPU the first two go through the tokens _SDDMM_CHUNK at a time, summing,
 #   so that each chunk of x Tᵀ stays cache-sized (at 8 × 512 tokens and r = 8 the sampled product in chunks of
-#   512 takes 0.35-0.5x the dense gyᵀ x route on SmolLM2's layers, bench/bench_merged.py).
+#   512 takes 0.31-0.49x the dense gyᵀ x route on SmolLM2's q/o and MLP layers, 1.04x on k/v: bench_merged.py).
 # - the input gradient gy W: with W saved by the forward when it is small next to the layer's activations
 #   (_keep_weight: m·n·4 bytes per layer until backward; all the W together are the size of the model's
 #   weights), else W re-formed a few blocks (_GROUP_ELEMS) at a time and used at once (gx += gy[:, a:e] W[a:e]),
