@@ -842,3 +842,40 @@ def test_wha_on_a_real_quantlinear_base():
     X = torch.linalg.cholesky(H).T.float()                       # rows whose XᵀX is H: error measured on them
     ref = X @ W.T + b
     assert (mod(X) - ref).norm() < 0.9 * (base(X) - ref).norm()
+
+
+@pytest.mark.parametrize("route", ["sampled", "dense x"])
+def test_wha_in_a_llama_block_with_and_without_gradient_checkpointing(monkeypatch, route):
+    """Every linear of a tiny LLaMA wrapped in a merged WHALinear (q/k/v and gate/up share their inputs): the value
+    gradients with non-reentrant gradient checkpointing (the layer re-run in the backward) equal those without,
+    q/k/v and gate/up transform their input once per block, and no shared transform is held afterwards."""
+    import model as M
+    monkeypatch.setattr(wha, "_SDDMM_COST", 10**9 if route != "sampled" else 0)
+    cfg = M.ModelConfig(vocab_size=40, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    net = M.init_weights(M.LlamaForCausalLM(cfg), torch.Generator().manual_seed(0)).train()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    g = torch.Generator().manual_seed(1)
+    for name in M.linear_names(net):
+        base = M.get_module(net, name)
+        m, n = base.out_features, base.in_features
+        flat = torch.randperm(m * n, generator=g)[: 3 * (m + n) // 2]
+        M.set_module(net, name, qwha.WHALinear(base, flat, torch.randn(flat.numel(), generator=g), path="merged"))
+    ids = torch.randint(0, 40, (1, 7) if route == "dense x" else (2, 30), generator=g)  # dense x: 7 tokens < m
+    calls = []
+    real = wht.wht_to_t
+    monkeypatch.setattr(wht, "wht_to_t", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    grads = []
+    for ckpt in (False, True):
+        net.gradient_checkpointing = ckpt
+        calls.clear()
+        net(ids).float().square().mean().backward()
+        mods = qwha.adapters(net)
+        grads.append({k: mod.values.grad.clone() for k, mod in mods.items()})
+        for mod in mods.values():
+            mod.values.grad = None
+        assert len(calls) == 2 * 4                                  # per block: q/k/v, o, gate/up, down
+        assert all(sh.xTt is None for sh in list(wha._SHARED.values()))
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-5, atol=1e-6)
