@@ -200,7 +200,7 @@ class WHALinear(SparseAdapter):
 # cached (n ≤ _CSR_MAX_N), W is formed instead as Q + s·F T with F a CSR matrix and T dense (_dense_T): B·n
 # multiply-adds in one sparse product (MKL's) against the WHT's m·n·(K + Σ f_i); bench/bench_merged.py, one thread,
 # SmolLM2 shapes at r = 8, CSR / WHT time: 0.84-0.96 for 576×576 (k̄ = 16), 0.60-0.66 for 1536×576 (k̄ = 11), but
-# 1.57-1.65 for 192×576 (k̄ = 32) and 1.66-2.19 for 576×1536 (T of 9 MB).
+# 1.57-1.72 for 192×576 (k̄ = 32) and 1.66-2.19 for 576×1536 (T of 9 MB).
 # The layers that read one input (q/k/v, gate/up) share its transform x Tᵀ for their value gradients
 # (_SharedInput): the first of their backward passes computes it, the last drops it.
 _BLOCK_ELEMS = 1 << 17      # elements per row block (512 KB in fp32)
@@ -331,15 +331,14 @@ def _transform_chunks(x2: torch.Tensor) -> list[torch.Tensor]:
 
 class _SharedInput:
     """(x Tᵀ)ᵀ of one input x (in token chunks, _transform_chunks) for the merged layers that read that same tensor
-    (q/k/v, gate/up). Each forward that
-    will need a value gradient joins (`_shared_input`); the first backward to need the transform computes it and
-    keeps it while other users remain, `release` drops it after the last. It belongs to the tensor object x at
-    its version at forward time: autograd refuses a backward whose saved x was modified in place since, so every
-    user's saved x holds the same values."""
+    (q/k/v, gate/up). Each forward that will need a value gradient joins (`_shared_input`); the first backward to
+    need the transform computes it and keeps it while other users remain, `release` drops it after the last. It
+    belongs to the tensor object x at its version at forward time: autograd refuses a backward whose saved x was
+    modified in place since, so every user's saved x holds the same values."""
 
     def __init__(self, x: torch.Tensor):
         key = id(x)
-        self.ref = weakref.ref(x, lambda _: _SHARED.pop(key, None))    # forget the entry when x goes
+        self.ref = weakref.ref(x, lambda _, reg=_SHARED: reg.pop(key, None))   # forget the entry when x goes
         self.version = x._version
         self.users = 0
         self.xTt: list[torch.Tensor] | None = None
