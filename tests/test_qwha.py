@@ -603,13 +603,13 @@ def test_csr_formation_is_chosen_by_entries_per_row_and_width():
 
 
 class Siblings(nn.Module):
-    """Three merged WHA layers on one input, like q/k/v: y = Σ_l wha_l(x)·c_l."""
+    """Three merged WHA layers on one input, like q/k/v; forward returns their three outputs."""
 
     def __init__(self, m=(20, 8, 8), n=48, B=60, seed=0):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
         self.mods = nn.ModuleList()
-        for i, mi in enumerate(m):
+        for mi in m:
             base = FakeQuantLinear(torch.randn(mi, n, generator=g), torch.randn(mi, generator=g))
             flat = torch.randperm(mi * n, generator=g)[:B]
             self.mods.append(qwha.WHALinear(base, flat, torch.randn(B, generator=g), scale=0.7, path="merged"))
