@@ -94,7 +94,8 @@ def run(args) -> dict:
         a, b = value_grad(mod, x, gy, False), value_grad(mod, x, gy, True)
         vg.append({"m": m, "n": n, "tokens": args.vg_tokens,
                    "route": "sampled" if wha._use_sampled(mod, cpu) else "dense",
-                   "chosen_ms": t["chosen"] * 1e3, "dense_ms": t["dense"] * 1e3, "chosen_vs_dense": t["chosen"] / t["dense"],
+                   "chosen_ms": t["chosen"] * 1e3, "dense_ms": t["dense"] * 1e3,
+                   "chosen_vs_dense": t["chosen"] / t["dense"],
                    "max_rel_diff": ((a - b).abs().max() / b.abs().max()).item()})
     n = args.sibling_in
     mods = [layer(m, n, args.rank, g) for m in args.siblings]

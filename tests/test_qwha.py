@@ -352,8 +352,9 @@ def test_float32_blocks_give_the_float64_error(shape, frac):
     want = float(qwha.layer_error(E, H, dense(li.indices, li.values, m, n) @ T))
     sel = float(qwha.layer_error(E, H, dense(li.indices, C[li.indices[0], li.indices[1]], m, n) @ T))
     # the report's quadratic forms come from the float32 blocks: good to ~1e-6 of the bare error e0 (2.2e-6 worst
-    # in 200 random cases), but err² = e0² − 2 f·P + f G fᵀ loses ~ε32·e0² to cancellation where refinement removes
-    # nearly all of the error, i.e. ~ε32·e0²/(2·err) on err ((2, 24, 466784): err = 0.003·e0, 1.15e-5·e0 off)
+    # in 200 random cases), but err² = e0² − 2 f·P + f G fᵀ loses ~ε32·e0² to cancellation where refinement
+    # removes nearly all of the error, i.e. ~ε32·e0²/(2·err) on err ((2, 24, 466784): err = 0.003·e0, 1.15e-5·e0
+    # off)
     e0 = li.err_before
     assert li.err_refined == pytest.approx(want, abs=1e-5 * e0 + 5e-7 * e0 ** 2 / want)
     assert li.err_select == pytest.approx(sel, abs=1e-5 * li.err_before)
