@@ -29,6 +29,7 @@ Prints a table and one JSON line (also appended to runs/bench_init.jsonl).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import sys
@@ -287,6 +288,23 @@ def top_energy(E, H, frac):
     return float(e[-max(1, round(frac * E.shape[1])):].sum()), float(e.sum())
 
 
+WHITE = "white noise, top B of an orthonormal basis"   # the reference row of the error table
+
+
+def white_noise_ratio(p: float) -> float:
+    """The error left, as a fraction, when the largest fraction p of an i.i.d. Gaussian error's coefficients in an
+    orthonormal basis are cancelled exactly: sqrt(1 − s), s = E[z²; |z| > t] = 2·(t·φ(t) + p/2), t = Φ⁻¹(1 − p/2).
+    What a B = p·m·n sparse init can expect on an error white in the whitened domain (the basis here, T_Ω Rᵀ, is
+    not orthonormal, so it is a reference, not a bound)."""
+    if p >= 1:
+        return 0.0
+    if p <= 0:
+        return 1.0
+    t = float(torch.special.ndtri(torch.tensor(1 - p / 2, dtype=torch.float64)))
+    s = 2 * (t * math.exp(-t * t / 2) / math.sqrt(2 * math.pi) + p / 2)
+    return math.sqrt(max(0.0, 1 - s))
+
+
 def error_table(cfg, weights, H, names, bits):
     Q = quantized(cfg, weights, H, names, bits)
     rows = {}
@@ -318,6 +336,16 @@ def error_table(cfg, weights, H, names, bits):
                          "per_type": per_type_ratio(names, errs, gptq_errs), "quantizer": quantizer_label(cfg),
                          "removed_energy": 1 - sum(e * e for e in errs) / sum(g * g for g in gptq_errs)}
             log(cfg, f"  {key:<34} mean err {rows[key]['mean_err']:.4g}  ×{rows[key]['ratio']:.3f} of GPTQ")
+        if methods(cfg):                                              # each layer's bare error times the reference
+            e0 = [float(qwha.layer_error(weights[nm].double() - Q[nm].double(), H[nm])) for nm in names]
+            ref = [e * white_noise_ratio(min(1.0, r * sum(weights[nm].shape) / weights[nm].numel()))
+                   for e, nm in zip(e0, names)]
+            rows[f"{bits}b r={r} white"] = {
+                "bits": bits, "rank": r, "method": WHITE, "mean_err": statistics.fmean(ref),
+                "gptq_err": statistics.fmean(e0), "ratio": statistics.fmean(ref) / statistics.fmean(e0),
+                "mean_layer_ratio": statistics.fmean(a / e for a, e in zip(ref, e0)), "seconds": 0.0,
+                "per_type": per_type_ratio(names, ref, e0), "quantizer": quantizer_label(cfg),
+                "removed_energy": 1 - sum(a * a for a in ref) / sum(e * e for e in e0)}
     return rows
 
 

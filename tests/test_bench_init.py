@@ -89,3 +89,27 @@ def test_whole_model_init_with_workers_times_init_qwha_and_gets_the_same_errors(
     assert bench_init.parse(["--workers", "1"]).workers == 1
     with pytest.raises(SystemExit):
         bench_init.parse(["--workers", "0"])
+
+
+def test_white_noise_reference_matches_a_monte_carlo_and_is_a_row_of_the_error_table(monkeypatch):
+    """white_noise_ratio(p): the error left when the largest fraction p of i.i.d. Gaussian coefficients is cancelled
+    (an exact formula, checked by sampling); error_table adds it per layer (bare error × the ratio at the layer's
+    density B/(m·n)) as its reference row."""
+    z = torch.randn(400_000, generator=torch.Generator().manual_seed(0), dtype=torch.float64).square().sort().values
+    for p in (0.02, 0.15, 0.5):
+        kept = z[: round((1 - p) * z.numel())].sum() / z.sum()                  # the smallest 1 − p stay
+        assert bench_init.white_noise_ratio(p) == pytest.approx(float(kept.sqrt()), abs=2e-3)
+    assert bench_init.white_noise_ratio(0.0) == pytest.approx(1.0) and bench_init.white_noise_ratio(1.0) == 0.0
+    names = ["model.layers.0.mlp.up_proj", "model.layers.0.self_attn.q_proj"]
+    weights, H = {}, {}
+    for i, name in enumerate(names):
+        weights[name], H[name] = tiny_layer(m=8 + 8 * i, n=64, seed=i)
+    cfg = dataclasses.replace(bench_init.BenchConfig(), quantizer="rtn", ranks=(2,), methods="AdaAlloc", quiet=True)
+    rows = bench_init.error_table(cfg, weights, H, names, 2)
+    white = rows["2b r=2 white"]
+    assert white["method"] == bench_init.WHITE and set(white["per_type"]) == {"up_proj", "q_proj"}
+    e0 = [float(bench_init.qwha.layer_error(weights[n].double() - gptq.quantize_rtn(weights[n], 2, 64).dequantize()
+                                            .double(), H[n])) for n in names]
+    want = [e * bench_init.white_noise_ratio(2 * sum(weights[n].shape) / weights[n].numel()) for e, n in zip(e0, names)]
+    assert white["ratio"] == pytest.approx(sum(want) / sum(e0), rel=1e-9)
+    assert rows["2b r=2 AdaAlloc"]["gptq_err"] == pytest.approx(white["gptq_err"], rel=1e-9)
