@@ -15,7 +15,8 @@
    channel score 'weight' (‖e_i‖, the authors' code) against 'output' (‖e_i Rᵀ‖), AdaAlloc + N rounds of
    exchange search (issue 9), and AdaAlloc's k_i with the greedy per-row selection (rule='greedy', beyond the
    paper) with and without exchanges. Reported absolute and relative to bare GPTQ (None), as the ratio of the
-   layer means (the paper's 7.21 → 3.86 is 0.54×).
+   layer means (the paper's 7.21 → 3.86 is 0.54×). A reference row: what cancelling the top B coefficients of a
+   white error would leave (white_noise_ratio at each layer's density B/(m·n), times its bare error).
 4. Timing (one process, alternating per layer, after warm-up): init of every layer (qwha.init_layer_full at
    r = --timing-rank) for each of --timing-methods, and the refinement alone, batched (qwha.refine, float32
    blocks from qwha.FP32_MIN_K, and all-float64) against a per-row normal-equations loop (the authors' approach)
