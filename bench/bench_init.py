@@ -319,6 +319,7 @@ def error_table(cfg, weights, H, names, bits):
             dens.append(frac)
         rows[f"{bits}b r={r} concentration"] = {"bits": bits, "rank": r, "method": "concentration",
                                                 "top_share": top / tot, "white": statistics.fmean(dens)}
+        e0 = None                                                     # each layer's ‖E Rᵀ‖ (the same for every method)
         for label, kw in methods(cfg):
             errs, gptq_errs = [], []
             t0 = time.perf_counter()
@@ -337,8 +338,8 @@ def error_table(cfg, weights, H, names, bits):
                          "per_type": per_type_ratio(names, errs, gptq_errs), "quantizer": quantizer_label(cfg),
                          "removed_energy": 1 - sum(e * e for e in errs) / sum(g * g for g in gptq_errs)}
             log(cfg, f"  {key:<34} mean err {rows[key]['mean_err']:.4g}  ×{rows[key]['ratio']:.3f} of GPTQ")
-        if methods(cfg):                                              # each layer's bare error times the reference
-            e0 = [float(qwha.layer_error(weights[nm].double() - Q[nm].double(), H[nm])) for nm in names]
+            e0 = gptq_errs
+        if e0 is not None:                                            # each layer's bare error times the reference
             ref = [e * white_noise_ratio(min(1.0, r * sum(weights[nm].shape) / weights[nm].numel()))
                    for e, nm in zip(e0, names)]
             rows[f"{bits}b r={r} white"] = {
