@@ -606,14 +606,11 @@ def test_csr_formation_is_chosen_by_entries_per_row_and_width():
 class Siblings(nn.Module):
     """Three merged WHA layers on one input, like q/k/v; forward returns their three outputs."""
 
-    def __init__(self, m=(20, 8, 8), n=48, B=60, seed=0):
+    def __init__(self, m=(20, 8, 8), n=48, B=60):
         super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.mods = nn.ModuleList()
-        for mi in m:
-            base = FakeQuantLinear(torch.randn(mi, n, generator=g), torch.randn(mi, generator=g))
-            flat = torch.randperm(mi * n, generator=g)[:B]
-            self.mods.append(qwha.WHALinear(base, flat, torch.randn(B, generator=g), scale=0.7, path="merged"))
+        self.mods = nn.ModuleList(_wha(m=mi, n=n, B=B, seed=i, quant=True)[0] for i, mi in enumerate(m))
+        for mod in self.mods:
+            mod.path = "merged"
 
     def forward(self, x):
         return [mod(x) for mod in self.mods]
