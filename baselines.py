@@ -427,11 +427,13 @@ def init_layer_adapter(base: nn.Module, W: torch.Tensor, H: torch.Tensor, cfg: A
 
 
 def init_adapters(model: nn.Module, weights: Mapping[str, torch.Tensor], hessians: Mapping[str, torch.Tensor],
-                  cfg: AdapterConfig, names: list[str] | None = None, device=None, quiet: bool = False) -> list[dict]:
+                  cfg: AdapterConfig, names: list[str] | None = None, device=None, quiet: bool = False,
+                  generator: torch.Generator | None = None) -> list[dict]:
     """Wrap every target linear in the adapter of `cfg`, initialized at WHA's budget (the counterpart of
     qwha.init_qwha). weights: the ORIGINAL full-precision weights {name: W}; hessians: {name: H} undamped.
-    Returns one report row per layer (the keys of qwha.init_qwha's, plus adapter), a table on stderr unless quiet."""
-    gen = torch.Generator().manual_seed(cfg.seed)
+    Returns one report row per layer (the keys of qwha.init_qwha's, plus adapter), a table on stderr unless quiet.
+    generator: drawn from for random supports (default one seeded with cfg.seed; reuse it across blocks)."""
+    gen = generator if generator is not None else torch.Generator().manual_seed(cfg.seed)
 
     def init_one(base, W, H):
         new, row = init_layer_adapter(base, W, H, cfg, gen, device)

@@ -23,6 +23,7 @@ there for the product), so an accelerator only holds the model and one batch.
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 import time
@@ -34,7 +35,7 @@ from torch import nn
 
 __all__ = [
     "collect_hessians", "damp", "whitening_root", "calibration_windows", "window_batches",
-    "save_hessians", "load_hessians", "block_of",
+    "save_hessians", "load_hessians", "block_of", "block_hessians", "HessianWriter",
 ]
 
 
@@ -79,8 +80,12 @@ def _batch_tensors(batch, device) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 
 @torch.no_grad()
-def _accumulate(model, batches, names, device, offload, progress, label="", product_dtype=torch.float64):
-    """One pass: hooks on `names`, XᵀX accumulated in float64, returns ({name: sum XᵀX}, {name: N})."""
+def _accumulate(model, batches, names, device, offload, progress, label="", product_dtype=torch.float64,
+                run=None):
+    """One pass: hooks on `names`, XᵀX accumulated in float64, returns ({name: sum XᵀX}, {name: N}).
+
+    run: call run(batch) for each batch instead of model(input_ids, attention_mask) (e.g. one decoder block on
+    its input activations); the pass then goes to the end of each batch's computation (no early stop)."""
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {name: 0 for name in names}
     state = {"mask": None, "seen": set(), "last": None}
@@ -109,7 +114,7 @@ def _accumulate(model, batches, names, device, offload, progress, label="", prod
             sums[name].add_(xtx)
             counts[name] += rows
             state["seen"].add(name)
-            if len(state["seen"]) == len(names):
+            if run is None and len(state["seen"]) == len(names):
                 raise _StopForward
         return hook
 
@@ -123,10 +128,11 @@ def _accumulate(model, batches, names, device, offload, progress, label="", prod
         t0 = time.time()
         n_batches = 0
         for batch in batches:
-            ids, mask = _batch_tensors(batch, device)
-            state["mask"], state["seen"], state["last"] = mask, set(), None
+            if run is None:
+                ids, mask = _batch_tensors(batch, device)
+            state["mask"], state["seen"], state["last"] = (mask if run is None else None), set(), None
             try:
-                model(ids, attention_mask=mask)
+                model(ids, attention_mask=mask) if run is None else run(batch)
             except _StopForward:
                 pass
             finally:
@@ -205,6 +211,77 @@ def collect_hessians(
     return hessians
 
 
+def block_hessians(block: nn.Module, batches: Iterable, run: Callable, names: list[str],
+                   shared: Mapping[str, str] | None = None, product_dtype: torch.dtype = torch.float32,
+                   ) -> dict[str, torch.Tensor]:
+    """H = XᵀX / N (float64) of the named linears of one decoder block, over `run(batch)` for every batch.
+
+    names are relative to `block` ("self_attn.q_proj"); run(batch) runs the block on one batch of its input
+    activations. shared {name: other}: linears that read the very same input as `other` (k/v as q, up as gate)
+    are not hooked and get `other`'s Hessian, the same tensor object: one n×n matrix per distinct input.
+    """
+    shared = dict(shared or {})
+    hooked = [n for n in names if n not in shared]
+    sums, counts = _accumulate(block, batches, hooked, None, False, False, run=run, product_dtype=product_dtype)
+    out = {}
+    for name in hooked:
+        if name not in sums or counts[name] == 0:
+            raise ValueError(f"block_hessians: layer {name} saw no input")
+        out[name] = sums[name].div_(counts[name])
+    for name, other in shared.items():
+        if name in names:
+            out[name] = out[other]
+    return {n: out[n] for n in names}
+
+
+class HessianWriter:
+    """Writes Hessians to one safetensors file as they are computed, block after block, so that no more than one
+    block's Hessians are ever held: the header (every name, shape and offset) is known up front, the data follows
+    in the announced order, and the file appears under its name only when complete (a temporary name before).
+
+    entries: [(name, n)] of the distinct Hessians in write order; aliases {name: stored name} (k/v -> q, ...)
+    are kept in the metadata and expanded by load_hessians."""
+
+    def __init__(self, path: str | Path, entries: list[tuple[str, int]], aliases: Mapping[str, str] | None = None,
+                 metadata: dict | None = None):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        header, offset = {}, 0
+        for name, n in entries:
+            header[name] = {"dtype": "F64", "shape": [n, n], "data_offsets": [offset, offset + 8 * n * n]}
+            offset += 8 * n * n
+        header["__metadata__"] = {"qwha": json.dumps(metadata or {}), "aliases": json.dumps(dict(aliases or {}))}
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)                                  # data aligned to 8 bytes
+        self.order = [name for name, _ in entries]
+        self.shapes = dict(entries)
+        self.tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
+        self.f = open(self.tmp, "wb")
+        self.f.write(len(raw).to_bytes(8, "little") + raw)
+        self.next = 0
+
+    def write(self, name: str, H: torch.Tensor) -> None:
+        if self.next >= len(self.order) or self.order[self.next] != name:
+            raise ValueError(f"HessianWriter: got {name}, expected {self.order[self.next:self.next + 1]}")
+        n = self.shapes[name]
+        if tuple(H.shape) != (n, n):
+            raise ValueError(f"HessianWriter: {name} has shape {tuple(H.shape)}, expected ({n}, {n})")
+        self.f.write(H.detach().to("cpu", torch.float64).contiguous().numpy().tobytes())
+        self.next += 1
+
+    def close(self) -> None:
+        """Publish the file (all entries written) under its name; else remove the temporary file and raise."""
+        self.f.close()
+        if self.next != len(self.order):
+            self.abort()
+            raise ValueError(f"HessianWriter: {self.next} of {len(self.order)} Hessians written; {self.path} not made")
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        self.f.close()
+        self.tmp.unlink(missing_ok=True)
+
+
 def damp(H: torch.Tensor, lam: float) -> torch.Tensor:
     """H + λ·mean(diag H)·I (METHOD.md "Notation"); a zero diagonal (dead layer) is damped with λ·I. Pure."""
     if H.dim() != 2 or H.shape[0] != H.shape[1]:
@@ -256,15 +333,25 @@ def save_hessians(path: str | Path, hessians: dict[str, torch.Tensor], metadata:
               metadata={"qwha": json.dumps(metadata or {})})
 
 
-def load_hessians(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """Inverse of save_hessians: ({name: H}, metadata)."""
+def load_hessians(path: str | Path, names: Iterable[str] | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """Inverse of save_hessians (and of HessianWriter): ({name: H}, metadata); only `names` if given. Names
+    stored once for a shared input come back as one tensor object."""
     from safetensors import safe_open
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"Hessian file {path} not found (make it with calib.save_hessians)")
     out = {}
     with safe_open(str(path), framework="pt") as f:
-        meta = json.loads((f.metadata() or {}).get("qwha", "{}"))
-        for k in f.keys():
-            out[k] = f.get_tensor(k)
-    return out, meta
+        raw = f.metadata() or {}
+        meta = json.loads(raw.get("qwha", "{}"))
+        aliases = json.loads(raw.get("aliases", "{}"))
+        keys = list(f.keys()) + [a for a in aliases if a not in f.keys()]
+        for k in keys if names is None else names:
+            src = aliases.get(k, k)
+            if src not in out:
+                if src not in f.keys():
+                    raise ValueError(f"Hessian file {path} has no Hessian for {k}")
+                out[src] = f.get_tensor(src)
+            out[k] = out[src]
+    wanted = keys if names is None else list(names)
+    return {k: out[k] for k in wanted}, meta

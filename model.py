@@ -474,47 +474,70 @@ def checkpoint_files(path) -> dict[str, Path]:
     raise FileNotFoundError(f"{path}: no {SINGLE_NAME} or {INDEX_NAME} (only safetensors checkpoints are read)")
 
 
+class CheckpointReader:
+    """The tensors of a LLaMA/Mistral checkpoint folder, read one at a time from its (sharded) safetensors files.
+
+    Every file's header is read and checked against config.json up front (missing, unexpected or mis-shaped
+    tensors listed in one ValueError), before any weight is read; `load(model, prefix)` then reads only the
+    tensors under `prefix` into a model built on the meta device, so the whole model is never materialized.
+    """
+
+    def __init__(self, path, config: ModelConfig | None = None):
+        self.path = Path(path)
+        self.config = config or ModelConfig.from_json(self.path / "config.json")
+        with torch.device("meta"):
+            expected = {n: tuple(p.shape) for n, p in
+                        LlamaForCausalLM(self.config, init=False).named_parameters(remove_duplicate=False)}
+        tied = self.config.tie_word_embeddings
+        files = checkpoint_files(self.path)
+        self.headers = {f: _safetensors_header(f) for f in set(files.values())}
+        self.plan, problems = {}, []                  # {tensor name: file}
+        for name, f in files.items():
+            if _IGNORED.search(name) or (tied and name == "lm_head.weight"):
+                continue
+            if name not in self.headers[f][0]:
+                problems.append(f"{name}: listed for {f.name} but not in it")
+            elif name not in expected:
+                problems.append(f"unexpected tensor {name}")
+            elif tuple(self.headers[f][0][name]["shape"]) != expected[name]:
+                problems.append(f"{name}: shape {tuple(self.headers[f][0][name]['shape'])}, config expects "
+                                f"{expected[name]}")
+            else:
+                self.plan[name] = f
+        for name in expected:
+            if name not in files and not (tied and name == "lm_head.weight"):
+                problems.append(f"missing tensor {name} (shape {expected[name]})")
+        if problems:
+            raise ValueError(f"checkpoint {self.path} does not match its config.json:\n  " + "\n  ".join(problems))
+
+    def load(self, model: LlamaForCausalLM, prefix: str = "", dtype: torch.dtype = torch.float32,
+             device="cpu") -> None:
+        """Read every tensor whose name starts with `prefix` into `model` (as a frozen-or-not nn.Parameter of
+        `dtype` on `device`), file by file in on-disk order."""
+        todo = [n for n in self.plan if n.startswith(prefix)]
+        for f in sorted({self.plan[n] for n in todo}):
+            header, start = self.headers[f]
+            with open(f, "rb", buffering=0) as fh:
+                for name in sorted((n for n in todo if self.plan[n] == f), key=lambda n: header[n]["data_offsets"][0]):
+                    t = _read_tensor(fh, header[name], start).to(device=device, dtype=dtype)
+                    owner, _, pname = name.rpartition(".")
+                    get_module(model, owner)._parameters[pname] = nn.Parameter(t)
+        if self.config.tie_word_embeddings and ("lm_head.weight".startswith(prefix) or
+                                                "model.embed_tokens.weight".startswith(prefix)):
+            model.lm_head.weight = model.model.embed_tokens.weight
+
+
 def from_pretrained(path, dtype: torch.dtype = torch.float32, device="cpu") -> LlamaForCausalLM:
     """Load config.json and the (sharded) safetensors weights of a LLaMA/Mistral folder.
 
     The model is built on the meta device (no init, no memory) and every tensor is read from disk, converted
     to `dtype` and assigned in place, one at a time: peak memory ≈ one copy of the model. Missing, unexpected
-    or mis-shaped tensors are all listed in one ValueError before any weight is read.
+    or mis-shaped tensors are all listed in one ValueError before any weight is read (CheckpointReader).
     """
-    path = Path(path)
-    config = ModelConfig.from_json(path / "config.json")
+    reader = CheckpointReader(path)
     with torch.device("meta"):
-        model = LlamaForCausalLM(config, init=False)
-    expected = {n: tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)}
-    tied = config.tie_word_embeddings
-    files = checkpoint_files(path)
-    headers = {f: _safetensors_header(f) for f in set(files.values())}
-    plan, problems = {}, []
-    for name, f in files.items():
-        if _IGNORED.search(name) or (tied and name == "lm_head.weight"):
-            continue
-        if name not in headers[f][0]:
-            problems.append(f"{name}: listed for {f.name} but not in it")
-        elif name not in expected:
-            problems.append(f"unexpected tensor {name}")
-        elif tuple(headers[f][0][name]["shape"]) != expected[name]:
-            problems.append(f"{name}: shape {tuple(headers[f][0][name]['shape'])}, config expects {expected[name]}")
-        else:
-            plan[name] = f
-    for name in expected:
-        if name not in files and not (tied and name == "lm_head.weight"):
-            problems.append(f"missing tensor {name} (shape {expected[name]})")
-    if problems:
-        raise ValueError(f"checkpoint {path} does not match its config.json:\n  " + "\n  ".join(problems))
-    for f in sorted(set(plan.values())):
-        header, start = headers[f]
-        with open(f, "rb", buffering=0) as fh:
-            for name in sorted((n for n, g in plan.items() if g == f), key=lambda n: header[n]["data_offsets"][0]):
-                t = _read_tensor(fh, header[name], start).to(device=device, dtype=dtype)
-                owner, _, pname = name.rpartition(".")
-                get_module(model, owner)._parameters[pname] = nn.Parameter(t)
-    if tied:
-        model.lm_head.weight = model.model.embed_tokens.weight
+        model = LlamaForCausalLM(reader.config, init=False)
+    reader.load(model, "", dtype, device)
     return model
 
 

@@ -837,7 +837,8 @@ def init_qwha(model: nn.Module, hessians: Mapping[str, torch.Tensor], weights: M
               refine: bool = True, score: str = "output", rule: str = RULE_DEFAULT, damp: float = 1e-4,
               names: list[str] | None = None, device: torch.device | str | None = None, seed: int = 0,
               compute_rank: bool = False, quiet: bool = False, swap_rounds: int = SWAP_ROUNDS_DEFAULT,
-              greedy_steps: int = GREEDY_STEPS, workers: int = 1) -> list[dict]:
+              greedy_steps: int = GREEDY_STEPS, workers: int = 1,
+              generator: torch.Generator | None = None) -> list[dict]:
     """Wrap every target linear of `model` in a WHALinear initialized by init_layer (eqs. 5–9).
 
     hessians: {name: H = XᵀX/N} (undamped). weights: {name: W}, the ORIGINAL full-precision weights (the
@@ -854,12 +855,13 @@ def init_qwha(model: nn.Module, hessians: Mapping[str, torch.Tensor], weights: M
     perplexity after init (10,158; 8,978 with 2 rounds, against 7,848 for top-k + 2 rounds), measured by
     `python bench/bench_init.py --bits '' --no-timing --ppl-bits 2 --ppl-rounds 0,2 --ppl-greedy-rounds 0,2`.
     workers: layers initialized at once in threads (`wrap_layers`, which says what it changes). Not with
-    select="random", whose one generator is drawn from in layer order.
+    select="random", whose one generator is drawn from in layer order. generator: that generator (default one
+    seeded with `seed`); pass the same one to calls over successive blocks to draw as one call over all of them.
     """
     if workers > 1 and select == "random":
         raise ValueError("init_qwha: workers > 1 needs a deterministic selection; select='random' draws from one "
                          "generator in layer order (use workers=1)")
-    gen = torch.Generator().manual_seed(seed)
+    gen = generator if generator is not None else torch.Generator().manual_seed(seed)
 
     def init_one(base: nn.Module, W: torch.Tensor, H: torch.Tensor) -> tuple[nn.Module, dict]:
         Q = _base_weight(base).detach()

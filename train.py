@@ -39,9 +39,12 @@ import data
 import gptq
 import model as model_lib
 import baselines
+import prepare
 import qwha
 import wht
 from eval import load_model
+from prepare import (QUANT_KEYS, adapter_config, gptq_layer, init_workers, is_qwha,  # noqa: F401
+                     quant_settings)
 
 ASSETS = Path(os.environ.get("QWHA_ASSETS", Path(__file__).resolve().parent / "assets"))
 
@@ -89,6 +92,8 @@ class TrainConfig:
     quantized: str | None = None        # reuse this quantized base if the file exists, else write it there
     hessians: str | None = None         # reuse these Hessians if the file exists, else write them there
     merge: bool = False                 # also export OUT/merged/: dense Q + s·F·T in bf16, HF layout
+    block_inputs: str = "fp"            # what feeds block i+1's calibration: fp (the paper) | quantized (GPTQ's sequential)
+    offload_activations: bool = False   # keep the calibration activations on the host, not the device
     grad_checkpoint: bool = False       # recompute block activations in the backward pass (less memory)
     dense_base: str = "auto"            # train on a dequantized copy of the frozen base: on, off, auto (= on CPU)
     seed: int = 0                       # calibration windows, held-out split, data order
@@ -101,7 +106,8 @@ class TrainConfig:
 RESUME_KEYS = ("model", "bits", "group_size", "rank", "temperature", "adapter", "transform_dims", "select", "refine",
                "qa_init", "swap_rounds", "rule", "greedy_steps", "magr", "data", "eval_data", "n_eval", "calib",
                "n_calib", "calib_len", "steps", "epochs", "lr", "warmup", "weight_decay", "batch_size", "grad_accum",
-               "clip", "max_len", "seed", "dtype", "act_order", "gptq_clip", "gptq_cd_passes", "gptq_refit")
+               "clip", "max_len", "seed", "dtype", "act_order", "gptq_clip", "gptq_cd_passes", "gptq_refit",
+               "block_inputs")
 
 
 def parse_args(argv=None) -> TrainConfig:
@@ -206,6 +212,8 @@ def validate(cfg: TrainConfig) -> model_lib.ModelConfig:
     adapter_config(cfg)                          # ValueError naming the flag for a bad adapter combination
     if cfg.dense_base not in ("auto", "on", "off"):
         raise ValueError(f"--dense-base {cfg.dense_base}: expected auto, on or off")
+    if cfg.block_inputs not in ("fp", "quantized"):
+        raise ValueError(f"--block-inputs {cfg.block_inputs}: expected fp (the paper) or quantized")
     if cfg.dtype not in ("float32", "bfloat16"):
         raise ValueError(f"--dtype {cfg.dtype}: expected float32 or bfloat16")
     if cfg.resume and not (Path(cfg.out) / "checkpoint.pt").is_file():
@@ -214,6 +222,9 @@ def validate(cfg: TrainConfig) -> model_lib.ModelConfig:
 
 
 # ---------------------------------------------------------------------------------------------- stages
+# The whole model at once: calibrate every block linear, quantize them all, initialize them all. The CLI prepares
+# block by block instead (prepare.py), which gives the same result in a memory bounded by one block; these three
+# are that path's reference (tests compare the two) and what a reader can follow on one screen.
 
 
 def calibrate(model, tok, cfg: TrainConfig, log) -> dict[str, torch.Tensor]:
@@ -223,10 +234,8 @@ def calibrate(model, tok, cfg: TrainConfig, log) -> dict[str, torch.Tensor]:
         log(f"hessians: loaded {len(hessians)} from {cfg.hessians}")
         return hessians
     t0 = time.time()
-    stream = data.text_token_stream(tok, data.read_text(cfg.calib))
-    gen = torch.Generator().manual_seed(cfg.seed)
-    windows = calib.calibration_windows(stream, cfg.n_calib, cfg.calib_len, gen)   # (n_calib, calib_len)
-    batches = calib.window_batches(windows, 4)
+    windows = prepare.calibration_windows(tok, cfg)                              # (n_calib, calib_len)
+    batches = calib.window_batches(windows, prepare.CALIB_BATCH)
     hessians = calib.collect_hessians(model, batches, model_lib.linear_names(model), progress=not cfg.quiet,
                                       product_dtype=torch.float32)   # float64 running sums of float32 products
     log(f"hessians: {len(hessians)} layers from {cfg.n_calib}x{cfg.calib_len} tokens of {cfg.calib} "
@@ -244,16 +253,7 @@ def quantize(model, hessians, cfg: TrainConfig, log) -> dict[str, torch.Tensor]:
     names = model_lib.linear_names(model)
     loaded = None
     if cfg.quantized and Path(cfg.quantized).exists():
-        loaded, meta = gptq.load_quantized(cfg.quantized)
-        wrong = [n for n in names if n not in loaded or loaded[n].bits != cfg.bits
-                 or loaded[n].group_size != cfg.group_size]
-        if wrong:
-            raise ValueError(f"--quantized {cfg.quantized}: layer {wrong[0]} missing or not {cfg.bits}-bit with "
-                             f"group size {cfg.group_size}")
-        for key in QUANT_KEYS:  # a file from other GPTQ settings must not be reused silently (older files lack keys)
-            if key in meta and meta[key] != getattr(cfg, key):
-                raise ValueError(f"--quantized {cfg.quantized} was made with {key}={meta[key]!r}, but this run has "
-                                 f"{key}={getattr(cfg, key)!r}: pass the same setting or another --quantized path")
+        loaded = prepare.load_quantized_checked(cfg.quantized, names, cfg)
     originals, t0 = {}, time.time()
     for i, name in enumerate(names):
         lin = model_lib.get_module(model, name)
@@ -272,27 +272,8 @@ def quantize(model, hessians, cfg: TrainConfig, log) -> dict[str, torch.Tensor]:
         + (f" (loaded from {cfg.quantized})" if loaded else f", GPTQ{' + MagR' if cfg.magr else ''}")
         + f" ({time.time() - t0:.1f}s)")
     if cfg.quantized and loaded is None:
-        save_base(model, Path(cfg.quantized), cfg)
+        prepare.save_quantized(model, Path(cfg.quantized), cfg)
     return originals
-
-
-def adapter_config(cfg: TrainConfig) -> baselines.AdapterConfig:
-    return baselines.AdapterConfig(cfg.adapter, cfg.transform_dims, cfg.select, cfg.refine, cfg.qa_init, cfg.rank,
-                                   cfg.temperature, seed=cfg.seed)
-
-
-def is_qwha(cfg: TrainConfig) -> bool:
-    """The paper's method: WHA, 1-D, AdaAlloc, refined, quantization-aware (qwha.init_qwha)."""
-    return (cfg.adapter, cfg.transform_dims, cfg.select, cfg.refine, cfg.qa_init in (None, True)) == \
-        ("wha", 1, "adaalloc", True, True)
-
-
-def init_workers(cfg: TrainConfig) -> int:
-    """--init-workers, 0 resolved: on a CPU one layer per torch thread (the init's small batched solves do not
-    use more intra-op threads well, see qwha.wrap_layers), on a GPU one layer at a time."""
-    if cfg.init_workers:
-        return cfg.init_workers
-    return 1 if cfg.device.startswith("cuda") else max(1, torch.get_num_threads())
 
 
 def init_adapters(model, hessians, originals, cfg: TrainConfig, log) -> dict:
@@ -302,45 +283,11 @@ def init_adapters(model, hessians, originals, cfg: TrainConfig, log) -> dict:
     Returns the mean layer-output errors (bare quantization, after selection, after refinement) and the
     per-layer report."""
     t0 = time.time()
-    if is_qwha(cfg):
-        rows = qwha.init_qwha(model, hessians, originals, budget_rank=cfg.rank, temperature=cfg.temperature,
-                              seed=cfg.seed, quiet=cfg.quiet, swap_rounds=cfg.swap_rounds, rule=cfg.rule,
-                              greedy_steps=cfg.greedy_steps, workers=init_workers(cfg))
-    else:
-        rows = baselines.init_adapters(model, originals, hessians, adapter_config(cfg), quiet=cfg.quiet)
-    mean = lambda k: sum(r[k] for r in rows) / len(rows)  # noqa: E731
-    summary = {"err_before": mean("err_before"), "err_select": mean("err_select"), "err_refined": mean("err_refined"),
-               "rel_refined": mean("rel_refined"), "seconds": time.time() - t0, "layers": rows}
+    rows = prepare.init_layers(model, hessians, originals, cfg)
+    summary = prepare.init_summary(rows, time.time() - t0)
     log(f"{cfg.adapter} init: {len(rows)} adapters, rank-equivalent {cfg.rank}, mean layer output error "
         f"{summary['err_before']:.4g} -> {summary['err_refined']:.4g} ({summary['seconds']:.1f}s)")
     return summary
-
-
-QUANT_KEYS = ("magr", "act_order", "gptq_clip", "gptq_cd_passes", "gptq_refit")  # GPTQ settings in the file
-
-
-def quant_settings(cfg: TrainConfig) -> dict:
-    """cfg's GPTQ settings {key: value} for QUANT_KEYS: what gptq_layer takes and the quantized file records."""
-    return {k: getattr(cfg, k) for k in QUANT_KEYS}
-
-
-def gptq_layer(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, settings: dict, name: str = "",
-               measure: bool = True) -> gptq.QuantState:
-    """One linear as train.py quantizes it: MagR first if settings["magr"], then GPTQ with the other settings
-    (quant_settings); bench/bench_init.py quantizes through it too."""
-    Wf = W.float()
-    Wq = gptq.magr(Wf, H, group_size=group_size) if settings["magr"] else Wf
-    return gptq.gptq_quantize(Wq, H, bits, group_size, act_order=settings["act_order"], clip=settings["gptq_clip"],
-                              cd_passes=settings["gptq_cd_passes"], refit=settings["gptq_refit"], name=name,
-                              measure=measure)
-
-
-def save_base(model, path: Path, cfg: TrainConfig) -> None:
-    layers = {n: model_lib.get_module(model, n) for n in model_lib.linear_names(model)}
-    layers = {n: getattr(m, "base", m) for n, m in layers.items()}
-    meta = {"model": cfg.model, "bits": cfg.bits, "group_size": cfg.group_size,
-            **quant_settings(cfg)}
-    data.atomic_write(path, lambda p: gptq.save_quantized(p, layers, meta))
 
 
 def save_adapter(model, path: Path, cfg: TrainConfig) -> None:
@@ -566,24 +513,17 @@ def run(cfg: TrainConfig):
         record.update({k: v for k, v in json.loads((out / "config.json").read_text()).items()
                        if k in ("init", "timings")})
     else:
-        model = model_lib.from_pretrained(cfg.model, dtype=dtype, device=cfg.device)
-        for p in model.parameters():
-            p.requires_grad_(False)
-        t0 = time.time()
-        hessians = calibrate(model, tok, cfg, log)
-        t1 = time.time()
-        originals = quantize(model, hessians, cfg, log)
-        t2 = time.time()
-        save_base(model, out / "quantized.safetensors", cfg)
-        record["init"] = init_adapters(model, hessians, originals, cfg, log)
-        del hessians, originals
-        t3 = time.time()
+        model, record["init"], stats = prepare.prepare(cfg, tok, log)
+        model.to(cfg.device)
+        prepare.save_quantized(model, out / "quantized.safetensors", cfg)
         save_adapter(model, out / "adapter.safetensors", cfg)
-        record["timings"] = {"calibrate_s": t1 - t0, "quantize_s": t2 - t1, "init_s": t3 - t2}
+        record["timings"] = {k: v for k, v in stats.items() if k.endswith("_s")}
+        record["memory"] = {k: v for k, v in stats.items() if k.endswith("_gb")}
         data.atomic_write(out / "config.json", lambda p: p.write_text(json.dumps(record, indent=1, default=str)))
 
     model.gradient_checkpointing = cfg.grad_checkpoint
-    dense = cfg.dense_base == "on" or (cfg.dense_base == "auto" and not cfg.device.startswith("cuda"))
+    dense = cfg.dense_base == "on" or (cfg.dense_base == "auto" and not cfg.device.startswith("cuda")
+                                       and cfg.steps != 0)   # a dense copy only pays off over training steps
     restore = dense_bases(model) if dense else {}
     try:
         result = train(model, train_ex, held_ex, cfg, out, pad_id, log, write_log)
