@@ -459,6 +459,20 @@ def _read_tensor(f, info: dict, data_start: int) -> torch.Tensor:
     return t
 
 
+def _entry_problem(info: dict, data_start: int, file_size: int) -> str | None:
+    """What is wrong with one weight's header entry (dtype, byte count, past the file's end), or None."""
+    dtype = _ST_DTYPES.get(info.get("dtype"))
+    if dtype is None or not dtype.is_floating_point:
+        return f"dtype {info.get('dtype')}, expected a floating point type (F32, F16, BF16, F64)"
+    begin, end = info["data_offsets"]
+    numel = math.prod(info["shape"])
+    if end - begin != numel * dtype.itemsize:
+        return f"{end - begin} bytes for {numel} {info['dtype']} values"
+    if data_start + end > file_size:
+        return f"the file ends at byte {file_size}, before the tensor's end ({data_start + end}): truncated?"
+    return None
+
+
 def checkpoint_files(path) -> dict[str, Path]:
     """{tensor name: file} of a checkpoint folder: the sharded index if present, else model.safetensors."""
     path = Path(path)
@@ -500,15 +514,20 @@ class CheckpointReader:
             elif name not in expected:
                 problems.append(f"unexpected tensor {name}")
             elif tuple(self.headers[f][0][name]["shape"]) != expected[name]:
-                problems.append(f"{name}: shape {tuple(self.headers[f][0][name]['shape'])}, config expects "
-                                f"{expected[name]}")
+                problems.append(f"{name} in {f.name}: shape {tuple(self.headers[f][0][name]['shape'])}, config "
+                                f"expects {expected[name]}")
             else:
+                problem = _entry_problem(self.headers[f][0][name], self.headers[f][1], f.stat().st_size)
+                if problem:
+                    problems.append(f"{name} in {f.name}: {problem}")
                 self.plan[name] = f
         for name in expected:
             if name not in files and not (tied and name == "lm_head.weight"):
                 problems.append(f"missing tensor {name} (shape {expected[name]})")
         if problems:
-            raise ValueError(f"checkpoint {self.path} does not match its config.json:\n  " + "\n  ".join(problems))
+            more = f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
+            raise ValueError(f"checkpoint {self.path} does not match its config.json: " + "; ".join(problems[:3])
+                             + more)
 
     def load(self, model: LlamaForCausalLM, prefix: str = "", dtype: torch.dtype = torch.float32,
              device="cpu") -> None:

@@ -180,6 +180,7 @@ def validate(cfg: TrainConfig) -> model_lib.ModelConfig:
     if cfg.greedy_steps < 1:
         raise ValueError(f"--greedy-steps {cfg.greedy_steps}: expected 1 or more")
     mc = model_lib.ModelConfig.from_json(folder / "config.json")
+    model_lib.CheckpointReader(folder, mc)       # every shard's header against the config: names, shapes, dtypes, sizes
     for name, (m, n) in block_shapes(mc).items():
         if cfg.group_size <= 0 or n % cfg.group_size:
             raise ValueError(f"--group-size {cfg.group_size} does not divide the input width {n} of {name}")

@@ -152,3 +152,43 @@ def test_checkpoint_reader_reads_one_prefix(tiny3):
     assert loaded and all(n.startswith("model.layers.1.") for n in loaded)
     full = model_lib.from_pretrained(tiny3 / "model")
     assert torch.equal(m.model.layers[1].mlp.up_proj.weight, full.model.layers[1].mlp.up_proj.weight)
+
+
+def _sharded_copy(src, dst):
+    """src's checkpoint written again as one shard per block plus an index."""
+    import shutil
+    shutil.copytree(src, dst)
+    m = model_lib.from_pretrained(dst)
+    (dst / "model.safetensors").unlink()
+    model_lib.save_pretrained(m, dst, max_shard_size=60_000)
+    assert (dst / model_lib.INDEX_NAME).exists()
+    return dst
+
+
+@pytest.mark.parametrize("damage", ["truncated", "dtype", "uncovered"])
+def test_bad_shard_is_named_before_any_work(tiny3, tmp_path, damage):
+    """A truncated shard, a weight stored as integers, or an index that leaves a tensor out: one line naming the
+    shard and the tensor, from the validation stage (nothing written to --out)."""
+    folder = _sharded_copy(tiny3 / "model", tmp_path / "model")
+    index = json.loads((folder / model_lib.INDEX_NAME).read_text())
+    name = "model.layers.1.mlp.down_proj.weight"
+    shard = folder / index["weight_map"][name]
+    if damage == "truncated":
+        shard.write_bytes(shard.read_bytes()[:-100])
+    elif damage == "dtype":
+        from safetensors.torch import load_file, save_file
+        t = load_file(str(shard))
+        t[name] = torch.zeros(t[name].shape, dtype=torch.int32)
+        save_file(t, str(shard))
+    else:
+        del index["weight_map"][name]
+        (folder / model_lib.INDEX_NAME).write_text(json.dumps(index))
+    args = argv(tiny3, tmp_path / "out")
+    args[args.index("--model") + 1] = str(folder)
+    with pytest.raises(ValueError) as e:
+        train.main(args)
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert ("truncated" in msg) if damage == "truncated" else (name in msg)  # the shard's last tensor is cut
+    assert damage == "uncovered" or shard.name in msg
+    assert not (tmp_path / "out").exists()
