@@ -44,12 +44,17 @@ def load_model(path, quantized=None, adapter=None, device="cpu", dtype=torch.flo
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"--model {path}: no config.json there (expected an HF-style model folder)")
-    m = model_lib.from_pretrained(path, dtype=dtype, device=device)
-    if quantized is not None:
+    if quantized is None:
+        m = model_lib.from_pretrained(path, dtype=dtype, device=device)
+    else:                                   # the linears' full-precision weights are never read
         import gptq
         layers, _meta = gptq.load_quantized(quantized)
+        reader = model_lib.CheckpointReader(path)
+        with torch.device("meta"):
+            m = model_lib.LlamaForCausalLM(reader.config, init=False)
         for name, ql in layers.items():
             model_lib.set_module(m, name, ql.to(device))
+        reader.load(m, "", dtype, device)
     if adapter is not None:
         import baselines  # reads every adapter kind; QWHA's own files are handed to qwha.load_adapters
         baselines.load_adapters(adapter, m)

@@ -531,16 +531,20 @@ class CheckpointReader:
 
     def load(self, model: LlamaForCausalLM, prefix: str = "", dtype: torch.dtype = torch.float32,
              device="cpu") -> None:
-        """Read every tensor whose name starts with `prefix` into `model` (as a frozen-or-not nn.Parameter of
-        `dtype` on `device`), file by file in on-disk order."""
+        """Read every tensor whose name starts with `prefix` into `model` (as an nn.Parameter of `dtype` on
+        `device`), file by file in on-disk order; tensors of modules already replaced (no such parameter) are
+        not read."""
         todo = [n for n in self.plan if n.startswith(prefix)]
         for f in sorted({self.plan[n] for n in todo}):
             header, start = self.headers[f]
             with open(f, "rb", buffering=0) as fh:
                 for name in sorted((n for n in todo if self.plan[n] == f), key=lambda n: header[n]["data_offsets"][0]):
-                    t = _read_tensor(fh, header[name], start).to(device=device, dtype=dtype)
                     owner, _, pname = name.rpartition(".")
-                    get_module(model, owner)._parameters[pname] = nn.Parameter(t)
+                    mod = get_module(model, owner)
+                    if pname not in mod._parameters:          # replaced already (e.g. by a QuantLinear)
+                        continue
+                    t = _read_tensor(fh, header[name], start).to(device=device, dtype=dtype)
+                    mod._parameters[pname] = nn.Parameter(t)
         if self.config.tie_word_embeddings and ("lm_head.weight".startswith(prefix) or
                                                 "model.embed_tokens.weight".startswith(prefix)):
             model.lm_head.weight = model.model.embed_tokens.weight

@@ -4,10 +4,12 @@
     python train.py --model /path/to/llama --bits 4 --data alpaca.json --epochs 3 --batch-size 4 --grad-accum 16
 
 Stages, top to bottom (METHOD.md):
-  1. validate every input (model folder, bit width, group size against every width, data fields) - cheap;
-  2. calibration Hessians H = XᵀX/N of every block linear from random windows of a text train split (calib.py);
-  3. GPTQ on every block linear, optionally after MagR (gptq.py); the packed base is frozen;
-  4. QWHA initialization (AdaAlloc + refinement, qwha.py) of a sparse Walsh-Hadamard adapter ΔW = s·F T per linear;
+  1. validate every input (model folder and shard headers, bit width, group size against every width, data
+     fields) - cheap;
+  2-4. block by block (prepare.py): the block's weights read from the checkpoint, its calibration Hessians
+     H = XᵀX/N from the calibration windows' activations (calib.py), GPTQ of its linears, optionally after MagR
+     (gptq.py; the packed base is frozen), the QWHA initialization (AdaAlloc + refinement, qwha.py) of a sparse
+     Walsh-Hadamard adapter ΔW = s·F T per linear; then its Hessians and full-precision weights are freed;
   5. training of the adapter values only: AdamW, warmup + cosine, gradient accumulation, clipping, bf16 autocast
      on CUDA, optional gradient checkpointing; loss on response tokens only; held-out loss every --eval-every steps;
   6. OUT/quantized.safetensors, OUT/adapter.safetensors, OUT/config.json, OUT/log.jsonl, OUT/checkpoint.pt
@@ -180,7 +182,6 @@ def validate(cfg: TrainConfig) -> model_lib.ModelConfig:
     if cfg.greedy_steps < 1:
         raise ValueError(f"--greedy-steps {cfg.greedy_steps}: expected 1 or more")
     mc = model_lib.ModelConfig.from_json(folder / "config.json")
-    model_lib.CheckpointReader(folder, mc)       # every shard's header against the config: names, shapes, dtypes, sizes
     for name, (m, n) in block_shapes(mc).items():
         if cfg.group_size <= 0 or n % cfg.group_size:
             raise ValueError(f"--group-size {cfg.group_size} does not divide the input width {n} of {name}")
@@ -219,6 +220,7 @@ def validate(cfg: TrainConfig) -> model_lib.ModelConfig:
         raise ValueError(f"--dtype {cfg.dtype}: expected float32 or bfloat16")
     if cfg.resume and not (Path(cfg.out) / "checkpoint.pt").is_file():
         raise FileNotFoundError(f"--resume: no checkpoint at {Path(cfg.out) / 'checkpoint.pt'}")
+    model_lib.CheckpointReader(folder, mc)       # every shard's header against the config: names, shapes, dtypes, sizes
     return mc
 
 

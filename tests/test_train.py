@@ -197,6 +197,7 @@ def no_heavy_work(monkeypatch):
         raise AssertionError("heavy work started before the inputs were validated")
     monkeypatch.setattr(model_lib, "from_pretrained", boom)
     monkeypatch.setattr(train.calib, "collect_hessians", boom)
+    monkeypatch.setattr(train.prepare, "prepare", boom)
 
 
 def test_bad_inputs_stop_before_heavy_work(tiny, tmp_path, no_heavy_work):
