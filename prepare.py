@@ -154,6 +154,41 @@ class _Stage:
               "\033[K", end="", file=sys.stderr, flush=True)
 
 
+def _glibc():
+    """The C library when it is glibc (for mallopt / malloc_trim), else None."""
+    global _libc
+    if _libc is None:
+        try:
+            import ctypes
+            lib = ctypes.CDLL("libc.so.6")
+            _libc = lib if hasattr(lib, "mallopt") and hasattr(lib, "malloc_trim") else False
+        except OSError:
+            _libc = False
+    return _libc or None
+
+
+_libc = None
+M_MMAP_THRESHOLD = -3                                     # glibc's mallopt parameter
+
+
+def bound_host_memory() -> None:
+    """Serve host allocations of 1 MiB and more with their own mappings, returned to the OS when freed. glibc's
+    default raises that threshold to the largest block freed so far (up to 32 MiB), after which a block's
+    tensors come from heaps that fragment: resident memory then grows block after block. Skipped where the
+    user set MALLOC_MMAP_THRESHOLD_ or the C library is not glibc."""
+    libc = _glibc()
+    if libc is not None and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
+
+
+def release_memory() -> None:
+    """Hand the memory freed with a block back to the OS (glibc keeps freed chunks in its heaps and per-thread
+    arenas; the init's worker threads each have one)."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
 def host_rss_gb() -> float:
     """This process's resident memory now (Linux /proc), else its peak."""
     try:
@@ -167,6 +202,7 @@ def prepare(cfg, tok, log) -> tuple[model_lib.LlamaForCausalLM, dict, dict]:
     """The model of cfg.model with every block linear quantized and wrapped in its initialized adapter, prepared
     block by block. Returns (model, init summary, {seconds per stage and peak memory}). Reuses and writes
     cfg.hessians / cfg.quantized as train.py documents."""
+    bound_host_memory()
     dtype, dev = getattr(torch, cfg.dtype), torch.device(cfg.device)
     reader = model_lib.CheckpointReader(cfg.model)
     mc = reader.config
@@ -258,6 +294,7 @@ def prepare(cfg, tok, log) -> tuple[model_lib.LlamaForCausalLM, dict, dict]:
                     run_block(block, s, True)
                 t = st.add("calibrate_s", t)
             del H, originals
+            release_memory()
         if writer is not None:
             writer.close()
     except BaseException:
