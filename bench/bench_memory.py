@@ -77,6 +77,29 @@ def linear_bytes_fp32(config: dict) -> int:
     return 4 * (2 * q * D + 2 * kv * D + 3 * Im * D)
 
 
+def estimate(config: dict, n_calib: int, calib_len: int, bits: int, rank: int, group_size: int = 64,
+             dtype_bytes: int = 4) -> dict:
+    """Computed (not measured) GB of what preparation and training hold on the device: what stays (embeddings
+    and head, packed base, adapters and their AdamW state), the calibration activations, one block's weights and
+    Hessians, and the float64 temporaries of the largest linear's GPTQ and init (a few n×n and m×n matrices)."""
+    mc = model_lib.ModelConfig.from_dict(config)
+    D, Im, hd, L = mc.hidden_size, mc.intermediate_size, mc.head_dim, mc.num_hidden_layers
+    q, kv = mc.num_attention_heads * hd, mc.num_key_value_heads * hd
+    shapes = [(q, D), (kv, D), (kv, D), (D, q), (Im, D), (Im, D), (D, Im)]
+    gb = 2**-30
+    packed = sum(m * n * bits / 8 + m * n / group_size * (2 + bits / 8) for m, n in shapes) * L
+    values = sum(min(rank * (m + n), m * n) for m, n in shapes) * L
+    temps = max(max(3 * n * n * 8 + n * n * 4 + 5 * m * n * 4, 2 * n * n * 8 + 4 * m * n * 8) for m, n in shapes)
+    return {"embeddings_gb": mc.vocab_size * D * dtype_bytes * (1 if mc.tie_word_embeddings else 2) * gb,
+            "activations_gb": n_calib * calib_len * D * dtype_bytes * gb,
+            "block_weights_gb": sum(m * n for m, n in shapes) * dtype_bytes * gb,
+            "block_hessians_gb": (D * D * 2 + q * q + Im * Im) * 8 * gb,
+            "largest_linear_temporaries_gb": temps * gb,
+            "packed_base_gb": packed * gb,
+            "adapters_gb": values * 8 * gb,              # fp32 value + int32 index
+            "adapter_training_state_gb": values * 12 * gb}  # gradient + AdamW's two moments, fp32
+
+
 def run_child(cmd: list[str], poll_s: float = 0.02) -> tuple[int, float, float, str]:
     """Run cmd; returns (exit code, peak RssAnon GB, wall seconds, stderr tail), sampling /proc/PID/status."""
     t0 = time.time()
@@ -117,6 +140,8 @@ def main(argv=None) -> dict:
     p.add_argument("--assets", default=str(ROOT / "assets"))
     p.add_argument("--workdir", help="where the checkpoints go (default: a temporary folder, removed after)")
     p.add_argument("--extra", default="", help="more train.py flags, space-separated")
+    p.add_argument("--estimate", action="store_true", help="print the computed memory of the config's stages "
+                   "(n_calib x calib_len activations, float32) instead of running anything")
     a = p.parse_args(argv)
     assets = Path(a.assets)
     tok_src = assets / "smollm2-135m"
@@ -129,6 +154,16 @@ def main(argv=None) -> dict:
     config.update({k: v for k, v in over.items() if v is not None})
     if "vocab_size" not in config:
         config["vocab_size"] = model_lib.Tokenizer.from_pretrained(tok_src).vocab_size
+    if a.estimate:
+        est = estimate(config, a.n_calib, a.calib_len, a.bits, a.rank)
+        prep = sum(v for k, v in est.items() if k not in ("adapter_training_state_gb",))
+        for k, v in est.items():
+            print(f"{k:<32} {v:8.2f}")
+        print(f"{'preparation peak (sum above)':<32} {prep:8.2f}")
+        result = {"bench": "memory_estimate", "config": config, "n_calib": a.n_calib, "calib_len": a.calib_len,
+                  "bits": a.bits, "rank": a.rank, **est, "preparation_gb": prep}
+        emit("memory", result)
+        return result
     work = Path(a.workdir) if a.workdir else Path(tempfile.mkdtemp(prefix="bench_memory_"))
     rows = []
     try:
