@@ -525,8 +525,8 @@ class CheckpointReader:
             if name not in files and not (tied and name == "lm_head.weight"):
                 problems.append(f"missing tensor {name} (shape {expected[name]})")
         if problems:
-            more = f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
-            raise ValueError(f"checkpoint {self.path} does not match its config.json: " + "; ".join(problems[:3])
+            more = f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
+            raise ValueError(f"checkpoint {self.path} does not match its config.json: " + "; ".join(problems[:5])
                              + more)
 
     def load(self, model: LlamaForCausalLM, prefix: str = "", dtype: torch.dtype = torch.float32,

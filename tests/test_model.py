@@ -236,7 +236,7 @@ def test_checkpoint_mismatch_lists_every_tensor(tmp_path):
     msg = str(err.value)
     assert "missing tensor model.layers.1.mlp.up_proj.weight" in msg
     assert "unexpected tensor model.extra.weight" in msg
-    assert "model.layers.0.self_attn.k_proj.weight: shape (16, 64), config expects (32, 64)" in msg
+    assert "model.layers.0.self_attn.k_proj.weight in model.safetensors: shape (16, 64), config expects (32, 64)" in msg
 
 
 def test_missing_files_raise_file_not_found(tmp_path):
