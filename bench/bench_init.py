@@ -221,7 +221,7 @@ def authors_per_row(bases, RE, support):
 
 
 def per_row_lstsq(E, H, support, lam):
-    """Plain METHOD.md least squares, row by row: min_f ‖(e_i − f T_Ω) Rᵀ‖ with R from the damped H."""
+    """The refinement of docs/method.md, row by row: min_f ‖(e_i − f T_Ω) Rᵀ‖ with R from the damped H."""
     n = E.shape[1]
     T = wht_matrix(n)
     R = calib.whitening_root(calib.damp(H, lam))

@@ -1,4 +1,4 @@
-"""Tests for wht.py: Hadamard matrices of every supported width and the fast transform (METHOD.md eqs. 10–12).
+"""Tests for wht.py: Hadamard matrices of every supported width and the fast transform (docs/method.md eqs. 10–12).
 
 References are built independently here: Sylvester's matrix by the textbook block recursion, the transform by
 a recursive fp64 FWHT followed by an einsum with the integer-verified core, and dense products with the
