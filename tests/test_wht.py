@@ -165,8 +165,8 @@ def test_wht_columns_equal_hadamard_matrix_large(n):
     assert rel_err(wht.wht(E, inverse=True), T[cols]) < TOL[torch.float32]
 
 
-def test_llama_widths_bars():
-    """Issue 3's error bars on the model widths: fp32 < 1e-5 relative, bf16 < 1e-2 relative vs exact."""
+def test_llama_widths_error_bounds():
+    """Error bounds on the model widths: fp32 < 1e-5 relative, bf16 < 1e-2 relative vs exact."""
     g = torch.Generator().manual_seed(1)
     for n in LLAMA:
         x = torch.randn(4, n, generator=g)
