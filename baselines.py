@@ -1,5 +1,5 @@
 """The paper's baselines and ablations at WHA's parameter budget: other kernels, 2-D transforms, LoRA/CLoQ,
-and the other selection rules (METHOD.md, "Baselines the paper compares against").
+and the other selection rules (docs/method.md, "Baselines the paper compares against").
 
 Sparse-spectrum adapters (one module, one init, the kernel is a parameter):
   1-D   ΔW = s · F T_n            (WHA eq. 4 with T_n one of the kernels below)

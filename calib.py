@@ -1,6 +1,6 @@
 """Calibration: per-layer input Hessians H = XᵀX / N, damping, the whitening root, calibration windows.
 
-METHOD.md "Notation": for a linear layer y = x Wᵀ with calibration inputs X (N×n), H = XᵀX / N and a
+docs/method.md "Notation": for a linear layer y = x Wᵀ with calibration inputs X (N×n), H = XᵀX / N and a
 whitening root R (RᵀR = H) turn the layer-output error of a weight error M into ‖M Rᵀ‖_F.
 
 `collect_hessians` runs a model over calibration batches and accumulates XᵀX in float64 (each batch's
@@ -283,7 +283,7 @@ class HessianWriter:
 
 
 def damp(H: torch.Tensor, lam: float) -> torch.Tensor:
-    """H + λ·mean(diag H)·I (METHOD.md "Notation"); a zero diagonal (dead layer) is damped with λ·I. Pure."""
+    """H + λ·mean(diag H)·I (docs/method.md "Notation"); a zero diagonal (dead layer) is damped with λ·I. Pure."""
     if H.dim() != 2 or H.shape[0] != H.shape[1]:
         raise ValueError(f"damp: H must be square (n, n), got {tuple(H.shape)}")
     if lam < 0:

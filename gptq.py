@@ -1,7 +1,7 @@
 """Quantizers for the base weight: RTN, GPTQ and MagR; packed 2/3/4-bit storage; QuantLinear.
 
 Orientation follows PyTorch: a weight W is (m, n) = (out_features, in_features) and a layer computes y = x Wᵀ.
-The grid is METHOD.md's eq. 1, asymmetric min–max per group of `group_size` consecutive input columns:
+The grid is eq. 1 of docs/method.md, asymmetric min–max per group of `group_size` consecutive input columns:
 
     s = (max − min) / (2^b − 1)   (the range always includes 0),  z = round(−min / s),
     q = clamp(round(w / s) + z, 0, 2^b − 1),                       ŵ = s · (q − z).
@@ -217,7 +217,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
                   block_size: int = 128, act_order: bool = False, static_groups: bool = True, *,
                   clip: bool = False, cd_passes: int = 0, refit: bool = False,
                   name: str = "", measure: bool = True) -> QuantState:
-    """GPTQ (Frantar et al. 2023) on the eq. 1 grid; H = XᵀX/N (n, n). See METHOD.md, "Quantization".
+    """GPTQ (Frantar et al. 2023) on the eq. 1 grid; H = XᵀX/N (n, n). See docs/method.md, "Quantization".
 
     Columns are quantized one at a time (in blocks of `block_size`, with lazy updates of the columns right of the
     block); after column i the error err = (w_i − ŵ_i)/U_ii is spread over the remaining columns by

@@ -2,7 +2,7 @@
 
 The adapter module itself (WHALinear, its training path, adapter files) is in wha.py; its names are re-exported here.
 
-METHOD.md, eqs. 4–9 and 33–35, in PyTorch's orientation (y = x Wᵀ, W ∈ R^{m×n}):
+docs/method.md, eqs. 4–9 and 33–35, in PyTorch's orientation (y = x Wᵀ, W ∈ R^{m×n}):
   adapter        ΔW = s · F T,  F (m×n) sparse with B = r(m+n) non-zeros, T = wht.hadamard_matrix(n)   (eq. 4)
   objective      min_F ‖(E − F T) Rᵀ‖_F,  E = W − Q, RᵀR = H = XᵀX/N                                 (eq. 5)
   dense solution C = E Tᵀ (spectrum), G = T H Tᵀ (H in the Hadamard domain)

@@ -3,7 +3,7 @@
     python train.py --model assets/smollm2-135m --bits 2 --out runs/demo            # the demo (GSM8K, ~10 min CPU)
     python train.py --model /path/to/llama --bits 4 --data alpaca.json --epochs 3 --batch-size 4 --grad-accum 16
 
-Stages, top to bottom (METHOD.md):
+Stages, top to bottom (docs/method.md):
   1. validate every input (model folder and shard headers, bit width, group size against every width, data
      fields) - cheap;
   2-4. block by block (prepare.py): the block's weights read from the checkpoint, its calibration Hessians

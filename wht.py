@@ -1,4 +1,4 @@
-"""Walsh–Hadamard transforms for every LLaMA/Mistral width (METHOD.md eqs. 10–12).
+"""Walsh–Hadamard transforms for every LLaMA/Mistral width (docs/method.md eqs. 10–12).
 
 A width n = K·2^p uses the orthonormal matrix T = (H_K ⊗ H_P) / √n, where H_P (P = 2^p) is Sylvester's
 matrix and H_K a ±1 Hadamard matrix of order K ∈ {1, 12, 20, 28, 36, 40, 52, 60, 108, 140, 156, 172}:

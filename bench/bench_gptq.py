@@ -10,7 +10,7 @@ Measures (CPU unless --device says otherwise):
     --cd-passes, --refit, --opt-act-order (gptq_quantize's options) also GPTQ with those options, alternating
     layer by layer;
   * the layer output error of RTN vs GPTQ (vs GPTQ + options) over all layers, averaged two ways: the mean of
-    ‖(W − Q)Rᵀ‖ (RᵀR = H; gptq issue 4's "layer output error", as bench_init reports it: layers with larger
+    ‖(W − Q)Rᵀ‖ (RᵀR = H; the "layer output error", as bench_init reports it: layers with larger
     outputs weigh more) and the mean of the relative error ‖(W − Q)Rᵀ‖ / ‖W Rᵀ‖ (every layer weighs the same);
     each as a ratio of GPTQ's mean over RTN's. And the relative error of
     RTN vs GPTQ vs MagR+GPTQ over the linears of a few sampled blocks (MagR's 200 iterations are slow on CPU);
@@ -26,11 +26,8 @@ log-normal channel scales (outlier channels). Weights: --weights FILE (default t
 assets/smollm2-135m/model.safetensors, when present), else random N(0, 0.02²) of the demo shapes.
 Prints a table and one JSON line.
 
-Threads: GPTQ's column loop is serial work on (m,) vectors, so a second intra-op thread buys little, and on a
-shared, oversubscribed 2-core machine (load average 7-11 during our runs) it costs a lot: the same 210 layers took
-a median 198 s wall / 73 s CPU with 2 threads against 31 s wall / 16 s CPU with 1. Hence --threads 1 by default.
-On an idle 2-core machine (load average 1, 2026-11-23) 2 threads do help: train.py's settings (--opt-act-order
---clip --cd-passes 2 --refit) took 40.6 s wall / 80 s CPU for all 210 layers against 62.8 s wall on 1 thread.
+Threads: GPTQ's column loop is serial work on (m,) vectors, so a second intra-op thread buys little and, on a
+shared, oversubscribed machine, costs a lot; hence --threads 1 by default (figures in docs/performance.md).
 """
 from __future__ import annotations
 
@@ -326,10 +323,10 @@ def report(res: dict, cfg: BenchConfig) -> None:
                     f"{res['ratio_opt_rtn'][b]:16.3f} | {res['abs_ratio_opt_rtn'][b]:7.3f}")
         print(row + f" || {'':>23}{s['rtn'][b]:7.4f} | {s['gptq'][b]:7.4f} | {s['magr_gptq'][b]:9.4f}")
     if opt:
-        print(f"median GPTQ{lab} time for all {res['layers']} layers: {res['opt_time_median_s']:.1f} s (bar < 120 s)")
-    print(f"median GPTQ time for all {res['layers']} layers: {res['gptq_time_median_s']:.1f} s (bar < 120 s); "
+        print(f"median GPTQ{lab} time for all {res['layers']} layers: {res['opt_time_median_s']:.1f} s")
+    print(f"median GPTQ time for all {res['layers']} layers: {res['gptq_time_median_s']:.1f} s; "
           f"MagR ({cfg.magr_iters} it) on {s['layers']} layers: {res['magr_time_s']:.1f} s; damping retries: "
-          f"{res['retries']}; load average {res['load_avg_1min']}; 2-bit g64 QuantLinear bytes / fp16: {res['bytes_2bit_g64_vs_fp16']:.4f} (bar <= 0.16)")
+          f"{res['retries']}; load average {res['load_avg_1min']}; 2-bit g64 QuantLinear bytes / fp16: {res['bytes_2bit_g64_vs_fp16']:.4f}")
     if res["ppl"]:
         p = res["ppl"]
         print(f"Wikipedia perplexity ({p['windows']} windows of {p['seq_len']} tokens, no adapter): "

@@ -13,7 +13,7 @@
 3. Average layer output error ‖(E − ΔW)Rᵀ‖_F after init, for None, Random, Magnitude (|C|, global top-B),
    AdaAlloc (each refined) and AdaAlloc unrefined, at the same budget B = r(m+n); also AdaAlloc with the
    channel score 'weight' (‖e_i‖, the authors' code) against 'output' (‖e_i Rᵀ‖), AdaAlloc + N rounds of
-   exchange search (issue 9), and AdaAlloc's k_i with the greedy per-row selection (rule='greedy', beyond the
+   exchange search (qwha.swap_search), and AdaAlloc's k_i with the greedy per-row selection (rule='greedy', beyond the
    paper) with and without exchanges. Reported absolute and relative to bare GPTQ (None), as the ratio of the
    layer means (the paper's 7.21 → 3.86 is 0.54×). A reference row: what cancelling the top B coefficients of a
    white error would leave (white_noise_ratio at each layer's density B/(m·n), times its bare error).
@@ -221,7 +221,7 @@ def authors_per_row(bases, RE, support):
 
 
 def per_row_lstsq(E, H, support, lam):
-    """Plain METHOD.md least squares, row by row: min_f ‖(e_i − f T_Ω) Rᵀ‖ with R from the damped H."""
+    """The refinement of docs/method.md, row by row: min_f ‖(e_i − f T_Ω) Rᵀ‖ with R from the damped H."""
     n = E.shape[1]
     T = wht_matrix(n)
     R = calib.whitening_root(calib.damp(H, lam))
@@ -352,7 +352,7 @@ def error_table(cfg, weights, H, names, bits):
 
 
 def per_type_ratio(names, errs, gptq_errs):
-    """{q_proj: mean err / mean GPTQ err over the layers of that type, ...} (the issue-9 per-type figures)."""
+    """{q_proj: mean err / mean GPTQ err over the layers of that type, ...} (the per-type figures)."""
     out = {}
     for t in dict.fromkeys(layer_type(n) for n in names):
         sel = [i for i, n in enumerate(names) if layer_type(n) == t]
@@ -519,7 +519,7 @@ def timing(cfg, weights, H, all_names, names):
 
 
 def ppl_after_init(cfg, weights, H, all_names):
-    """Held-out perplexity of the demo model right after init (issue 9): every linear GPTQ'd at cfg.ppl_bits,
+    """Held-out perplexity of the demo model right after init: every linear GPTQ'd at cfg.ppl_bits,
     wrapped by qwha.init_qwha at r = cfg.ppl_rank with the top-k selection and swap_rounds N ∈ cfg.ppl_rounds,
     then the greedy selection (cfg.greedy_steps[0] steps) and N ∈ cfg.ppl_greedy_rounds; also full precision
     and bare GPTQ. A fixed subset: cfg.ppl_windows windows of cfg.seq_len tokens evenly spaced over

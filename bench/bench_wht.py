@@ -2,18 +2,16 @@
 
     python bench/bench_wht.py                      # CPU, fp32, 2048 rows, n in {576, 1536, 4096, 14336}
     python bench/bench_wht.py --device cuda        # the same on a GPU (uses the CUDA kernel if available), then
-                                                   # the kernel against the pure-torch path (issue 10)
+                                                   # the kernel against the pure-torch path
 
 All three sides run in one process, alternating, after a warm-up; the table shows medians and the JSON line
 (last line of stdout) carries the configuration, each side, the ratio and the max relative error vs dense.
-Bars (issue 3): speedup >= 4x at n = 4096 and >= 2x at n = 14336 on CPU.
 
 On CUDA a second table times the fused kernel (kernels/wht_cuda.cu) against the pure-torch path
 (QWHA_DISABLE_CUDA_WHT=1) on --kernel-rows rows, bf16 and fp32, n in --kernel-widths, and reports the kernel's
 effective bandwidth (bytes read + written / time) as a share of the device's peak (memory clock · bus width · 2)
 and of a plain device copy of the same tensor (x.clone(), what the memory system delivers in practice). Each
 sample is timed with CUDA events around --burst calls queued back to back (the steady state of a training step).
-Bars (issue 10): at n = 4096, 16384 rows, bf16: >= 60 % of peak and >= 3x the torch path; exact to it.
 """
 from __future__ import annotations
 

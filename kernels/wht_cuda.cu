@@ -30,8 +30,8 @@ constexpr int kMaxLogP2 = 6;    // phase 2 holds at most 64 values per thread: P
 constexpr int kMaxK = 172;
 constexpr int kTileA = 8;       // phase 3: outputs per thread and pass (the core table is padded to a multiple)
 // Resident blocks per SM asked of the compiler (it caps the registers per thread to fit them): 6 where phase 2
-// holds ≤ 16 values per thread. Measured on an H100 at n = 4096, 16384 rows, bf16: 1852 GB/s with no cap, 2186
-// with 6 (more blocks resident, more loads in flight); the 32- and 64-value columns would spill, so no cap there.
+// holds ≤ 16 values per thread, so more blocks are resident and more loads in flight (faster than no cap: see
+// docs/performance.md, "WHT kernel"); the 32- and 64-value columns would spill, so no cap there.
 template <int LOG_P2> constexpr int min_blocks() { return LOG_P2 <= 4 ? 6 : 1; }
 
 template <typename T> __device__ __forceinline__ float to_f(T v) { return static_cast<float>(v); }

@@ -30,7 +30,7 @@ def assets() -> Path:
 @pytest.fixture(autouse=True, scope="session")
 def _one_thread():
     """Every test uses tiny shapes: on a shared 2-core machine a second intra-op thread only adds scheduler waits
-    (measured 3-10x slower under load, e.g. demo decoding 17.9 s vs 1.7 s). Restored after the session."""
+    (several times slower under load). Restored at the end of the pytest session."""
     prev = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

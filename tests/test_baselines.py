@@ -1,4 +1,4 @@
-"""baselines.py: kernels, the init of every adapter × selection, LoRA/CLoQ, modules, save/load (issue 8)."""
+"""baselines.py: kernels, the init of every adapter × selection, LoRA/CLoQ, modules, save/load."""
 import math
 
 import pytest

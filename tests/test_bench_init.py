@@ -26,7 +26,7 @@ def tiny_layer(m=8, n=64, seed=0):
 def test_refined_is_train_defaults_and_classic_is_all_off():
     defaults = {f.name: f.default for f in dataclasses.fields(train.TrainConfig) if f.name in train.QUANT_KEYS}
     assert bench_init.gptq_settings("refined") == defaults
-    assert defaults["act_order"] and defaults["gptq_clip"] and defaults["gptq_cd_passes"] > 0   # what the README says
+    assert defaults["act_order"] and defaults["gptq_clip"] and defaults["gptq_cd_passes"] > 0   # train.py's defaults
     assert not any(bench_init.gptq_settings("classic").values())
     with pytest.raises(ValueError, match="--gptq 'fancy'"):
         bench_init.gptq_settings("fancy")

@@ -1,6 +1,6 @@
 """bench/bench_wht.py, bench/bench_gptq.py and bench/bench_merged.py run end to end on tiny inputs (no demo
 checkpoint needed), so a change to the modules they call cannot leave them broken unnoticed; their figures come
-from the full runs in README."""
+from the full runs in docs/performance.md."""
 import json
 import sys
 from pathlib import Path

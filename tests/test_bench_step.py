@@ -29,7 +29,7 @@ def test_saved_bytes_counts_activations_and_keeps_none_alive():
     before = live_tensors()
     s1 = bench_step.saved_bytes(model, ids1, "full")
     s4 = bench_step.saved_bytes(model, ids4, "full")
-    # the counting pass must free its graph: it once leaked every activation (a node holding its own output)
+    # the counting pass must free its graph (a node holding its own output would keep every activation alive)
     assert live_tensors() == before
     # distinct storages are counted once each, and all stay alive during the pass, so 4x the tokens save
     # about 4x the bytes (freed and reused memory would collapse them)

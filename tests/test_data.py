@@ -1,4 +1,4 @@
-"""data.py readers, templates, label masking and batching (issue 7)."""
+"""data.py readers, templates, label masking and batching."""
 import json
 
 import pytest

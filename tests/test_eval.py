@@ -1,4 +1,4 @@
-"""eval.py: answer extraction, perplexity, GSM8K and multiple-choice scoring on a tiny random model (issue 7)."""
+"""eval.py: answer extraction, perplexity, GSM8K and multiple-choice scoring on a tiny random model."""
 import json
 import math
 

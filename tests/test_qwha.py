@@ -77,7 +77,7 @@ def test_layer_error_is_output_error():
 
 
 def _literal_adaalloc(scores, budget, t):
-    """METHOD.md eq. 7 literally (valid when no bound binds): floor, remainder to the smallest k_i."""
+    """docs/method.md eq. 7 literally (valid when no bound binds): floor, remainder to the smallest k_i."""
     w = scores.double() ** (1 / t)
     k = torch.floor(budget * w / w.sum()).long()
     rem = budget - int(k.sum())

@@ -1,4 +1,4 @@
-"""Beyond the paper's top-k + refinement: the exchange search on each row's support (issue 9; qwha.swap_search,
+"""Beyond the paper's top-k + refinement: the exchange search on each row's support (qwha.swap_search,
 init_layer_full(swap_rounds=N)) and the greedy per-row selection (qwha.select_greedy, rule='greedy'; at the end).
 
 Laws: every round keeps exactly k_i distinct columns per row; the per-row output error never rises; the values

@@ -1,4 +1,4 @@
-"""train.py end to end on a tiny random model (hidden 64, 2 layers), in-process and in seconds (issue 7)."""
+"""train.py end to end on a tiny random model (hidden 64, 2 layers), in-process and in seconds."""
 import json
 import math
 

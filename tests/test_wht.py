@@ -1,4 +1,4 @@
-"""Tests for wht.py: Hadamard matrices of every supported width and the fast transform (METHOD.md eqs. 10–12).
+"""Tests for wht.py: Hadamard matrices of every supported width and the fast transform (docs/method.md eqs. 10–12).
 
 References are built independently here: Sylvester's matrix by the textbook block recursion, the transform by
 a recursive fp64 FWHT followed by an einsum with the integer-verified core, and dense products with the
@@ -165,8 +165,8 @@ def test_wht_columns_equal_hadamard_matrix_large(n):
     assert rel_err(wht.wht(E, inverse=True), T[cols]) < TOL[torch.float32]
 
 
-def test_llama_widths_bars():
-    """Issue 3's error bars on the model widths: fp32 < 1e-5 relative, bf16 < 1e-2 relative vs exact."""
+def test_llama_widths_error_bounds():
+    """Error bounds on the model widths: fp32 < 1e-5 relative, bf16 < 1e-2 relative vs exact."""
     g = torch.Generator().manual_seed(1)
     for n in LLAMA:
         x = torch.randn(4, n, generator=g)

@@ -1,4 +1,4 @@
-"""The optional fused CUDA WHT kernel (kernels/wht_cuda.cu, issue 10).
+"""The optional fused CUDA WHT kernel (kernels/wht_cuda.cu).
 
 On a machine without CUDA only the loader's behaviour is checked (it must say why it cannot build, and wht.py must
 not depend on it); everything else needs a CUDA device and skips without one."""
