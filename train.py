@@ -2,6 +2,7 @@
 
     python train.py --model assets/smollm2-135m --bits 2 --out runs/demo            # the demo (GSM8K, ~10 min CPU)
     python train.py --model /path/to/llama --bits 4 --data alpaca.json --epochs 3 --batch-size 4 --grad-accum 16
+    torchrun --nproc_per_node=8 train.py --model /path/to/llama ...   # data parallel, --batch-size per process
 
 Stages, top to bottom (docs/method.md):
   1. validate every input (model folder and shard headers, bit width, group size against every width, data
@@ -38,6 +39,7 @@ import torch.nn.functional as F
 
 import calib
 import data
+import distributed
 import gptq
 import model as model_lib
 import baselines
@@ -325,17 +327,23 @@ def loss_sum(model, batch, device, autocast: bool) -> tuple[torch.Tensor, int]:
 
 @torch.no_grad()
 def heldout_loss(model, examples, cfg: TrainConfig, pad_id: int) -> float:
-    """Mean cross-entropy per response token over the held-out examples."""
+    """Mean cross-entropy per response token over the held-out examples (under torchrun each rank takes a shard
+    of every batch and the sums are all-reduced)."""
     if not examples:
         return float("nan")
     was_training = model.training
     model.eval()
     order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))
     total, count = 0.0, 0
-    for b in range(0, len(order), cfg.batch_size):
-        batch = data.collate_right([examples[i] for i in order[b:b + cfg.batch_size]], pad_id)
+    size = cfg.batch_size * distributed.world()
+    for b in range(0, len(order), size):
+        idx = distributed.shard(order[b:b + size])
+        if not idx:
+            continue
+        batch = data.collate_right([examples[i] for i in idx], pad_id)
         s, n = loss_sum(model, batch, cfg.device, cfg.device.startswith("cuda"))
         total, count = total + s.item(), count + n
+    total, count = distributed.all_reduce_sum([total, count], cfg.device)
     model.train(was_training)
     return total / max(count, 1)
 
@@ -357,12 +365,15 @@ class Schedule:
 
 
 def train(model, train_ex, held_ex, cfg: TrainConfig, out: Path, pad_id: int, log, write_log) -> dict:
-    """The fine-tuning loop over the adapter values; resumes from OUT/checkpoint.pt with --resume."""
+    """The fine-tuning loop over the adapter values; resumes from OUT/checkpoint.pt with --resume.
+
+    Under torchrun the micro-batches are those of one process with batch N·b; each rank takes a shard of every one,
+    the gradients are summed over the ranks and the loss divided by the global count of target tokens."""
     params = [p for p in model.parameters() if p.requires_grad]
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     if not params:
         raise ValueError("no trainable parameters: the adapters were not attached")
-    sched = Schedule([len(ids) for ids, _ in train_ex], cfg.batch_size, cfg.seed)
+    sched = Schedule([len(ids) for ids, _ in train_ex], cfg.batch_size * distributed.world(), cfg.seed)
     total = cfg.steps if cfg.steps is not None else max(1, math.ceil(cfg.epochs * sched.per_epoch / cfg.grad_accum))
     warmup = int(cfg.warmup * total)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -381,8 +392,11 @@ def train(model, train_ex, held_ex, cfg: TrainConfig, out: Path, pad_id: int, lo
             torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
         start = ck["step"]
         log(f"resumed from {ckpt_path} at step {start}/{total}")
+    distributed.broadcast(params)                # every rank starts from rank 0's values
 
     def save_checkpoint(step):
+        if not distributed.is_main():
+            return
         state = {"step": step, "values": {n: p.detach().cpu() for n, p in zip(names, params)},
                  "optimizer": opt.state_dict(), "scheduler": lr_sched.state_dict(), "config": asdict(cfg),
                  "rng": {"torch": torch.get_rng_state(),
@@ -400,20 +414,23 @@ def train(model, train_ex, held_ex, cfg: TrainConfig, out: Path, pad_id: int, lo
     t0, tokens_seen, last = time.time(), 0, {}
     for step in range(start, end):
         ts = time.time()
-        micro = [sched[step * cfg.grad_accum + j] for j in range(cfg.grad_accum)]
-        batches = [data.collate_right([train_ex[i] for i in idx], pad_id) for idx in micro]
+        micro = [distributed.shard(sched[step * cfg.grad_accum + j]) for j in range(cfg.grad_accum)]
+        batches = [data.collate_right([train_ex[i] for i in idx], pad_id) for idx in micro if idx]
         n_target = sum(int((b[1][:, 1:] != data.IGNORE_INDEX).sum()) for b in batches)
+        n_tok = sum(int(b[2].sum()) for b in batches)
+        n_target, n_tok = (int(v) for v in distributed.all_reduce_sum([n_target, n_tok], cfg.device))
         loss_total = 0.0
         for batch in batches:
             s, _ = loss_sum(model, batch, cfg.device, autocast)
             (s / n_target).backward()
             loss_total += s.item()
+        distributed.all_reduce_grads(params)     # clipping and the step below see the global gradient
+        loss_total, = distributed.all_reduce_sum([loss_total], cfg.device)
         gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else float("inf")).item()
         lr = opt.param_groups[0]["lr"]
         opt.step()
         lr_sched.step()
         opt.zero_grad(set_to_none=True)
-        n_tok = sum(int(b[2].sum()) for b in batches)
         tokens_seen += n_tok
         dt = time.time() - ts
         last = {"step": step + 1, "loss": loss_total / n_target, "lr": lr, "grad_norm": gnorm, "tokens": n_tok,
@@ -472,17 +489,20 @@ def run(cfg: TrainConfig):
     """The whole pipeline; returns (what OUT/config.json records, the trained model)."""
     cfg = resolve_defaults(cfg)
     mc = validate(cfg)
+    main_rank = distributed.is_main()            # under torchrun rank 0 alone prints, logs and writes outputs
+    cfg.quiet = cfg.quiet or not main_rank
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
     log = (lambda s: None) if cfg.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
     log_path = out / "log.jsonl"
-    if not cfg.resume:
+    if not cfg.resume and main_rank:
         log_path.unlink(missing_ok=True)
 
     def write_log(rec):
-        with log_path.open("a") as f:
-            f.write(json.dumps(rec) + "\n")
+        if main_rank:
+            with log_path.open("a") as f:
+                f.write(json.dumps(rec) + "\n")
 
     if cfg.resume:
         prev = json.loads((out / "config.json").read_text())["train"]
@@ -490,6 +510,10 @@ def run(cfg: TrainConfig):
         if changed:
             diffs = [f"--{k.replace('_', '-')} {prev.get(k)} -> {getattr(cfg, k)}" for k in changed]
             raise ValueError(f"--resume: settings differ from the run in {out}: " + ", ".join(diffs))
+        n_prev, n_now = json.loads((out / "config.json").read_text()).get("world_size", 1), distributed.world()
+        if n_prev != n_now:
+            raise ValueError(f"--resume: the run in {out} had {n_prev} processes, this one has {n_now}: the global "
+                             "batch (--batch-size × processes) must not change")
     dtype = getattr(torch, cfg.dtype)
     tok = model_lib.Tokenizer.from_pretrained(cfg.model)
     pad_id = tok.pad_id if tok.pad_id is not None else tok.eos_id
@@ -502,9 +526,11 @@ def run(cfg: TrainConfig):
     else:
         train_ex, held_ex = data.split_examples(examples, cfg.n_eval, cfg.seed)
     record = {"train": asdict(cfg), "model_config": mc.to_dict(), "data": asdict(report),
-              "n_train": len(train_ex), "n_heldout": len(held_ex)}
+              "n_train": len(train_ex), "n_heldout": len(held_ex), "world_size": distributed.world()}
 
-    if cfg.resume:
+    if not cfg.resume and not main_rank:
+        distributed.wait_for_main()              # rank 0 prepares and saves the base and adapters; the others load
+    if cfg.resume or not main_rank:
         model, _ = load_model(cfg.model, out / "quantized.safetensors", None, cfg.device, dtype)
         baselines.load_adapters(out / "adapter.safetensors", model)
         model.to(cfg.device)
@@ -523,6 +549,7 @@ def run(cfg: TrainConfig):
         record["timings"] = {k: v for k, v in stats.items() if k.endswith("_s")}
         record["memory"] = {k: v for k, v in stats.items() if k.endswith("_gb")}
         data.atomic_write(out / "config.json", lambda p: p.write_text(json.dumps(record, indent=1, default=str)))
+        distributed.wait_for_main()
 
     model.gradient_checkpointing = cfg.grad_checkpoint
     dense = cfg.dense_base == "on" or (cfg.dense_base == "auto" and not cfg.device.startswith("cuda")
@@ -533,6 +560,8 @@ def run(cfg: TrainConfig):
     finally:
         for mod, base in restore.items():
             mod.base = base
+    if not main_rank:
+        return record, model
     record["train_result"] = result
     record["timings"]["train_s"] = result["seconds"]
     save_adapter(model, out / "adapter.safetensors", cfg)
@@ -567,7 +596,10 @@ def _progress_end(cfg: TrainConfig) -> None:
 
 
 def main(argv=None) -> dict:
-    return run(parse_args(argv))[0]
+    cfg = parse_args(argv)
+    with distributed.process_group(cfg.device) as device:   # under torchrun; a no-op in a single process
+        cfg.device = device
+        return run(cfg)[0]
 
 
 if __name__ == "__main__":
