@@ -159,8 +159,11 @@ def base_mismatch(adapter_settings: dict, quantized_settings: dict) -> list[str]
         have = quantized_settings.get(key)
         if key == "model" and want is not None and have is not None:
             want, have = Path(str(want)).name, Path(str(have)).name
-        if have is not None and want != have:
+        if have is not None and want != have and key != "sha256":
             out.append(f"{key} {want} != {have}")
+    if not out and None not in (base.get("sha256"), quantized_settings.get("sha256")) \
+            and base["sha256"] != quantized_settings["sha256"]:   # same settings, other weights (calibration, model)
+        out.append(f"packed weights sha256 {base['sha256'][:12]}… != {quantized_settings['sha256'][:12]}…")
     return out
 
 
@@ -180,7 +183,7 @@ def check_number(value: float, flag: str, low: float = 0.0, low_ok: bool = False
     """value is finite and in (low, high] ([low, high] with low_ok); ValueError naming the flag otherwise."""
     if not (math.isfinite(value) and (value >= low if low_ok else value > low) and value <= high):
         rng = f"{'>=' if low_ok else '>'} {low:g}" + (f" and <= {high:g}" if math.isfinite(high) else "")
-        raise ValueError(f"{flag} {value}: expected a finite number {rng}")
+        raise ValueError(f"{flag} {value:g}: expected a finite number {rng}")
 
 
 def check_device(device: str, flag: str = "--device") -> None:
