@@ -249,8 +249,9 @@ def validate(cfg: EvalConfig) -> list[dict] | None:
     """Every check that needs no weights: flags, the data file (and GSM8K's reference answers), the model's
     config and checkpoint headers, --quantized and --adapter against the model and each other, --out. Returns
     the records of a gsm8k/mc file."""
-    for flag, value, low in (("--limit", cfg.limit, 1), ("--seq-len", cfg.seq_len, 2), ("--batch-size", cfg.batch_size, 1),
-                             ("--max-new-tokens", cfg.max_new_tokens, 1), ("--max-len", cfg.max_len, 2)):
+    bounds = (("--limit", cfg.limit, 1), ("--seq-len", cfg.seq_len, 2), ("--batch-size", cfg.batch_size, 1),
+              ("--max-new-tokens", cfg.max_new_tokens, 1), ("--max-len", cfg.max_len, 2))
+    for flag, value, low in bounds:
         if value is not None and value < low:
             raise ValueError(f"{flag} {value}: expected {low} or more")
     checks.check_device(cfg.device)
