@@ -8,11 +8,12 @@ FileNotFoundError naming the flag, the file and the tensor at fault and what was
   base_mismatch        the settings in which an adapter's recorded base and a quantized file differ;
   check_finite         NaN/Inf in named tensors; check_device; check_text_file (UTF-8, not binary);
   check_output_dir, check_output_file   that an output path can be written, without writing it.
-`run_cli` runs a command's main: bad input prints `error: ...` on one line (QWHA_DEBUG=1 or --debug shows the
+`ArgumentParser` and `run_cli` are the commands' side: bad input prints `error: ...` on one line (QWHA_DEBUG=1 or --debug shows the
 traceback instead) and exits 1; Ctrl-C exits 130.
 """
 from __future__ import annotations
 
+import argparse
 import codecs
 import json
 import math
@@ -269,6 +270,13 @@ def check_output_file(path, flag: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- the commands
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, its usage errors in one line (`error: ...`, exit status 2) like every other error."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
 
 
 def _one_line(e: BaseException) -> str:

@@ -222,7 +222,7 @@ class EvalConfig:
 
 
 def parse_args(argv=None) -> EvalConfig:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = checks.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="HF-style model folder")
     p.add_argument("--task", required=True, choices=["ppl", "gsm8k", "mc"])
@@ -263,6 +263,8 @@ def validate(cfg: EvalConfig) -> list[dict] | None:
     folder = Path(cfg.model)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"--model {folder}: no config.json there (expected an HF-style model folder)")
+    if not (folder / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"--model {folder}: no tokenizer.json in the folder (only fast tokenizers are read)")
     mc = model_lib.ModelConfig.from_json(folder / "config.json")
     try:
         for f in sorted(set(model_lib.checkpoint_files(folder).values())):

@@ -4,14 +4,18 @@
     python train.py --model /path/to/llama --bits 4 --data alpaca.json --epochs 3 --batch-size 4 --grad-accum 16
 
 Stages, top to bottom (METHOD.md):
-  1. validate every input (model folder, bit width, group size against every width, data fields) - cheap;
+  1. validate every input (flags, model folder and headers, reused files against the model, data files, --out
+     writable) - cheap, and nothing is written before it passes; the weights are checked finite once loaded;
   2. calibration Hessians H = XᵀX/N of every block linear from random windows of a text train split (calib.py);
   3. GPTQ on every block linear, optionally after MagR (gptq.py); the packed base is frozen;
   4. QWHA initialization (AdaAlloc + refinement, qwha.py) of a sparse Walsh-Hadamard adapter ΔW = s·F T per linear;
   5. training of the adapter values only: AdamW, warmup + cosine, gradient accumulation, clipping, bf16 autocast
      on CUDA, optional gradient checkpointing; loss on response tokens only; held-out loss every --eval-every steps;
+     a non-finite loss, gradient norm or value stops it (nothing of that step saved); Ctrl-C stops it after the
+     step under way with a checkpoint (exit status 130);
   6. OUT/quantized.safetensors, OUT/adapter.safetensors, OUT/config.json, OUT/log.jsonl, OUT/checkpoint.pt
-     (what --resume continues from, exactly) and with --merge a dense HF-style folder OUT/merged/.
+     (what --resume continues from, exactly; saved every --save-every steps and at each evaluation) and with
+     --merge a dense HF-style folder OUT/merged/.
 Every file is written to a temporary name and renamed, so a kill never leaves a half-written output.
 Stages can be reused: --hessians FILE and --quantized FILE are loaded when the file exists, else computed and
 written there.
@@ -113,7 +117,7 @@ RESUME_KEYS = ("model", "bits", "group_size", "rank", "temperature", "adapter", 
 def parse_args(argv=None) -> TrainConfig:
     """Flags are TrainConfig's fields (--group-size for group_size), their help the fields' comments."""
     comments = dict(re.findall(r"^    (\w+): [^#\n]*#\s*(.*)$", inspect.getsource(TrainConfig), re.M))
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = checks.ArgumentParser(description=__doc__.split("\n\n")[0])
     for f in fields(TrainConfig):
         flag, help_ = "--" + f.name.replace("_", "-"), comments.get(f.name, "")
         if f.default not in (None, MISSING) and not isinstance(f.default, bool) and "default" not in help_:
@@ -198,6 +202,8 @@ def validate(cfg: TrainConfig) -> model_lib.ModelConfig:
         if cfg.rank < 1 or budget < 2 * m:
             raise ValueError(f"--rank {cfg.rank}: the budget rank·(m+n) = {budget} of {name} ({m}×{n}) is below "
                              f"2 values per output channel (2·m = {2 * m})")
+    if not (folder / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"--model {folder}: no tokenizer.json in the folder (only fast tokenizers are read)")
     try:
         for f in sorted(set(model_lib.checkpoint_files(folder).values())):
             checks.safetensors_header(f)     # random bytes or a truncated file, named, before any weight is read

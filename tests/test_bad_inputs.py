@@ -373,3 +373,21 @@ def test_sigint_stops_with_a_checkpoint(tiny, tmp_path):
     assert steps == list(range(1, step + 1))
     config = json.loads((out / "config.json").read_text())
     assert config["train_result"]["steps_done"] == step and not config["train_result"]["finished"]
+
+
+def test_usage_errors_are_one_line_too(capsys):
+    for parse, args in ((train.parse_args, ["--model", "m", "--bits", "two"]),
+                        (ev.parse_args, ["--model", "m", "--task", "ppl", "--data", "d", "--limit", "x"])):
+        with pytest.raises(SystemExit) as info:
+            parse(args)
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and err.count("\n") == 1 and err.startswith("error: argument --")
+
+
+def test_model_folder_without_tokenizer(tiny, tmp_path, no_heavy_work):
+    m = copy_model(tiny / "model", tmp_path / "notok")
+    (m / "tokenizer.json").unlink()
+    refused(lambda: train.main(["--model", str(m)] + argv(tiny, tmp_path / "out")[2:]),
+            r"^--model .*notok: no tokenizer\.json", FileNotFoundError)
+    refused(lambda: ev.main(["--model", str(m), "--task", "ppl", "--data", str(tiny / "calib.txt")]),
+            r"^--model .*notok: no tokenizer\.json", FileNotFoundError)
