@@ -8,8 +8,8 @@ FileNotFoundError naming the flag, the file and the tensor at fault and what was
   base_mismatch        the settings in which an adapter's recorded base and a quantized file differ;
   check_finite         NaN/Inf in named tensors; check_device; check_text_file (UTF-8, not binary);
   check_output_dir, check_output_file   that an output path can be written, without writing it.
-`ArgumentParser` and `run_cli` are the commands' side: bad input prints `error: ...` on one line (QWHA_DEBUG=1 or --debug shows the
-traceback instead) and exits 1; Ctrl-C exits 130.
+`ArgumentParser` and `run_cli` are the commands' side: bad input prints `error: ...` on one line and exits 1
+(QWHA_DEBUG=1 or --debug shows the traceback instead); Ctrl-C exits 130.
 """
 from __future__ import annotations
 
