@@ -480,6 +480,8 @@ def load_adapters(path: str | Path, model: nn.Module) -> dict:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"adapter file {path} not found (write it with baselines.save_adapters)")
+    from checks import safetensors_header
+    safetensors_header(path)            # ValueError naming the file if it is not a whole safetensors file
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
         if meta.get("format") == "qwha-adapters/1":

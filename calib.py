@@ -126,7 +126,7 @@ def _accumulate(model, batches, names, device, offload, progress, label="", prod
         for name in names:
             handles.append(modules[name].register_forward_pre_hook(make_hook(name)))
         t0 = time.time()
-        n_batches = 0
+        n_batches, total = 0, (len(batches) if hasattr(batches, "__len__") else None)
         for batch in batches:
             if run is None:
                 ids, mask = _batch_tensors(batch, device)
@@ -139,7 +139,10 @@ def _accumulate(model, batches, names, device, offload, progress, label="", prod
                 state["last"] = None
             n_batches += 1
             if progress:
-                print(f"\rcalib {label}batch {n_batches} ({time.time() - t0:.1f}s)", end="", file=sys.stderr, flush=True)
+                dt = time.time() - t0
+                of = f"/{total} ({dt:.1f}s, ETA {dt / n_batches * (total - n_batches):.0f}s)" if total else \
+                    f" ({dt:.1f}s)"
+                print(f"\rcalib {label}batch {n_batches}{of}\033[K", end="", file=sys.stderr, flush=True)
         if progress:
             print(file=sys.stderr)
     finally:
@@ -340,6 +343,8 @@ def load_hessians(path: str | Path, names: Iterable[str] | None = None) -> tuple
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"Hessian file {path} not found (make it with calib.save_hessians)")
+    from checks import safetensors_header
+    safetensors_header(path)            # ValueError naming the file if it is not a whole safetensors file
     out = {}
     with safe_open(str(path), framework="pt") as f:
         raw = f.metadata() or {}

@@ -37,7 +37,16 @@ def read_text(path: str | os.PathLike) -> str:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"text file {path} does not exist")
-    return path.read_text(encoding="utf-8")
+    return _read_utf8(path)
+
+
+def _read_utf8(path: Path) -> str:
+    """The file's text; ValueError naming the file when it is not UTF-8 (a binary file given for a text one)."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start})") from None
 
 
 def read_articles(path: str | os.PathLike) -> list[str]:
@@ -51,14 +60,13 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"JSONL file {path} does not exist")
     records = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+    for lineno, line in enumerate(_read_utf8(path).split("\n"), 1):   # not splitlines: JSON may hold U+2028
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
     return records
 
 
@@ -237,11 +245,12 @@ def read_records(path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file {path} does not exist")
-    head = path.read_text(encoding="utf-8")[:4096].lstrip()
+    text = _read_utf8(path)
+    head = text[:4096].lstrip()
     records = None
     if head.startswith("[") or (head.startswith("{") and path.suffix == ".json"):
         try:
-            obj = json.loads(path.read_text(encoding="utf-8"))
+            obj = json.loads(text)
         except json.JSONDecodeError as e:
             if head.startswith("["):
                 raise ValueError(f"{path}: not valid JSON ({e.msg})") from None

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import re
 import sys
 import time
@@ -28,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import checks
 import data
 import model as model_lib
 
@@ -94,7 +94,8 @@ def perplexity(model, ids: list[int], seq_len: int, limit: int | None = None, ba
                                reduction="sum").item()
         count += x[:, 1:].numel()
         if progress:
-            _progress(f"ppl window {min(b + batch_size, len(starts))}/{len(starts)}", t0)
+            _progress(f"ppl window {min(b + batch_size, len(starts))}/{len(starts)}", t0,
+                      min(b + batch_size, len(starts)) / len(starts))
     if progress:
         print(file=sys.stderr)
     return {"ppl": math.exp(nll / count), "nll": nll / count, "tokens": count, "windows": len(starts),
@@ -135,12 +136,18 @@ def gsm8k(model, tok, records: list[dict], max_new_tokens: int = 256, batch_size
     t0 = time.time()
     for b in range(0, len(order), batch_size):
         idx = order[b:b + batch_size]
+
+        def tick(t, b=b):           # within the batch: its token t of at most max_new_tokens
+            if progress:
+                _progress(f"gsm8k {b}/{len(order)} done, batch of {len(idx)}: token {t}/{max_new_tokens}", t0,
+                          (b + len(idx) * t / max_new_tokens) / len(order))
         gen = model_lib.generate(model, [prompts[i] for i in idx], max_new_tokens, tok.eos_ids or tok.eos_id,
-                                 pad_id=_pad_id(tok))
+                                 pad_id=_pad_id(tok), on_token=tick)
         for i, g in zip(idx, gen):
             outputs[i] = tok.decode(g, skip_special_tokens=True)
         if progress:
-            _progress(f"gsm8k {min(b + batch_size, len(order))}/{len(order)}", t0)
+            _progress(f"gsm8k {min(b + batch_size, len(order))}/{len(order)} done", t0,
+                      min(b + batch_size, len(order)) / len(order))
     if progress:
         print(file=sys.stderr)
     rows = []
@@ -190,7 +197,7 @@ def multiple_choice(model, tok, records: list[dict], max_len: int = 1024, progre
         hits += int(max(range(len(lp)), key=lp.__getitem__) == int(r["label"]))
         hits_norm += int(max(range(len(norm)), key=norm.__getitem__) == int(r["label"]))
         if progress:
-            _progress(f"mc {i + 1}/{len(records)}", t0)
+            _progress(f"mc {i + 1}/{len(records)}", t0, (i + 1) / len(records))
     if progress:
         print(file=sys.stderr)
     return {"acc": hits / len(records), "acc_norm": hits_norm / len(records), "n": len(records)}
@@ -215,10 +222,12 @@ class EvalConfig:
     dtype: str = "float32"          # float32 | bfloat16 | float16
     out: str | None = None          # results JSON
     quiet: bool = False
+    allow_base_mismatch: bool = False  # evaluate an adapter on a base other than the one it was initialized for
+    debug: bool = False             # an error shows its traceback instead of one line (or QWHA_DEBUG=1)
 
 
 def parse_args(argv=None) -> EvalConfig:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = checks.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="HF-style model folder")
     p.add_argument("--task", required=True, choices=["ppl", "gsm8k", "mc"])
@@ -234,26 +243,91 @@ def parse_args(argv=None) -> EvalConfig:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--out", help="write the results here as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress line on stderr")
+    p.add_argument("--allow-base-mismatch", action="store_true",
+                   help="evaluate --adapter on a --quantized base other than the one it was initialized for "
+                        "(bits, group size, GPTQ settings or weights differ); an error without it")
+    p.add_argument("--debug", action="store_true", help="an error shows its traceback (or QWHA_DEBUG=1)")
     return EvalConfig(**vars(p.parse_args(argv)))
+
+
+def validate(cfg: EvalConfig) -> list[dict] | None:
+    """Every check that needs no weights: flags, the data file (and GSM8K's reference answers), the model's
+    config and checkpoint headers, --quantized and --adapter against the model and each other, --out. Returns
+    the records of a gsm8k/mc file."""
+    bounds = (("--limit", cfg.limit, 1), ("--seq-len", cfg.seq_len, 2), ("--batch-size", cfg.batch_size, 1),
+              ("--max-new-tokens", cfg.max_new_tokens, 1), ("--max-len", cfg.max_len, 2))
+    for flag, value, low in bounds:
+        if value is not None and value < low:
+            raise ValueError(f"{flag} {value}: expected {low} or more")
+    checks.check_device(cfg.device)
+    checks.check_text_file(cfg.data, "--data")
+    if cfg.adapter and not cfg.quantized:
+        raise ValueError("--adapter needs --quantized (the adapters wrap the quantized linears)")
+    if cfg.out:
+        checks.check_output_file(cfg.out, "--out")
+    folder = Path(cfg.model)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"--model {folder}: no config.json there (expected an HF-style model folder)")
+    if not (folder / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"--model {folder}: no tokenizer.json in the folder (only fast tokenizers are read)")
+    mc = model_lib.ModelConfig.from_json(folder / "config.json")
+    try:
+        for f in sorted(set(model_lib.checkpoint_files(folder).values())):
+            checks.safetensors_header(f)
+    except ValueError as e:
+        raise ValueError(f"--model {e}") from None
+    if cfg.quantized:
+        q = checks.check_quantized_file(cfg.quantized, mc, cfg.model)
+        if cfg.adapter:
+            settings = checks.check_adapter_file(cfg.adapter, mc, cfg.model)
+            diff = checks.base_mismatch(settings, q["settings"])
+            if diff and not cfg.allow_base_mismatch:
+                raise ValueError(f"--adapter {cfg.adapter} was initialized for another base than --quantized "
+                                 f"{cfg.quantized} ({'; '.join(diff)}): pass the pair of one train.py run, or "
+                                 f"--allow-base-mismatch")
+    if cfg.task == "ppl":
+        return None
+    records = data.read_records(cfg.data)[:cfg.limit]
+    if not records:
+        raise ValueError(f"--data {cfg.data}: no records")
+    if cfg.task == "gsm8k":
+        for i, r in enumerate(records):
+            if not isinstance(r.get("question"), str) or not isinstance(r.get("answer"), str):
+                raise ValueError(f"--data {cfg.data}: record {i} lacks 'question'/'answer' (GSM8K format)")
+            try:
+                gold_answer(r["answer"])
+            except ValueError as e:
+                raise ValueError(f"--data {cfg.data}: record {i}: {e}") from None
+    for i, r in enumerate(records if cfg.task == "mc" else []):
+        for f in ("context", "choices", "label"):
+            if f not in r:
+                raise ValueError(f"--data {cfg.data}: multiple-choice record {i} has no field {f!r} "
+                                 f"(expected context, choices, label)")
+        ch, label = r["choices"], r["label"]
+        if not (isinstance(ch, list) and ch and all(isinstance(c, str) for c in ch)):
+            raise ValueError(f"--data {cfg.data}: multiple-choice record {i}: choices must be a list of strings")
+        if not (isinstance(label, int) or isinstance(label, str) and label.isdigit()) or not 0 <= int(label) < len(ch):
+            raise ValueError(f"--data {cfg.data}: multiple-choice record {i}: label {label!r} is not an index "
+                             f"of its {len(ch)} choices")
+    return records
 
 
 def evaluate(cfg: EvalConfig) -> dict:
     """Run one task; returns the results dict (what --out writes)."""
-    if not Path(cfg.data).is_file():
-        raise FileNotFoundError(f"--data {cfg.data}: file not found")
-    if cfg.adapter and not cfg.quantized:
-        raise ValueError("--adapter needs --quantized (the adapters wrap the quantized linears)")
+    records = validate(cfg)
     m, tok = load_model(cfg.model, cfg.quantized, cfg.adapter, cfg.device, getattr(torch, cfg.dtype))
+    checks.check_finite(m.named_parameters(), f"--model {cfg.model}" + (" with --quantized" if cfg.quantized else "")
+                        + (" and --adapter" if cfg.adapter else ""))
     t0 = time.time()
     if cfg.task == "ppl":
         ids = data.text_token_stream(tok, data.read_text(cfg.data))
+        try:
+            window_starts(len(ids), cfg.seq_len)
+        except ValueError as e:
+            raise ValueError(f"--data {cfg.data}: {e}") from None
         res = perplexity(m, ids, cfg.seq_len, cfg.limit, cfg.batch_size, not cfg.quiet)
     else:
-        records = data.read_records(cfg.data)[:cfg.limit]
         if cfg.task == "gsm8k":
-            missing = [i for i, r in enumerate(records) if "question" not in r or "answer" not in r]
-            if missing:
-                raise ValueError(f"{cfg.data}: record {missing[0]} lacks 'question'/'answer' (GSM8K format)")
             res = gsm8k(m, tok, records, cfg.max_new_tokens, cfg.batch_size, not cfg.quiet)
         else:
             res = multiple_choice(m, tok, records, cfg.max_len, not cfg.quiet)
@@ -275,8 +349,11 @@ def _pad_id(tok) -> int:
     return tok.pad_id if tok.pad_id is not None else tok.eos_id
 
 
-def _progress(msg: str, t0: float) -> None:
-    print(f"\r{msg} ({time.time() - t0:.0f}s)", end="", file=sys.stderr, flush=True)
+def _progress(msg: str, t0: float, frac: float | None = None) -> None:
+    """The progress line: msg, the seconds since t0 and, given the fraction done, the ETA."""
+    dt = time.time() - t0
+    eta = f", ETA {dt / frac * (1 - frac):.0f}s" if frac and 0 < frac < 1 else ""
+    print(f"\r{msg} ({dt:.0f}s{eta})\033[K", end="", file=sys.stderr, flush=True)
 
 
 def main(argv=None) -> dict:
@@ -286,15 +363,10 @@ def main(argv=None) -> dict:
     summary = {k: v for k, v in res.items() if k != "samples"}
     print(json.dumps(summary))
     if cfg.out:
-        tmp = Path(cfg.out).with_suffix(".tmp")
         Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(res, indent=1))
-        os.replace(tmp, cfg.out)
+        data.atomic_write(Path(cfg.out), lambda p: p.write_text(json.dumps(res, indent=1)))
     return res
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    checks.run_cli(main)

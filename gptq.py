@@ -698,6 +698,8 @@ def load_quantized(path, device="cpu") -> tuple[dict[str, QuantLinear], dict]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"load_quantized: {path} does not exist")
+    from checks import safetensors_header
+    safetensors_header(path)            # ValueError naming the file if it is not a whole safetensors file
     with safe_open(str(path), framework="pt", device=str(device)) as f:
         meta = f.metadata() or {}
         if meta.get("format") != FORMAT:

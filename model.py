@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -56,6 +57,11 @@ class ModelConfig:
     def __post_init__(self):
         if self.model_type not in MODEL_TYPES:
             raise ValueError(f"config field model_type={self.model_type!r}: expected one of {MODEL_TYPES}")
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "head_dim", "max_position_embeddings"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise ValueError(f"config field {name}={v!r}: expected a positive integer")
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
@@ -114,7 +120,16 @@ class ModelConfig:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: config.json not found")
-        return cls.from_dict(json.loads(path.read_text()))
+        try:
+            d = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as e:                   # JSONDecodeError, UnicodeDecodeError
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"{path}: expected a JSON object of model settings, found a {type(d).__name__}")
+        try:
+            return cls.from_dict(d)
+        except (TypeError, ValueError) as e:      # a field of the wrong type, or a bad value
+            raise ValueError(f"{path}: {e}") from None
 
     def to_dict(self) -> dict:
         d = dict(self.extra)
@@ -433,11 +448,9 @@ INDEX_NAME, SINGLE_NAME = "model.safetensors.index.json", "model.safetensors"
 
 def _safetensors_header(path: Path) -> tuple[dict, int]:
     """The JSON header of a .safetensors file ({name: {dtype, shape, data_offsets}}) and where the data starts."""
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
-    header.pop("__metadata__", None)
-    return header, 8 + n
+    from checks import safetensors_header  # ValueError naming the file for random bytes or a truncated file
+    header, _meta, start = safetensors_header(path)
+    return header, start
 
 
 def _read_tensor(f, info: dict, data_start: int) -> torch.Tensor:
@@ -477,8 +490,12 @@ def checkpoint_files(path) -> dict[str, Path]:
     """{tensor name: file} of a checkpoint folder: the sharded index if present, else model.safetensors."""
     path = Path(path)
     if (path / INDEX_NAME).is_file():
-        index = json.loads((path / INDEX_NAME).read_text())
-        files = {name: path / fname for name, fname in index["weight_map"].items()}
+        try:
+            index = json.loads((path / INDEX_NAME).read_text(encoding="utf-8"))
+            files = {name: path / fname for name, fname in index["weight_map"].items()}
+        except (ValueError, TypeError, KeyError, AttributeError):
+            raise ValueError(f"{path / INDEX_NAME}: not a safetensors index (a JSON object with a "
+                             f"'weight_map' of tensor -> file)") from None
         absent = sorted({str(p) for p in files.values() if not p.is_file()})
         if absent:
             raise FileNotFoundError(f"{path / INDEX_NAME} names shards that are missing: {absent}")
@@ -589,8 +606,11 @@ def save_pretrained(model: LlamaForCausalLM, path, max_shard_size: int = 5 * 2**
         old.unlink(missing_ok=True)  # a stale index or shard would shadow what we write
     n = len(shards)
     names = [SINGLE_NAME] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    umask = os.umask(0o022)
+    os.umask(umask)
     for fname, shard in zip(names, shards):
         save_file({k: sd[k] for k in shard}, str(path / fname), metadata={"format": "pt"})
+        os.chmod(path / fname, 0o666 & ~umask)   # safetensors creates 0600 files; a checkpoint is for sharing
     if n > 1:
         index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in sd.values())},
                  "weight_map": {k: fname for fname, shard in zip(names, shards) for k in shard}}
@@ -663,8 +683,22 @@ class Tokenizer:
         path = Path(path)
         if not (path / "tokenizer.json").is_file():
             raise FileNotFoundError(f"{path / 'tokenizer.json'} not found (only fast tokenizer.json is read)")
-        tok = HFTokenizer.from_file(str(path / "tokenizer.json"))
-        read = lambda name: json.loads((path / name).read_text()) if (path / name).is_file() else {}  # noqa: E731
+        try:
+            tok = HFTokenizer.from_file(str(path / "tokenizer.json"))
+        except Exception as e:                    # the tokenizers library raises a bare Exception
+            raise ValueError(f"{path / 'tokenizer.json'}: not a tokenizer the tokenizers library reads "
+                             f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+
+        def read(name):
+            if not (path / name).is_file():
+                return {}
+            try:
+                d = json.loads((path / name).read_text(encoding="utf-8"))
+            except ValueError as e:
+                raise ValueError(f"{path / name}: not valid JSON ({e})") from None
+            if not isinstance(d, dict):
+                raise ValueError(f"{path / name}: expected a JSON object, found a {type(d).__name__}")
+            return d
         tcfg, gcfg, mcfg = read("tokenizer_config.json"), read("generation_config.json"), read("config.json")
         ids = {}
         for key in ("bos", "eos", "pad"):
@@ -738,10 +772,11 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1
 @torch.no_grad()
 def generate(model: LlamaForCausalLM, prompts: list[list[int]], max_new_tokens: int, eos_id=None,
              temperature: float = 0.0, top_p: float = 1.0, generator: torch.Generator | None = None,
-             pad_id: int | None = None, use_cache: bool = True) -> list[list[int]]:
+             pad_id: int | None = None, use_cache: bool = True, on_token=None) -> list[list[int]]:
     """Continue each prompt (left-padded into one batch) by up to max_new_tokens; a row stops at its first
     eos (eos_id: an id or a list of ids; the eos is not returned). Returns the new tokens of each prompt.
-    Sampling (temperature > 0) draws from `generator`, which must live on the model's device."""
+    Sampling (temperature > 0) draws from `generator`, which must live on the model's device.
+    on_token(t), if given, is called after the t-th new token of the batch (for a progress line)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt and no empty prompt")
     eos_list = [] if eos_id is None else [int(e) for e in torch.as_tensor(eos_id).reshape(-1).tolist()]
@@ -762,6 +797,8 @@ def generate(model: LlamaForCausalLM, prompts: list[list[int]], max_new_tokens: 
         nxt = sample_next(logits, temperature, top_p, generator).masked_fill(done, pad)  # (B,)
         out.append(nxt)
         done |= torch.isin(nxt, eos)
+        if on_token is not None:
+            on_token(len(out))
         if bool(done.all()) or len(out) == max_new_tokens:
             break
         if use_cache:

@@ -18,6 +18,7 @@ adapter at its initial values), one more pass per block.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import resource
 import sys
@@ -28,6 +29,7 @@ import torch
 
 import baselines
 import calib
+import checks
 import data
 import gptq
 import model as model_lib
@@ -101,6 +103,10 @@ def init_summary(rows: list[dict], seconds: float) -> dict:
 def calibration_windows(tok, cfg) -> torch.Tensor:
     """(n_calib, calib_len) token ids: seeded random windows of the --calib text."""
     stream = data.text_token_stream(tok, data.read_text(cfg.calib))
+    if len(stream) < cfg.calib_len:
+        raise ValueError(f"--calib {cfg.calib}: {len(stream)} tokens, fewer than one window of --calib-len "
+                         f"{cfg.calib_len} (--n-calib {cfg.n_calib} windows are drawn from it): give more text or "
+                         f"a smaller --calib-len")
     gen = torch.Generator().manual_seed(cfg.seed)
     return calib.calibration_windows(stream, cfg.n_calib, cfg.calib_len, gen)
 
@@ -120,6 +126,12 @@ def load_quantized_checked(path, names: list[str], cfg) -> dict[str, gptq.QuantL
 
 
 # ---------------------------------------------------------------------------------------------- the pipeline
+
+
+def check_finite(model, prefix: str, cfg) -> None:
+    """ValueError naming the first weight read so far under `prefix` that holds NaN or Inf."""
+    checks.check_finite(((n, p) for n, p in model.named_parameters() if n.startswith(prefix) and not p.is_meta),
+                        f"--model {cfg.model}")
 
 
 def _rope(model, batch: int, length: int, device, dtype):
@@ -212,6 +224,7 @@ def prepare(cfg, tok, log) -> tuple[model_lib.LlamaForCausalLM, dict, dict]:
     reader.load(model, "model.norm.", dtype, dev)
     if not mc.tie_word_embeddings:
         reader.load(model, "lm_head.", dtype, dev)
+    check_finite(model, "model.", cfg)
     model.requires_grad_(False)                          # only the adapters' values will train
     n_blocks = mc.num_hidden_layers
     block_names = lambda i: [f"model.layers.{i}.{n}" for n in BLOCK_LINEARS]  # noqa: E731
@@ -258,6 +271,7 @@ def prepare(cfg, tok, log) -> tuple[model_lib.LlamaForCausalLM, dict, dict]:
             st.show(i, "loading")
             reader.load(model, f"model.layers.{i}.", dtype, dev)
             block = model.model.layers[i]
+            check_finite(model, f"model.layers.{i}.", cfg)
             block.requires_grad_(False)
             st.show(i, "calibration")
             if h_file is not None:
@@ -320,9 +334,25 @@ def prepare(cfg, tok, log) -> tuple[model_lib.LlamaForCausalLM, dict, dict]:
     return model, summary, stats
 
 
-def save_quantized(model, path: Path, cfg) -> None:
-    """The packed base of every block linear (the adapters' bases) to `path`, atomically, with cfg's settings."""
+def base_layers(model) -> dict:
+    """{name: QuantLinear} of every block linear (under its adapter, if wrapped)."""
     layers = {n: model_lib.get_module(model, n) for n in model_lib.linear_names(model)}
-    layers = {n: getattr(m, "base", m) for n, m in layers.items()}
-    meta = {"model": cfg.model, "bits": cfg.bits, "group_size": cfg.group_size, **quant_settings(cfg)}
-    data.atomic_write(path, lambda p: gptq.save_quantized(p, layers, meta))
+    return {n: getattr(m, "base", m) for n, m in layers.items()}
+
+
+def base_record(model, cfg) -> dict:
+    """What the quantized base is: model, bits, group size, GPTQ settings and the sha256 of its packed tensors.
+    The quantized file and every adapter initialized on it record it, so eval.py can tell a mismatched pair."""
+    h = hashlib.sha256()
+    for name, q in base_layers(model).items():
+        for t in (q.qweight, q.scale_bits, q.qzeros, q.bias):
+            if t is not None:
+                h.update(name.encode())
+                h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy())
+    return {"model": cfg.model, "bits": cfg.bits, "group_size": cfg.group_size, **quant_settings(cfg),
+            "sha256": h.hexdigest()}
+
+
+def save_quantized(model, path: Path, cfg) -> None:
+    """The packed base of every block linear (the adapters' bases) to `path`, atomically, with its base_record."""
+    data.atomic_write(path, lambda p: gptq.save_quantized(p, base_layers(model), base_record(model, cfg)))

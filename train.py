@@ -5,16 +5,19 @@
     torchrun --nproc_per_node=8 train.py --model /path/to/llama ...   # data parallel, --batch-size per process
 
 Stages, top to bottom (docs/method.md):
-  1. validate every input (model folder and shard headers, bit width, group size against every width, data
-     fields) - cheap;
+  1. validate every input (flags, model folder and shard headers, reused files against the model, data files, --out
+     writable) - cheap, and nothing is written before it passes; the weights are checked finite as they are read;
   2-4. block by block (prepare.py): the block's weights read from the checkpoint, its calibration Hessians
      H = XᵀX/N from the calibration windows' activations (calib.py), GPTQ of its linears, optionally after MagR
      (gptq.py; the packed base is frozen), the QWHA initialization (AdaAlloc + refinement, qwha.py) of a sparse
      Walsh-Hadamard adapter ΔW = s·F T per linear; then its Hessians and full-precision weights are freed;
   5. training of the adapter values only: AdamW, warmup + cosine, gradient accumulation, clipping, bf16 autocast
      on CUDA, optional gradient checkpointing; loss on response tokens only; held-out loss every --eval-every steps;
+     a non-finite loss, gradient norm or value stops it (nothing of that step saved); Ctrl-C stops it after the
+     step under way with a checkpoint (exit status 130);
   6. OUT/quantized.safetensors, OUT/adapter.safetensors, OUT/config.json, OUT/log.jsonl, OUT/checkpoint.pt
-     (what --resume continues from, exactly) and with --merge a dense HF-style folder OUT/merged/.
+     (what --resume continues from, exactly; saved every --save-every steps and at each evaluation) and with
+     --merge a dense HF-style folder OUT/merged/.
 Every file is written to a temporary name and renamed, so a kill never leaves a half-written output.
 Stages can be reused: --hessians FILE and --quantized FILE are loaded when the file exists, else computed and
 written there.
@@ -29,7 +32,9 @@ import os
 import re
 import resource
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
@@ -38,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 import calib
+import checks
 import data
 import distributed
 import gptq
@@ -90,6 +96,7 @@ class TrainConfig:
     clip: float = 1.0                   # gradient norm clipping (0: off)
     max_len: int | None = None          # longest example in tokens, longer ones are dropped and counted (512; demo 256)
     eval_every: int | None = None       # steps between held-out evaluations (default: 4 per run)
+    save_every: int = 50                # steps between checkpoints besides those at evaluations (0: only those)
     out: str = "runs/qwha"              # output folder
     resume: bool = False                # continue from OUT/checkpoint.pt
     stop_after: int | None = None       # stop (checkpointed) after this many steps of this run; --resume continues
@@ -104,6 +111,7 @@ class TrainConfig:
     device: str = "cuda" if torch.cuda.is_available() else "cpu"  # cpu, cuda, cuda:1 ...
     dtype: str = "float32"              # dtype of the model's weights and activations (float32 | bfloat16)
     quiet: bool = False                 # no progress line on stderr
+    debug: bool = False                 # an error shows its traceback instead of one line (or QWHA_DEBUG=1)
 
 
 # Settings that must not change between a run and its --resume.
@@ -117,7 +125,7 @@ RESUME_KEYS = ("model", "bits", "group_size", "rank", "temperature", "adapter", 
 def parse_args(argv=None) -> TrainConfig:
     """Flags are TrainConfig's fields (--group-size for group_size), their help the fields' comments."""
     comments = dict(re.findall(r"^    (\w+): [^#\n]*#\s*(.*)$", inspect.getsource(TrainConfig), re.M))
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = checks.ArgumentParser(description=__doc__.split("\n\n")[0])
     for f in fields(TrainConfig):
         flag, help_ = "--" + f.name.replace("_", "-"), comments.get(f.name, "")
         if f.default not in (None, MISSING) and not isinstance(f.default, bool) and "default" not in help_:
@@ -165,12 +173,16 @@ def block_shapes(mc: model_lib.ModelConfig) -> dict[str, tuple[int, int]]:
 
 
 def validate(cfg: TrainConfig) -> model_lib.ModelConfig:
-    """Every check that needs no model weights, so a bad flag stops in a second, not after calibration."""
+    """Every check that needs no model weights, so a bad flag stops in a second, not after calibration: the
+    flags, the headers of the model's and the reused files, the data files, the writability of the outputs.
+    Nothing is written (OUT is not even created) before it passes."""
     folder = Path(cfg.model)
     if not folder.is_dir():
         raise FileNotFoundError(f"--model {folder}: no such folder (expected an HF-style model folder)")
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"--model {folder}: no config.json in the folder")
+    validate_numbers(cfg)
+    checks.check_device(cfg.device)
     if cfg.bits not in gptq.SUPPORTED_BITS:
         raise ValueError(f"--bits {cfg.bits}: expected one of {gptq.SUPPORTED_BITS}")
     if cfg.init_workers < 0:
@@ -198,15 +210,25 @@ def validate(cfg: TrainConfig) -> model_lib.ModelConfig:
         if cfg.rank < 1 or budget < 2 * m:
             raise ValueError(f"--rank {cfg.rank}: the budget rank·(m+n) = {budget} of {name} ({m}×{n}) is below "
                              f"2 values per output channel (2·m = {2 * m})")
+    if not (folder / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"--model {folder}: no tokenizer.json in the folder (only fast tokenizers are read)")
+    try:
+        for f in sorted(set(model_lib.checkpoint_files(folder).values())):
+            checks.safetensors_header(f)     # random bytes or a truncated file, named, before any weight is read
+    except ValueError as e:
+        raise ValueError(f"--model {e}") from None
     for flag in ("data", "eval_data", "calib"):
         path = getattr(cfg, flag)
-        if path is not None and not Path(path).is_file():
-            raise FileNotFoundError(f"--{flag.replace('_', '-')} {path}: file not found")
+        if path is not None:
+            checks.check_text_file(path, f"--{flag.replace('_', '-')}")   # exists, UTF-8, not binary
     if cfg.calib is None:
         raise ValueError(f"--calib: a calibration text file is needed (no demo text at {ASSETS / 'wikitext'})")
-    for path in (cfg.data, cfg.eval_data):
+    for flag, path in (("--data", cfg.data), ("--eval-data", cfg.eval_data)):
         if path is not None and Path(path).suffix not in data.TEXT_SUFFIXES:
-            data.detect_format(data.read_records(path), path)  # raises naming the file and the fields expected
+            try:
+                data.detect_format(data.read_records(path), path)  # raises naming the file and the fields expected
+            except ValueError as e:
+                raise ValueError(f"{flag} {e}") from None
     if cfg.steps is not None and cfg.steps < 0 or cfg.epochs is not None and cfg.epochs <= 0:
         raise ValueError("--steps must be >= 0 (0: initialize and save, no training) and --epochs > 0")
     if cfg.steps is not None and cfg.epochs is not None:
@@ -222,8 +244,102 @@ def validate(cfg: TrainConfig) -> model_lib.ModelConfig:
         raise ValueError(f"--dtype {cfg.dtype}: expected float32 or bfloat16")
     if cfg.resume and not (Path(cfg.out) / "checkpoint.pt").is_file():
         raise FileNotFoundError(f"--resume: no checkpoint at {Path(cfg.out) / 'checkpoint.pt'}")
+    checks.check_output_dir(cfg.out, "--out")
+    if cfg.resume:
+        validate_resume(cfg, mc)
+    validate_stage_files(cfg, mc)
     model_lib.CheckpointReader(folder, mc)       # every shard's header against the config: names, shapes, dtypes, sizes
     return mc
+
+
+def validate_numbers(cfg: TrainConfig) -> None:
+    """The numeric flags: finite and in range (--lr nan or inf would train to NaN values)."""
+    checks.check_number(cfg.lr, "--lr")
+    checks.check_number(cfg.temperature, "--temperature")
+    checks.check_number(cfg.weight_decay, "--weight-decay", low_ok=True)
+    checks.check_number(cfg.warmup, "--warmup", low_ok=True, high=1.0)
+    checks.check_number(cfg.clip, "--clip", low_ok=True)
+    if cfg.epochs is not None:
+        checks.check_number(cfg.epochs, "--epochs")
+    for flag, value, low in (("--n-eval", cfg.n_eval, 0), ("--save-every", cfg.save_every, 0),
+                             ("--eval-every", cfg.eval_every, 1), ("--stop-after", cfg.stop_after, 0)):
+        if value is not None and value < low:
+            raise ValueError(f"{flag} {value}: expected {low} or more")
+
+
+def validate_stage_files(cfg: TrainConfig, mc: model_lib.ModelConfig) -> None:
+    """--hessians and --quantized: an existing file must be of this model (shapes from its header, names and
+    settings from its metadata); a new one must be writable."""
+    if cfg.hessians:
+        if Path(cfg.hessians).exists() and not Path(cfg.hessians).is_dir():
+            checks.check_hessians_file(cfg.hessians, mc, cfg.model)
+        else:
+            checks.check_output_file(cfg.hessians, "--hessians")
+    if not cfg.quantized or cfg.resume:
+        return
+    if not Path(cfg.quantized).exists() or Path(cfg.quantized).is_dir():
+        checks.check_output_file(cfg.quantized, "--quantized")
+        return
+    q = checks.check_quantized_file(cfg.quantized, mc, cfg.model)
+    wrong = [n for n, li in q["layers"].items() if (li.get("bits"), li.get("group_size")) != (cfg.bits, cfg.group_size)]
+    if wrong:
+        li = q["layers"][wrong[0]]
+        raise ValueError(f"--quantized {cfg.quantized}: {wrong[0]} is {li.get('bits')}-bit with group size "
+                         f"{li.get('group_size')}, this run asks for --bits {cfg.bits} --group-size {cfg.group_size}")
+    for key in QUANT_KEYS:
+        if key in q["settings"] and q["settings"][key] != getattr(cfg, key):
+            raise ValueError(f"--quantized {cfg.quantized} was made with {key}={q['settings'][key]!r}, but this run "
+                             f"has {key}={getattr(cfg, key)!r}: pass the same setting or another --quantized path")
+
+
+def validate_resume(cfg: TrainConfig, mc: model_lib.ModelConfig) -> None:
+    """--resume: OUT holds a readable checkpoint, config.json, and a quantized base and adapter of this model, and
+    the settings that fix the result are those of the run being continued."""
+    out = Path(cfg.out)
+    read_checkpoint(out / "checkpoint.pt", mmap=True)
+    path = out / "config.json"
+    try:
+        prev = json.loads(path.read_text(encoding="utf-8"))["train"]
+        if not isinstance(prev, dict):
+            raise TypeError
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--resume: no {path} (the run's settings)") from None
+    except (ValueError, KeyError, TypeError):
+        raise ValueError(f"--resume: {path} is not a config.json written by train.py") from None
+    changed = [k for k in RESUME_KEYS if prev.get(k) != getattr(cfg, k)]
+    if changed:
+        diffs = [f"--{k.replace('_', '-')} {prev.get(k)} -> {getattr(cfg, k)}" for k in changed]
+        raise ValueError(f"--resume: settings differ from the run in {out}: " + ", ".join(diffs))
+    checks.check_quantized_file(out / "quantized.safetensors", mc, cfg.model, "--resume")
+    checks.check_adapter_file(out / "adapter.safetensors", mc, cfg.model, "--resume")
+
+
+def read_checkpoint(path: Path, mmap: bool = False) -> dict:
+    """OUT/checkpoint.pt as train() saves it; ValueError naming the file when it is truncated or not one."""
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+    except FileNotFoundError:
+        raise
+    except Exception as e:   # a truncated zip (RuntimeError), other bytes (UnpicklingError, EOFError), ...
+        detail = str(e).splitlines()[0].split(". ")[0][:100] if str(e) else "no detail"
+        raise ValueError(f"--resume: {path} is not a readable checkpoint ({type(e).__name__}: {detail}); start "
+                         f"over without --resume or with another --out") from None
+    need = {"step", "values", "optimizer", "scheduler", "rng"}
+    if not isinstance(ck, dict) or not need <= set(ck) or not isinstance(ck["step"], int):
+        raise ValueError(f"--resume: {path} is not a checkpoint written by train.py (expected the keys {sorted(need)})")
+    return ck
+
+
+def rank_warnings(cfg: TrainConfig, mc: model_lib.ModelConfig) -> list[str]:
+    """One line when --rank exceeds what some linears can hold: a sparse adapter's budget rank·(m+n) is capped
+    at m·n (a dense adapter, every weight trainable), LoRA's rank at min(m, n)."""
+    if cfg.adapter == "lora":
+        capped = [name for name, (m, n) in block_shapes(mc).items() if cfg.rank > min(m, n)]
+        what = "LoRA rank capped at min(m, n), a full-rank update"
+    else:
+        capped = [name for name, (m, n) in block_shapes(mc).items() if cfg.rank * (m + n) >= m * n]
+        what = "rank·(m+n) reaches m·n: capped to a dense adapter (every weight trainable, m·n values)"
+    return [f"--rank {cfg.rank}: {what} for {', '.join(capped)}"] if capped else []
 
 
 # ---------------------------------------------------------------------------------------------- stages
@@ -298,7 +414,8 @@ def init_adapters(model, hessians, originals, cfg: TrainConfig, log) -> dict:
 def save_adapter(model, path: Path, cfg: TrainConfig) -> None:
     meta = {"model": cfg.model, "rank": cfg.rank, "temperature": cfg.temperature, "bits": cfg.bits,
             "adapter": cfg.adapter, "transform_dims": cfg.transform_dims, "select": cfg.select,
-            "swap_rounds": cfg.swap_rounds, "rule": cfg.rule, "greedy_steps": cfg.greedy_steps}
+            "swap_rounds": cfg.swap_rounds, "rule": cfg.rule, "greedy_steps": cfg.greedy_steps,
+            "base": prepare.base_record(model, cfg)}
     # QWHA keeps qwha's file format; the other adapters use baselines' (whose loader also reads qwha's)
     save = qwha.save_adapters if is_qwha(cfg) else baselines.save_adapters
     data.atomic_write(path, lambda p: save(p, model, meta))
@@ -364,8 +481,42 @@ class Schedule:
         return self.epoch(k // self.per_epoch)[k % self.per_epoch]
 
 
-def train(model, train_ex, held_ex, cfg: TrainConfig, out: Path, pad_id: int, log, write_log) -> dict:
-    """The fine-tuning loop over the adapter values; resumes from OUT/checkpoint.pt with --resume.
+class StopRequest:
+    """Ctrl-C (SIGINT) during training: the step under way finishes, a checkpoint is saved and the run stops;
+    a second Ctrl-C interrupts at once. Installed from the main thread only (signal's rule)."""
+
+    def __init__(self):
+        self.requested, self._prev = False, None
+
+    def install(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            self._prev = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def uninstall(self) -> None:
+        if self._prev is not None:
+            signal.signal(signal.SIGINT, self._prev)
+            self._prev = None
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nCtrl-C: stopping after this step with a checkpoint (Ctrl-C again stops at once)",
+              file=sys.stderr, flush=True)
+
+
+def _diverged(step: int, total: int, what: str, ckpt: Path, saved: int | None) -> str:
+    keep = (f"the last good checkpoint, {ckpt}, holds step {saved}" if saved else
+            f"no checkpoint was saved yet; {ckpt.parent / 'adapter.safetensors'} holds the initialized adapter")
+    return f"step {step}/{total}: {what}; training stopped and saved nothing of it ({keep}); try a lower --lr"
+
+
+def train(model, train_ex, held_ex, cfg: TrainConfig, out: Path, pad_id: int, log, write_log,
+          stop: StopRequest | None = None) -> dict:
+    """The fine-tuning loop over the adapter values; resumes from OUT/checkpoint.pt with --resume. A non-finite
+    loss, gradient norm or value stops it with a ValueError (nothing of that step saved); `stop.requested`
+    (Ctrl-C) stops it after the step under way, checkpointed.
 
     Under torchrun the micro-batches are those of one process with batch N·b; each rank takes a shard of every one,
     the gradients are summed over the ranks and the loss divided by the global count of target tokens."""
@@ -381,7 +532,11 @@ def train(model, train_ex, held_ex, cfg: TrainConfig, out: Path, pad_id: int, lo
     start = 0
     ckpt_path = out / "checkpoint.pt"
     if cfg.resume:
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        ck = read_checkpoint(ckpt_path)
+        absent = [n for n in names if n not in ck["values"]]
+        if absent:
+            raise ValueError(f"--resume: {ckpt_path} has no values for {absent[0]} (a checkpoint of another run?)")
+        checks.check_finite(((n, ck["values"][n]) for n in names), f"--resume: {ckpt_path}")
         with torch.no_grad():
             for n, p in zip(names, params):
                 p.copy_(ck["values"][n])
@@ -402,6 +557,9 @@ def train(model, train_ex, held_ex, cfg: TrainConfig, out: Path, pad_id: int, lo
                  "rng": {"torch": torch.get_rng_state(),
                          "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
         data.atomic_write(ckpt_path, lambda p: torch.save(state, p))
+        saved[0] = step
+
+    saved = [start if cfg.resume else None]         # the step the checkpoint on disk holds
 
     eval_every = cfg.eval_every or max(1, total // 4)
     autocast = cfg.device.startswith("cuda")
@@ -411,7 +569,7 @@ def train(model, train_ex, held_ex, cfg: TrainConfig, out: Path, pad_id: int, lo
         write_log({"step": 0, "eval_loss": ev})
         log(f"held-out loss before training: {ev:.4f} ({len(held_ex)} examples)")
     end = total if cfg.stop_after is None else min(total, start + cfg.stop_after)
-    t0, tokens_seen, last = time.time(), 0, {}
+    t0, tokens_seen, last, done = time.time(), 0, {}, start
     for step in range(start, end):
         ts = time.time()
         micro = [distributed.shard(sched[step * cfg.grad_accum + j]) for j in range(cfg.grad_accum)]
@@ -427,8 +585,13 @@ def train(model, train_ex, held_ex, cfg: TrainConfig, out: Path, pad_id: int, lo
         distributed.all_reduce_grads(params)     # clipping and the step below see the global gradient
         loss_total, = distributed.all_reduce_sum([loss_total], cfg.device)
         gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else float("inf")).item()
+        if not (math.isfinite(loss_total) and math.isfinite(gnorm)):
+            raise ValueError(_diverged(step + 1, total, f"loss {loss_total / n_target:.4g}, gradient norm {gnorm:.4g}",
+                                       ckpt_path, saved[0]))
         lr = opt.param_groups[0]["lr"]
         opt.step()
+        if not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+            raise ValueError(_diverged(step + 1, total, "the update made adapter values NaN/Inf", ckpt_path, saved[0]))
         lr_sched.step()
         opt.zero_grad(set_to_none=True)
         tokens_seen += n_tok
@@ -436,19 +599,23 @@ def train(model, train_ex, held_ex, cfg: TrainConfig, out: Path, pad_id: int, lo
         last = {"step": step + 1, "loss": loss_total / n_target, "lr": lr, "grad_norm": gnorm, "tokens": n_tok,
                 "tok_per_s": n_tok / dt, "step_s": dt, "mem_gb": _memory_gb(cfg.device)}
         write_log(last)
-        eta = (time.time() - t0) / (step + 1 - start) * (end - step - 1)
+        done = step + 1
         _progress(cfg, f"step {step + 1}/{total} loss {last['loss']:.4f} lr {lr:.2e} "
-                       f"{tokens_seen / (time.time() - t0):.0f} tok/s mem {last['mem_gb']:.1f}GB ETA {eta:.0f}s",
-                  t0, step + 1, total)
+                       f"{tokens_seen / (time.time() - t0):.0f} tok/s mem {last['mem_gb']:.1f}GB",
+                  t0, done - start, end - start)
         if (step + 1) % eval_every == 0 or step + 1 == total:
             ev = heldout_loss(model, held_ex, cfg, pad_id)
             write_log({"step": step + 1, "eval_loss": ev})
             if step + 1 < end:
                 save_checkpoint(step + 1)
+        elif cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < end:
+            save_checkpoint(step + 1)
+        if stop is not None and stop.requested:
+            break
     _progress_end(cfg)
-    save_checkpoint(end)
-    return {"steps_done": end, "total_steps": total, "last": last, "seconds": time.time() - t0,
-            "finished": end == total}
+    save_checkpoint(done)
+    return {"steps_done": done, "total_steps": total, "last": last, "seconds": time.time() - t0,
+            "finished": done == total, "interrupted": done < end}
 
 
 def dense_bases(model) -> dict:
@@ -491,13 +658,13 @@ def run(cfg: TrainConfig):
     mc = validate(cfg)
     main_rank = distributed.is_main()            # under torchrun rank 0 alone prints, logs and writes outputs
     cfg.quiet = cfg.quiet or not main_rank
+    if main_rank:
+        for line in rank_warnings(cfg, mc):
+            print(f"warning: {line}", file=sys.stderr, flush=True)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
     log = (lambda s: None) if cfg.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
     log_path = out / "log.jsonl"
-    if not cfg.resume and main_rank:
-        log_path.unlink(missing_ok=True)
 
     def write_log(rec):
         if main_rank:
@@ -505,11 +672,6 @@ def run(cfg: TrainConfig):
                 f.write(json.dumps(rec) + "\n")
 
     if cfg.resume:
-        prev = json.loads((out / "config.json").read_text())["train"]
-        changed = [k for k in RESUME_KEYS if prev.get(k) != getattr(cfg, k)]
-        if changed:
-            diffs = [f"--{k.replace('_', '-')} {prev.get(k)} -> {getattr(cfg, k)}" for k in changed]
-            raise ValueError(f"--resume: settings differ from the run in {out}: " + ", ".join(diffs))
         n_prev, n_now = json.loads((out / "config.json").read_text()).get("world_size", 1), distributed.world()
         if n_prev != n_now:
             raise ValueError(f"--resume: the run in {out} had {n_prev} processes, this one has {n_now}: the global "
@@ -541,9 +703,13 @@ def run(cfg: TrainConfig):
                 p.requires_grad_(False)
         record.update({k: v for k, v in json.loads((out / "config.json").read_text()).items()
                        if k in ("init", "timings")})
+        if cfg.resume and main_rank:
+            truncate_log(log_path, read_checkpoint(out / "checkpoint.pt", mmap=True)["step"])
     else:
         model, record["init"], stats = prepare.prepare(cfg, tok, log)
         model.to(cfg.device)
+        out.mkdir(parents=True, exist_ok=True)        # the first write to OUT, once every input has passed
+        log_path.unlink(missing_ok=True)
         prepare.save_quantized(model, out / "quantized.safetensors", cfg)
         save_adapter(model, out / "adapter.safetensors", cfg)
         record["timings"] = {k: v for k, v in stats.items() if k.endswith("_s")}
@@ -555,9 +721,11 @@ def run(cfg: TrainConfig):
     dense = cfg.dense_base == "on" or (cfg.dense_base == "auto" and not cfg.device.startswith("cuda")
                                        and cfg.steps != 0)   # a dense copy only pays off over training steps
     restore = dense_bases(model) if dense else {}
+    stop = StopRequest().install()
     try:
-        result = train(model, train_ex, held_ex, cfg, out, pad_id, log, write_log)
+        result = train(model, train_ex, held_ex, cfg, out, pad_id, log, write_log, stop)
     finally:
+        stop.uninstall()
         for mod, base in restore.items():
             mod.base = base
     if not main_rank:
@@ -576,7 +744,25 @@ def run(cfg: TrainConfig):
         log(f"held-out loss: {record['eval_loss']['before']:.4f} -> {record['eval_loss']['after']:.4f}")
     log(f"saved {out}/quantized.safetensors, adapter.safetensors, config.json, log.jsonl"
         + ("" if result["finished"] else f" (stopped at step {result['steps_done']}: continue with --resume)"))
+    if result.get("interrupted"):
+        raise checks.Interrupted(f"stopped at step {result['steps_done']}: continue with --resume")
     return record, model
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Keep the records of log.jsonl up to `step` (the checkpoint's), so a resumed run logs each step once; a line
+    cut by a kill is dropped."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= step:
+            keep.append(line + "\n")
+    data.atomic_write(path, lambda p: p.write_text("".join(keep), encoding="utf-8"))
 
 
 def _memory_gb(device: str) -> float:
@@ -586,8 +772,11 @@ def _memory_gb(device: str) -> float:
 
 
 def _progress(cfg: TrainConfig, msg: str, t0: float, i: int, n: int) -> None:
+    """The progress line: msg, the seconds since t0 and the ETA of the n - i items left."""
     if not cfg.quiet:
-        print(f"\r{msg}  ({time.time() - t0:.0f}s)\033[K", end="", file=sys.stderr, flush=True)
+        dt = time.time() - t0
+        eta = f", ETA {dt / i * (n - i):.0f}s" if 0 < i < n else ""
+        print(f"\r{msg}  ({dt:.0f}s{eta})\033[K", end="", file=sys.stderr, flush=True)
 
 
 def _progress_end(cfg: TrainConfig) -> None:
@@ -603,7 +792,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    checks.run_cli(main)
