@@ -46,7 +46,7 @@ def radix2_path(x: torch.Tensor) -> torch.Tensor:
     return torch.matmul(HK, y.view(m, K, P)).view(m, n)
 
 
-def main(argv=None) -> dict:
+def parse(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--rows", type=int, default=2048)
@@ -72,6 +72,11 @@ def main(argv=None) -> dict:
     if not args.directions or any(d not in ("forward", "inverse") for d in args.directions):
         ap.error(f"--directions {','.join(args.directions)}: expected forward, inverse or forward,inverse")
     args.kernel_dtypes = [dtypes[d] for d in args.kernel_dtypes]
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
@@ -166,7 +171,7 @@ def kernel_table(args, dev) -> list[dict]:
         print("CUDA kernel unavailable (see the warning above): the dispatched side is the torch path")
     peak = peak_bandwidth(dev) if cuda else None
     sync = (lambda: torch.cuda.synchronize(dev)) if cuda else (lambda: None)
-    gen = torch.Generator(device="cpu").manual_seed(1)
+    gen = torch.Generator(device=dev).manual_seed(1)                  # inputs made on the device: no host copy
     out = []
     print(f"\n{'CUDA kernel' if kernel else 'wht (torch path)'} vs torch path and a device copy: {dev} "
           f"rows={args.kernel_rows} peak={f'{peak / 1e9:.0f} GB/s' if peak else '?'} burst={args.burst} "
@@ -175,7 +180,7 @@ def kernel_table(args, dev) -> list[dict]:
           f"{'copy GB/s':>10} {'% copy':>7} {'rel err':>9}")
     for dtype in args.kernel_dtypes:
         for n in args.kernel_widths:
-            x = torch.randn(args.kernel_rows, n, generator=gen).to(dev, dtype)
+            x = torch.randn(args.kernel_rows, n, generator=gen, device=dev).to(dtype)
             for direction in args.directions:
                 inv = direction == "inverse"
 
