@@ -17,12 +17,15 @@ errors), AdaAlloc, the top-k selection, the refinement, the exchange search, its
 the rest. --detail also times the batched solve's pieces (gathers, chunk factorizations, fallbacks), each call
 synchronized, in a second table. A warm-up init of a small layer runs first (CUDA context, solver handles).
 The model estimate is the block time times the config's num_hidden_layers (when all 7 linears of a block ran).
+A SIGTERM (e.g. from `timeout`) ends the run after the layer in progress is abandoned: the layers done are reported,
+with "partial": true.
 Prints tables and one JSON line (also appended to runs/bench_init_gpu.jsonl).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import signal
 import statistics
 import sys
 import time
@@ -75,6 +78,14 @@ class InitBenchConfig:
     detail: bool = False            # also time the batched solve's pieces
     threads: int = 0                # torch CPU threads (0: torch's default)
     quiet: bool = False
+
+
+class OutOfTime(Exception):
+    """Raised by the SIGTERM handler that main installs: report the layers done so far."""
+
+
+def _stop(signum, frame):
+    raise OutOfTime(f"signal {signum}")
 
 
 def log(cfg, msg, end="\n"):
@@ -196,6 +207,27 @@ def fold(paths: dict) -> dict:
     return out
 
 
+def init_rows(cfg: InitBenchConfig, shapes: dict, hessians: dict, dev, rows: list) -> None:
+    """Initialize each asked linear with its stages timed, appending one report row per layer to `rows`."""
+    timer = StageTimer(dev)
+    total_layers = cfg.blocks * len(cfg.linears)
+    with timer.patched(cfg.detail):
+        for b in range(cfg.blocks):
+            for j, name in enumerate(cfg.linears):
+                W, base = make_layer(shapes[name], cfg.bits, cfg.group_size, dev, cfg.seed + 1000 * b + j)
+                timer.reset()
+                li, t_e, total = init_one(W, base, hessians[INPUT_OF[name]], cfg.rank, cfg.swap_rounds, cfg.rule)
+                paths = {"E=W−Q": t_e, **timer.seconds}
+                paths["other"] = total - sum(paths.values())
+                rows.append({"layer": f"{b}.{name}", "shape": list(shapes[name]), "budget": int(li.values.numel()),
+                             "seconds": total, "stages": fold(paths), "paths": paths, "calls": dict(timer.calls),
+                             "rel_refined": li.err_refined / max(li.err_before, 1e-30),
+                             "k_min": int(li.k.min()), "k_max": int(li.k.max())})
+                log(cfg, f"\rinit {len(rows)}/{total_layers} {b}.{name} {shapes[name][0]}×{shapes[name][1]} "
+                         f"{total:.2f}s", end="")
+                del W, base, li
+
+
 def run(cfg: InitBenchConfig) -> dict:
     mc = modellib.ModelConfig.from_json(cfg.config)
     shapes = block_linears(mc)
@@ -215,33 +247,20 @@ def run(cfg: InitBenchConfig) -> dict:
         sync(dev)
         h_seconds[key] = time.perf_counter() - t0
         log(cfg, f"Hessian {key} ({n}×{n}, {cfg.tokens or 2 * n} tokens) {h_seconds[key]:.2f}s")
-    timer = StageTimer(dev)
-    rows = []
-    total_layers = cfg.blocks * len(cfg.linears)
-    with timer.patched(cfg.detail):
-        for b in range(cfg.blocks):
-            for j, name in enumerate(cfg.linears):
-                W, base = make_layer(shapes[name], cfg.bits, cfg.group_size, dev, cfg.seed + 1000 * b + j)
-                timer.reset()
-                li, t_e, total = init_one(W, base, hessians[INPUT_OF[name]], cfg.rank, cfg.swap_rounds, cfg.rule)
-                paths = {"E=W−Q": t_e, **timer.seconds}
-                paths["other"] = total - sum(paths.values())
-                rows.append({"layer": f"{b}.{name}", "shape": list(shapes[name]), "budget": int(li.values.numel()),
-                             "seconds": total, "stages": fold(paths), "paths": paths, "calls": dict(timer.calls),
-                             "rel_refined": li.err_refined / max(li.err_before, 1e-30),
-                             "k_min": int(li.k.min()), "k_max": int(li.k.max())})
-                log(cfg, f"\rinit {len(rows)}/{total_layers} {b}.{name} {shapes[name][0]}×{shapes[name][1]} "
-                         f"{total:.2f}s", end="")
-                del W, base, li
+    rows, partial = [], False
+    try:
+        init_rows(cfg, shapes, hessians, dev, rows)
+    except OutOfTime:
+        partial = True
     log(cfg, "")
     per_block = None
-    if set(cfg.linears) == set(LINEARS):
+    if set(cfg.linears) == set(LINEARS) and not partial:
         per_block = statistics.mean(sum(r["seconds"] for r in rows[b * 7:(b + 1) * 7]) for b in range(cfg.blocks))
     return {"bench": "init_gpu", "config": asdict(cfg), "model": Path(cfg.config).stem
             if Path(cfg.config).name != "config.json" else Path(cfg.config).parent.name,
             "device": str(dev), "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
             "threads": torch.get_num_threads(), "torch": torch.__version__, "hessian_seconds": h_seconds,
-            "rows": rows, "per_block_s": per_block, "num_hidden_layers": mc.num_hidden_layers,
+            "rows": rows, "partial": partial, "per_block_s": per_block, "num_hidden_layers": mc.num_hidden_layers,
             "model_estimate_s": per_block * mc.num_hidden_layers if per_block is not None else None}
 
 
@@ -268,6 +287,8 @@ def report(res: dict) -> None:
         for k in inner:
             print(f"{k:<44} {sum(r['paths'].get(k, 0.0) for r in rows):>9.3f} "
                   f"{sum(r['calls'].get(k, 0) for r in rows):>7}")
+    if res["partial"]:
+        print(f"\nstopped by a signal after {len(rows)} layer(s): the rest were not run")
     if res["per_block_s"] is not None:
         print(f"\nper block {res['per_block_s']:.2f} s; the model's {res['num_hidden_layers']} blocks "
               f"{res['model_estimate_s'] / 60:.2f} min")
@@ -304,6 +325,7 @@ def main(argv=None) -> dict:
         torch.set_num_threads(cfg.threads)
     if not Path(cfg.config).is_file():
         raise FileNotFoundError(f"--config {cfg.config}: no such config.json")
+    signal.signal(signal.SIGTERM, _stop)                              # `timeout`: report the layers done
     res = run(cfg)
     report(res)
     emit("bench_init_gpu", res)

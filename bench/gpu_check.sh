@@ -37,9 +37,10 @@ fi
 if [ ! -f "$CONFIG" ]; then
   echo "gpu_check: --config $CONFIG: no such config.json" >&2; exit 2
 fi
-if [ "$TINY" = 0 ] && [ "$DRY" = 0 ] && ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+HAS_CUDA="import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"
+if [ "$TINY" = 0 ] && [ "$DRY" = 0 ] && ! "$PY" -c "$HAS_CUDA" 2>/dev/null; then
   echo "gpu_check: no CUDA device ($PY: torch.cuda.is_available() is False or torch is missing); nothing measured" \
-       "(bash bench/gpu_check.sh --tiny is the CPU dry run)" >&2
+       "(bash bench/gpu_check.sh --tiny is the CPU run at tiny sizes)" >&2
   exit 2
 fi
 [ "$DRY" = 0 ] && mkdir -p "$OUT"

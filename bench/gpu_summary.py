@@ -38,6 +38,7 @@ def init_figures(res: dict) -> dict:
         for k, v in r["stages"].items():
             shares[k] = shares.get(k, 0.0) + v / max(total, 1e-12)
     return {"model": res["model"], "device": res.get("device_name", res["device"]), "linears": len(rows),
+            "partial": res.get("partial", False),
             "per_block_s": res["per_block_s"], "model_estimate_s": res["model_estimate_s"],
             "mean_linear_s": total / max(len(rows), 1),
             "stage_share": {k: v for k, v in sorted(shares.items(), key=lambda kv: -kv[1]) if v > 0}}
@@ -83,7 +84,8 @@ def table(s: dict) -> str:
 
     if s["init"]:
         i = s["init"]
-        add(f"init: seconds per linear ({i['model']}, {i['linears']} linears)", i["mean_linear_s"])
+        done = f"{i['linears']} linears" + (", stopped early" if i["partial"] else "")
+        add(f"init: seconds per linear ({i['model']}, {done})", i["mean_linear_s"])
         add("init: seconds per block", i["per_block_s"])
         add("init: minutes for the model", i["model_estimate_s"] / 60 if i["model_estimate_s"] else None)
         for k, v in list(i["stage_share"].items())[:6]:

@@ -66,3 +66,21 @@ def test_a_subset_has_no_block_estimate_and_a_bad_name_says_so(tmp_path):
     assert len(res["rows"]) == 1 and res["per_block_s"] is None and "swaps" not in res["rows"][0]["paths"]
     with pytest.raises(ValueError, match="--linears qkv"):
         bench_init_gpu.run(bench_init_gpu.parse(["--config", path, "--linears", "qkv", "--quiet"]))
+
+
+def test_a_stop_signal_reports_the_layers_done(tmp_path, monkeypatch):
+    calls = []
+    plain = bench_init_gpu.init_one
+
+    def stop_at_third(*args):                                         # the warm-up, one layer, then the signal
+        calls.append(1)
+        if len(calls) == 3:
+            bench_init_gpu._stop(15, None)
+        return plain(*args)
+
+    monkeypatch.setattr(bench_init_gpu, "init_one", stop_at_third)
+    res = bench_init_gpu.run(bench_init_gpu.parse(["--config", tiny_config(tmp_path / "tiny.json"), "--rank", "2",
+                                                   "--quiet"]))
+    assert res["partial"] and [r["layer"] for r in res["rows"]] == ["0.q_proj"]
+    assert res["per_block_s"] is None and res["model_estimate_s"] is None
+    assert qwha.layer_problem.__name__ == "layer_problem"                # the timing wrappers are gone
