@@ -371,12 +371,13 @@ def main(argv=None):
     with open("/proc/loadavg") as f:
         load = f.read().split()[:3]
     mem_kind = "CUDA max allocated" if cfg.device.startswith("cuda") else "peak RSS; alloc = peak live tensor bytes"
-    base = f"packed {cfg.bits}-bit base" if cfg.packed() else "dense base"
+    base_kind = f"packed {cfg.bits}-bit base" if cfg.packed() else "dense base"
     widths = ", ".join(f"{m}×{n}" for m, n in shapes)
     print(f"\nTraining step, {cfg.label()} with {cfg.blocks} block(s) (linears {widths}), "
-          f"{base}, {'bf16 autocast' if cfg.use_autocast() else 'no autocast'}, head {cfg.head}, seq {cfg.seq_len}, "
+          f"{base_kind}, {'bf16 autocast' if cfg.use_autocast() else 'no autocast'}, head {cfg.head}, seq {cfg.seq_len}, "
           f"r = {cfg.rank} ({res[cfg.batches[0]]['QWHA']['trainable']} trainable parameters each), {cfg.device}, "
-          f"{torch.get_num_threads()} threads, load average {' '.join(load)}; peak = {mem_kind} during a step above before it")
+          f"{torch.get_num_threads()} threads, load average {' '.join(load)}; "
+          f"peak = {mem_kind} during a step above before it")
     print(f"{'batch':>5} {'variant':<16} {'step s':>8} {'× LoRA':>7} {'QWHA ×':>7} {'adapter s':>9} {'CPU s':>8} "
           f"{'× LoRA':>7} {'alloc MB':>9} {'× LoRA':>7} {'peak MB':>9} {'× LoRA':>7} {'saved MB':>9} {'× LoRA':>7}")
     summary = {}
