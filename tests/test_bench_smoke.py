@@ -22,6 +22,22 @@ def test_bench_wht_runs_and_matches_the_dense_transform(capsys):
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["bench"] == "wht"
 
 
+def test_bench_wht_kernel_table_runs_on_a_cpu_for_every_dtype_width_and_direction(capsys):
+    res = bench_wht.main(["--kernel-only", "--kernel-table", "--kernel-rows", "8", "--kernel-widths", "96", "448",
+                          "--kernel-dtypes", "bfloat16,float32", "--directions", "forward,inverse", "--burst", "1",
+                          "--repeats", "1"])
+    assert res["results"] == [] and res["kernel_rows"] == 8
+    rows = res["kernel"]
+    assert [(r["dtype"], r["n"], r["direction"]) for r in rows] == [
+        (d, n, s) for d in ("bfloat16", "float32") for n in (96, 448) for s in ("forward", "inverse")]
+    for r in rows:
+        assert r["GBps"] > 0 and r["copy_GBps"] > 0 and r["pct_copy"] == pytest.approx(100 * r["GBps"] / r["copy_GBps"])
+        assert r["max_rel_err_vs_torch"] == 0 and not r["cuda_kernel"]     # on a CPU both sides are the torch path
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["bench"] == "wht"
+    with pytest.raises(SystemExit):
+        bench_wht.main(["--kernel-only", "--kernel-dtypes", "float8"])
+
+
 def test_bench_gptq_runs_on_random_weights_with_every_option(tmp_path, capsys):
     cfg = bench_gptq.parse(["--weights", str(tmp_path / "absent.safetensors"), "--blocks", "1", "--bits", "2",
                             "--act-order", "--clip", "--cd-passes", "1", "--refit", "--magr-blocks", "0",
