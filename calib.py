@@ -9,7 +9,7 @@ WHALinear: anything whose first positional input is the (..., n) activation). No
 are excluded. Hooks are removed in a `finally` block, so an exception leaves the model as it was.
 Linears fed the very same input tensor (q/k/v, gate/up) share one XᵀX product per batch.
 
-Two input regimes (issue 6):
+Two input regimes:
   - sequential=False (the paper): all Hessians from the full-precision model in one pass over the data.
   - sequential=True (GPTQ's sequential mode): the target linears are grouped into blocks
     ("...layers.<i>."), and block i is calibrated only after the caller's `on_block(block, hessians)` has

@@ -2,7 +2,7 @@
 
 Readers: `read_text`, `read_jsonl`, `read_articles`, `read_records` (JSON or JSONL).
 
-Training and evaluation data (issue 7): the format of a JSON/JSONL file is detected from its fields (Alpaca
+Training and evaluation data: the format of a JSON/JSONL file is detected from its fields (Alpaca
 instruction/input/output, GSM8K question/answer, generic prompt/response; a .txt file is language-modelling
 text); `format_example` applies the Alpaca or GSM8K prompt template; `load_examples` tokenizes into
 (input_ids, labels) with the prompt's labels -100 and counts every dropped record by reason (`DataReport`);
@@ -207,7 +207,7 @@ def gsm8k_answer_number(answer: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Training and evaluation data (issue 7): readers, prompt templates, label masking, batching
+# Training and evaluation data: readers, prompt templates, label masking, batching
 #
 # A file of examples is JSON (a list of objects) or JSONL (one object a line). Its format is detected from the
 # fields of its records: Alpaca (instruction/input/output), GSM8K (question/answer) or generic (prompt/response).

@@ -50,14 +50,14 @@ __all__ = [
 
 SELECT_MODES = ("adaalloc", "magnitude", "random", "random_rows", "none")
 RULES = ("output", "magnitude", "greedy")    # per-row selection rules of select='adaalloc'
-SWAP_ROUNDS_DEFAULT = 2   # init_qwha's exchange-search rounds (issue 9; see init_qwha)
+SWAP_ROUNDS_DEFAULT = 2   # init_qwha's exchange-search rounds (see init_qwha)
 GREEDY_STEPS = 8          # steps of the greedy rule (select_greedy)
 RULE_DEFAULT = "output"   # init_qwha's per-row selection (see init_qwha)
-CHUNK_BYTES = 1 << 22     # gathered (k, k) float64 blocks per batched solve (issue 6: 4 MB beat 0.25-2 MB, = 8-16 MB)
+CHUNK_BYTES = 1 << 22     # gathered (k, k) float64 blocks per batched solve (a CPU cache-sized batch)
 FP32_MIN_K = 128          # blocks of at least this size are factored in float32 (see refine)
 FP32_MAX_PIVOT_SPREAD = 100.0  # float32 factors whose diagonal spreads more (so cond ≥ 10⁴) are redone in float64
 PAD_PER_OCTAVE = 16       # block sizes per octave of k in the batched solve (rows padded up to them, see _padded_sizes)
-AUG_MIN_K = 64            # smaller blocks: no padding, no augmented row (measured: 32 and 96 slower at r = 8 and 64)
+AUG_MIN_K = 64            # smaller blocks: no padding, no augmented row (docs/performance.md)
 _AUG_BIG = 1e30           # the last pivot of an augmented block [[A, bᵀ], [b, big]] (see _chunk_solve)
 
 
@@ -325,8 +325,8 @@ def refine(P: torch.Tensor, G: torch.Tensor, support: torch.Tensor, *, chunk_byt
     unit pivots decoupled from the block, so it changes nothing but round-off), each block gathered with its
     right-hand side as one more row, [[G[Ω,Ω], P[i,Ω]ᵀ], [P[i,Ω], big]], so that one batched Cholesky (in place)
     also does the forward solve and one triangular solve is left (per group and chunk, ≤ chunk_bytes of float64
-    blocks); rows whose Cholesky fails fall back to least squares (issue 6: 24,828 groups of equal k over the
-    demo model at r = 64 become 6,874). Blocks with K_i ≥ fp32_min_k (default None: none; init_layer_full and select_greedy pass
+    blocks); rows whose Cholesky fails fall back to least squares (padding merges the many groups of equal k into a
+    few). Blocks with K_i ≥ fp32_min_k (default None: none; init_layer_full and select_greedy pass
     FP32_MIN_K) are gathered and factored in float32, where gather and Cholesky are faster; their values differ
     from float64's by about eps32·cond(G[Ω,Ω]) (so the normal equations hold only to that), which moves the error
     ‖(e_i − f T_Ω)Rᵀ‖² only at second order (4e-7 at cond 2·10⁵ in the tests; bench/bench_init.py measures the
@@ -605,7 +605,7 @@ def swap_search(P: torch.Tensor, G: torch.Tensor, support: torch.Tensor, values:
                 P_raw: torch.Tensor | None = None, row_err2: torch.Tensor | None = None, lam_mu: float = 0.0,
                 chunk_bytes: int = 1 << 27, exchange_frac: float = 0.25,
                 retry_single: bool = True) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """Exchange search on each row's support (issue 9), between selection and the final refinement.
+    """Exchange search on each row's support (beyond the paper), between selection and the final refinement.
 
     Each round, each row i with refined values f on Ω_i (f·G[Ω,Ω] = P[i,Ω]):
       gain of adding j ∉ Ω    g_j² / G_jj,  g = P[i] − f·G[Ω,:] (the residual gradient; exact for one addition)
@@ -790,7 +790,7 @@ def init_layer_full(E: torch.Tensor, H: torch.Tensor, budget: int, *, temperatur
     """init_layer with its report. E = W − Q (m×n), H = XᵀX/N (n×n, undamped; damped by λ·mean(diag H) for
     the solve). score: AdaAlloc's σ_i ('output' ‖e_i Rᵀ‖ or 'weight' ‖e_i‖); rule: per-row selection
     ('output' top-k by C²·G_jj, 'magnitude' top-k by |C|, 'greedy' `select_greedy` in greedy_steps steps, beyond
-    the paper). Errors are reported with the undamped H. swap_rounds: rounds of `swap_search` (issue 9) between
+    the paper). Errors are reported with the undamped H. swap_rounds: rounds of `swap_search` between
     the refinement and a final refinement (0: off); err_select stays that of the selected support with F = C,
     info['err_refined_noswap'] the refined error before the exchanges. fp32_min_k: see `refine`."""
     t0 = time.perf_counter()
@@ -813,7 +813,7 @@ def init_layer_full(E: torch.Tensor, H: torch.Tensor, budget: int, *, temperatur
     f, qf, qs = _solve_support(pb.P, pb.G, support, extra=f_sel, **solve)
     err_select, err_refined = pb.error(support, f_sel, qs), pb.error(support, f, qf)
     info: dict = {}
-    if swap_rounds:                                                    # issue 9: exchange search, then refine
+    if swap_rounds:                                                    # exchange search, then refine
         info["err_refined_noswap"] = err_refined
         support, f, sw = swap_search(pb.P, pb.G, support, f, swap_rounds, P_raw=pb.P_raw, row_err2=pb.e_out,
                                      lam_mu=pb.lam_mu, chunk_bytes=chunk_bytes)
@@ -846,14 +846,11 @@ def init_qwha(model: nn.Module, hessians: Mapping[str, torch.Tensor], weights: M
     `name` holds the quantized base Q (QuantLinear, or nn.Linear); E = W − Q. Budget per layer:
     B = budget_rank·(m + n), capped at m·n. Values stored as f / scale. Returns one report dict per layer
     and prints them as a table to stderr unless quiet. device: where the math runs (default: H's device).
-    swap_rounds: exchange-search rounds per layer (issue 9, `swap_search`; 0 = plain AdaAlloc + refinement).
-    Default SWAP_ROUNDS_DEFAULT = 2, by issue 9's rule (measured on the demo model at 2 bits, r = 8, all 210
-    layers: held-out perplexity after init 26387 → 7864 (16 windows of 256), mean layer error 0.873 → 0.818 of
-    GPTQ's, init 2.4× the plain init's CPU time). The per-layer primitives keep 0.
+    swap_rounds: exchange-search rounds per layer (`swap_search`; 0 = plain AdaAlloc + refinement). Default
+    SWAP_ROUNDS_DEFAULT = 2: it lowers both the layer errors and the held-out perplexity after init at about 2.4x
+    the plain init's time (docs/performance.md). The per-layer primitives keep 0.
     rule / greedy_steps: the per-row selection (`init_layer_full`). The default stays the paper's top-k: the greedy
-    rule lowers the layer error further (0.806 of GPTQ's; 0.802 with 2 exchange rounds) but not the held-out
-    perplexity after init (10,158; 8,978 with 2 rounds, against 7,848 for top-k + 2 rounds), measured by
-    `python bench/bench_init.py --bits '' --no-timing --ppl-bits 2 --ppl-rounds 0,2 --ppl-greedy-rounds 0,2`.
+    rule lowers the layer error further but not the held-out perplexity after init (docs/performance.md).
     workers: layers initialized at once in threads (`wrap_layers`, which says what it changes). Not with
     select="random", whose one generator is drawn from in layer order. generator: that generator (default one
     seeded with `seed`); pass the same one to calls over successive blocks to draw as one call over all of them.
@@ -902,11 +899,10 @@ def wrap_layers(model: nn.Module, hessians: Mapping[str, torch.Tensor], weights:
     workers > 1: that many layers at once in threads (torch releases the GIL in its kernels), each with
     torch.get_num_threads() // workers intra-op threads for the duration (restored after). On a CPU this is what
     uses the cores: the init's many small batched LAPACK calls do not run faster with more intra-op threads
-    (measured on 2 cores: the whole demo model 58 s wall with 1 thread, 61 s with 2; 1.8x faster with 2 workers).
+    (docs/performance.md).
     A layer's result is the one init_one gives on the calling thread with the same torch thread count: bitwise
     the same as workers = 1 where that count is 1, else within the round-off that changing torch.set_num_threads
-    itself causes, amplified in the float32 blocks (2 threads vs 2 workers on the demo model: mean layer error
-    within 2e-11 relative at r = 8, each layer's within 3e-5 at r = 64; bench/bench_init.py --threads 2).
+    itself causes, amplified in the float32 blocks (bench/bench_init.py --threads 2 measures it).
     init_one must not share state between layers (e.g. a generator). Modules are put in place, and rows
     reported, in the order of `names`; inputs are read from `weights` / `hessians` in the calling thread, at most
     2·workers layers ahead."""

@@ -205,8 +205,8 @@ class WHALinear(SparseAdapter):
 # (_SharedInput): the first of their backward passes computes it, the last drops it.
 _BLOCK_ELEMS = 1 << 17      # elements per row block (512 KB in fp32)
 _GROUP_ELEMS = 1 << 19      # elements of W re-formed at a time for the input gradient (2 MB)
-_SDDMM_COST = 6             # CPU, torch's sampled_addmm vs MKL sgemm + gather, per multiply-add (measured: the
-#                             sampled product wins below density 1/6 with x Tᵀ in cache-sized token chunks)
+_SDDMM_COST = 6             # CPU, torch's sampled_addmm vs MKL sgemm + gather, per multiply-add: the sampled
+#                             product wins below density 1/6 with x Tᵀ in cache-sized token chunks
 _SDDMM_CHUNK = 512          # CPU: tokens per chunk of the value gradient (x Tᵀ of 512 × 576 is 1.2 MB)
 _CSR_MAX_K = 20             # CPU: form W with a CSR F and a dense T at ≤ this many entries per row on average,
 _CSR_MAX_N = 1024           # and n ≤ this (T: 4 MB in fp32 at 1024)

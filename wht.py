@@ -14,8 +14,8 @@ matrix and H_K a ±1 Hadamard matrix of order K ∈ {1, 12, 20, 28, 36, 40, 52, 
 applied one axis at a time as a batched GEMM against a small ±1 block (a radix-16 butterfly: one pass over
 memory does four radix-2 stages), the K×K core being one more such axis. Each pass writes its axis to the front
 so the next one reads a contiguous last axis. On a CPU this is several times faster than the textbook in-place
-radix-2 butterfly (`fwht_butterfly_`, kept as a reference and benchmark baseline) and, at 2048 rows on 2 cores,
-~10x faster than a dense x Tᵀ at n = 4096 and ~30x at 14336; see bench/bench_wht.py. Rows go through in chunks of ≈4M elements with a fixed workspace (two chunk
+radix-2 butterfly (`fwht_butterfly_`, kept as a reference and benchmark baseline) and than a dense x Tᵀ at the
+LLaMA widths (bench/bench_wht.py; figures in docs/performance.md). Rows go through in chunks of ≈4M elements with a fixed workspace (two chunk
 buffers), so `wht_` overwrites its input with bounded extra memory (16 MB per buffer in fp32).
 Precision: fp32 and fp64 in their own dtype; fp16/bf16 inputs are transformed in fp32 and rounded once on
 output (error ≤ one half-precision rounding of each output, relative 2^-8 for bf16, 2^-11 for fp16).
@@ -50,10 +50,9 @@ _WILLIAMSON = {
          "++-++++++----+-+--++-++-++--+-+----++++++-+", "+---++--++++-+-+++-++--++-+++-+-++++--++---"),
 }
 
-# Largest Sylvester block applied as one GEMM, and rows per chunk ≈ _CHUNK_ELEMS / n. Measured on 2 shared
-# cores (bench/bench_wht.py, /tmp tuning runs): radix 16 beat 32 and 64 (fewer flops per element, same passes
-# for the LLaMA widths); 4M-element chunks beat 256K-1M ones: every op is a parallel region, and on a loaded
-# machine each costs a scheduler slice, so a few large GEMMs win over many cache-sized ones.
+# Largest Sylvester block applied as one GEMM, and rows per chunk ≈ _CHUNK_ELEMS / n (CPU): radix 16 needs fewer
+# flops per element than 32 or 64 at the same number of passes for the LLaMA widths; large chunks keep the number
+# of parallel regions (each a scheduling cost on a loaded machine) small.
 _RADIX = 16
 _CHUNK_ELEMS = 1 << 22
 
@@ -293,7 +292,7 @@ def fwht_butterfly_(x: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------
-# CUDA dispatch (issue 10): kernels/wht_cuda.py may provide `load() -> fn or None`, where
+# CUDA dispatch: kernels/wht_cuda.py may provide `load() -> fn or None`, where
 # fn(x2d, core, inverse) -> x2d Tᵀ (or x2d T) for x2d (m, n) contiguous on CUDA, core = H_K (K, K) fp32 on the
 # same device, same dtype out as in. Without it (or with QWHA_DISABLE_CUDA_WHT=1) the pure-torch path runs.
 
