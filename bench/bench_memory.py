@@ -10,6 +10,8 @@ adapters of finished blocks, a small fraction of the full-precision weights.
     python bench/bench_memory.py --hidden 1024 --intermediate 4096 --heads 16 --kv-heads 4 --layers 4,10
     python bench/bench_memory.py --config bench/configs/llama-3.1-8b.json --layers 2,4 --device cuda \\
         --n-calib 128 --calib-len 2048
+    python bench/bench_memory.py --config bench/configs/llama-3.1-8b.json --layers 8 --device cuda \\
+        --n-calib 128 --calib-len 2048 --steps 10 --device-memory-gb 24      # 8 blocks on a 24 GB budget
 """
 from __future__ import annotations
 
@@ -31,6 +33,12 @@ import model as model_lib  # noqa: E402
 from jsonl import emit  # noqa: E402
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+
+
+CAPPED = ("import runpy, sys, torch; "
+          "torch.cuda.set_per_process_memory_fraction(min(1.0, {gb} * 2**30 / "
+          "torch.cuda.get_device_properties(0).total_memory)); "
+          "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
 
 
 def random_checkpoint(folder: Path, config: dict, seed: int = 0, tokenizer_src: Path | None = None) -> Path:
@@ -140,6 +148,8 @@ def main(argv=None) -> dict:
     p.add_argument("--assets", default=str(ROOT / "assets"))
     p.add_argument("--workdir", help="where the checkpoints go (default: a temporary folder, removed after)")
     p.add_argument("--extra", default="", help="more train.py flags, space-separated")
+    p.add_argument("--device-memory-gb", type=float, help="CUDA: run train.py under "
+                   "torch.cuda.set_per_process_memory_fraction equal to this many GB (e.g. 24)")
     p.add_argument("--estimate", action="store_true", help="print the computed memory of the config's stages "
                    "(n_calib x calib_len activations, float32) instead of running anything")
     a = p.parse_args(argv)
@@ -170,7 +180,10 @@ def main(argv=None) -> dict:
         for L in [int(x) for x in a.layers.split(",")]:
             folder = random_checkpoint(work / f"L{L}", {**config, "num_hidden_layers": L}, tokenizer_src=tok_src)
             out = work / f"run{L}"
-            cmd = [sys.executable, str(ROOT / "train.py"), "--model", str(folder), "--bits", str(a.bits),
+            launch = [sys.executable, str(ROOT / "train.py")]
+            if a.device_memory_gb:                   # cap the device memory as a smaller card would
+                launch = [sys.executable, "-c", CAPPED.format(gb=a.device_memory_gb), str(ROOT / "train.py")]
+            cmd = [*launch, "--model", str(folder), "--bits", str(a.bits),
                    "--rank", str(a.rank), "--data", str(assets / "gsm8k" / "train.jsonl"),
                    "--calib", str(assets / "wikitext" / "train.txt"), "--n-calib", str(a.n_calib),
                    "--calib-len", str(a.calib_len), "--steps", str(a.steps), "--n-eval", "4", "--max-len", "256",
@@ -180,20 +193,23 @@ def main(argv=None) -> dict:
                 raise SystemExit(f"train.py failed for {L} blocks (exit {rc}):\n{err}")
             rec = json.loads((out / "config.json").read_text())
             t, mem = rec["timings"], rec.get("memory", {})
+            steps = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines() if '"loss"' in x]
             rows.append({"blocks": L, "calibrate_s": t["calibrate_s"], "quantize_s": t["quantize_s"],
                          "init_s": t["init_s"], "train_s": t.get("train_s", 0.0), "wall_s": wall,
-                         "peak_anon_gb": peak, "peak_device_gb": mem.get("peak_device_gb")})
+                         "peak_anon_gb": peak, "peak_device_gb": mem.get("peak_device_gb"),
+                         "train_peak_gb": max((r["mem_gb"] for r in steps), default=None)})
             shutil.rmtree(folder)
     finally:
         if not a.workdir:
             shutil.rmtree(work, ignore_errors=True)
     per_block_fp32 = linear_bytes_fp32(config) / 2**30
     print(f"{'blocks':>6} {'calib s':>8} {'gptq s':>8} {'init s':>8} {'train s':>8} {'wall s':>8} "
-          f"{'anon GB':>8} {'dev GB':>7}")
+          f"{'anon GB':>8} {'dev GB':>7} {'train GB':>8}")
     for r in rows:
         dev = f"{r['peak_device_gb']:.2f}" if r["peak_device_gb"] is not None else "-"
         print(f"{r['blocks']:>6} {r['calibrate_s']:>8.1f} {r['quantize_s']:>8.1f} {r['init_s']:>8.1f} "
-              f"{r['train_s']:>8.1f} {r['wall_s']:>8.1f} {r['peak_anon_gb']:>8.3f} {dev:>7}")
+              f"{r['train_s']:>8.1f} {r['wall_s']:>8.1f} {r['peak_anon_gb']:>8.3f} {dev:>7} "
+              f"{r['train_peak_gb'] if r['train_peak_gb'] is not None else '-':>8}")
     result = {"bench": "memory", "config": config, "bits": a.bits, "rank": a.rank, "n_calib": a.n_calib,
               "calib_len": a.calib_len, "device": a.device, "linears_fp32_gb_per_block": per_block_fp32, "rows": rows}
     if len(rows) > 1:
