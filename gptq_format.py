@@ -317,6 +317,10 @@ def export_gptq(folder, model, tokenizer_src=None, checkpoint_format: str = "gpt
         for f in TOKENIZER_FILES:
             if (Path(tokenizer_src) / f).is_file():
                 shutil.copy2(Path(tokenizer_src) / f, tmp / f)
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in tmp.iterdir():
+        os.chmod(f, 0o666 & ~umask)                          # safetensors creates 0600 files
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
     return [folder / p.name for p in written]
@@ -356,3 +360,32 @@ def apply_gptq(model, folder) -> dict:
         dev = lin.weight.device if hasattr(lin, "weight") else "cpu"
         model_lib.set_module(model, name, ql.to(dev))
     return qc
+
+
+# --------------------------------------------------------------------------------------------- the adapter beside it
+def adapter_config(model, settings: dict) -> dict:
+    """adapter_config.json: what a reader needs besides adapter.safetensors (docs/adapter_format.md): the method,
+    budget rank, scale, transform, target modules and every layer's shape and trained values.
+    settings: the run's adapter settings (train.save_adapter's metadata)."""
+    import baselines
+    mods = baselines.adapter_modules(model)
+    if not mods:
+        raise ValueError("adapter_config: the model has no adapter module")
+    layers, scales, transforms = {}, set(), set()
+    for name, mod in mods.items():
+        lora = isinstance(mod, baselines.LoRALinear)
+        kernel = "none" if lora else getattr(mod, "kernel", "wht")
+        dims = 0 if lora else getattr(mod, "dims", 1)
+        n_values = mod.A.numel() + mod.B.numel() if lora else mod.values.numel()
+        layers[name] = {"shape": [mod.out_features, mod.in_features], "values": int(n_values),
+                        "scale": float(mod.scale), "transform": kernel, "transform_dims": dims}
+        scales.add(float(mod.scale))
+        transforms.add((kernel, dims))
+    kernel, dims = transforms.pop() if len(transforms) == 1 else ("mixed", None)
+    return {"format": "qwha-adapter", "method": settings.get("adapter", "wha"), "budget_rank": settings.get("rank"),
+            "scale": scales.pop() if len(scales) == 1 else None, "transform": kernel, "transform_dims": dims,
+            "target_modules": sorted({n.rsplit(".", 1)[-1] for n in mods}),
+            "delta": {"none": "scale * B @ A", "mixed": None}.get(
+                kernel, "scale * F @ T_in" if dims == 1 else "scale * T_out.T @ F @ T_in"),
+            "base": {k: settings.get(k) for k in ("model", "bits", "group_size", "quantized")},
+            "settings": settings, "layers": layers}

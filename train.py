@@ -37,6 +37,7 @@ import torch.nn.functional as F
 import calib
 import data
 import gptq
+import gptq_format
 import model as model_lib
 import baselines
 import qwha
@@ -86,7 +87,8 @@ class TrainConfig:
     out: str = "runs/qwha"              # output folder
     resume: bool = False                # continue from OUT/checkpoint.pt
     stop_after: int | None = None       # stop (checkpointed) after this many steps of this run; --resume continues
-    quantized: str | None = None        # reuse this quantized base if the file exists, else write it there
+    quantized: str | None = None        # reuse this quantized base (our file, or a GPTQ checkpoint folder) if it exists, else write it there
+    export_gptq: str | None = None      # also write the quantized base as a standard GPTQ checkpoint folder (+ the adapter beside it)
     hessians: str | None = None         # reuse these Hessians if the file exists, else write them there
     merge: bool = False                 # also export OUT/merged/: dense Q + s·F·T in bf16, HF layout
     grad_checkpoint: bool = False       # recompute block activations in the backward pass (less memory)
@@ -243,7 +245,9 @@ def quantize(model, hessians, cfg: TrainConfig, log) -> dict[str, torch.Tensor]:
     Returns the original weights {name: W (m, n)} (on the CPU), which the initialization needs for E = W - Q."""
     names = model_lib.linear_names(model)
     loaded = None
-    if cfg.quantized and Path(cfg.quantized).exists():
+    if cfg.quantized and Path(cfg.quantized).is_dir():
+        loaded = load_gptq_base(model, cfg)
+    elif cfg.quantized and Path(cfg.quantized).exists():
         loaded, meta = gptq.load_quantized(cfg.quantized)
         wrong = [n for n in names if n not in loaded or loaded[n].bits != cfg.bits
                  or loaded[n].group_size != cfg.group_size]
@@ -273,7 +277,25 @@ def quantize(model, hessians, cfg: TrainConfig, log) -> dict[str, torch.Tensor]:
         + f" ({time.time() - t0:.1f}s)")
     if cfg.quantized and loaded is None:
         save_base(model, Path(cfg.quantized), cfg)
+    if cfg.export_gptq:
+        gptq_format.export_gptq(cfg.export_gptq, model, cfg.model)
+        log(f"GPTQ checkpoint (gptq_v2): {cfg.export_gptq}")
     return originals
+
+
+def load_gptq_base(model, cfg: TrainConfig) -> dict[str, gptq.QuantLinear]:
+    """The QuantLinears of a GPTQ checkpoint folder given as --quantized, checked against the model and the flags."""
+    if not gptq_format.is_gptq_folder(cfg.quantized):
+        raise ValueError(f"--quantized {cfg.quantized}: a folder without a config.json quantization_config "
+                         f"(expected a GPTQ checkpoint folder or a quantized.safetensors file)")
+    names = model_lib.linear_names(model)
+    shapes = {n: (model_lib.get_module(model, n).out_features, model_lib.get_module(model, n).in_features)
+              for n in names}
+    layers, qc = gptq_format.load_gptq(cfg.quantized, shapes=shapes)
+    if qc["bits"] != cfg.bits or qc["group_size"] not in (cfg.group_size, -1):
+        raise ValueError(f"--quantized {cfg.quantized} is {qc['bits']}-bit with group size {qc['group_size']} "
+                         f"(its quantization_config): pass --bits {qc['bits']} --group-size {qc['group_size']}")
+    return layers
 
 
 def adapter_config(cfg: TrainConfig) -> baselines.AdapterConfig:
@@ -350,6 +372,13 @@ def save_adapter(model, path: Path, cfg: TrainConfig) -> None:
     # QWHA keeps qwha's file format; the other adapters use baselines' (whose loader also reads qwha's)
     save = qwha.save_adapters if is_qwha(cfg) else baselines.save_adapters
     data.atomic_write(path, lambda p: save(p, model, meta))
+    info = gptq_format.adapter_config(model, {**meta, "group_size": cfg.group_size, "quantized": cfg.quantized})
+    data.atomic_write(path.with_name("adapter_config.json"), lambda p: p.write_text(json.dumps(info, indent=1)))
+    if cfg.export_gptq:                          # the adapter beside the GPTQ checkpoint
+        Path(cfg.export_gptq).mkdir(parents=True, exist_ok=True)
+        data.atomic_write(Path(cfg.export_gptq) / "adapter.safetensors", lambda p: save(p, model, meta))
+        data.atomic_write(Path(cfg.export_gptq) / "adapter_config.json",
+                          lambda p: p.write_text(json.dumps(info, indent=1)))
 
 
 # ---------------------------------------------------------------------------------------------- training

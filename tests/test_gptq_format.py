@@ -238,3 +238,57 @@ def test_model_shape_mismatch_and_missing_layers_fail(tmp_path):
 def test_export_needs_quantized_linears(tmp_path):
     with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.q_proj is Linear"):
         gf.export_gptq(tmp_path / "out", tiny_model())
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """train.py --export-gptq on the tiny model of test_train (init only), and the files it leaves."""
+    from test_train import CORPUS, GSM, make_tiny_model
+    import train
+    root = tmp_path_factory.mktemp("gptq_run")
+    make_tiny_model(root / "model")
+    (root / "gsm.jsonl").write_text("\n".join(json.dumps(r) for r in GSM) + "\n")
+    (root / "calib.txt").write_text("\n\n".join(CORPUS * 4))
+    base = ["--model", str(root / "model"), "--group-size", "32", "--rank", "4", "--data", str(root / "gsm.jsonl"),
+            "--calib", str(root / "calib.txt"), "--n-calib", "4", "--calib-len", "32", "--n-eval", "2",
+            "--batch-size", "2", "--max-len", "128", "--quiet", "--device", "cpu", "--gptq-cd-passes", "0"]
+    train.main([*base, "--bits", "3", "--steps", "1", "--out", str(root / "out"), "--export-gptq", str(root / "gq")])
+    return root, base
+
+
+def test_train_export_gptq_writes_the_base_and_the_adapter_beside_it(tiny_run):
+    from eval import load_model
+    root, _ = tiny_run
+    gq, out = root / "gq", root / "out"
+    qc = gf.quant_config(gq)
+    assert qc["bits"] == 3 and qc["group_size"] == 32 and qc["checkpoint_format"] == "gptq_v2"
+    assert (gq / "tokenizer.json").is_file() and (gq / "adapter.safetensors").is_file()
+    info = json.loads((gq / "adapter_config.json").read_text())
+    assert info == json.loads((out / "adapter_config.json").read_text())
+    assert info["method"] == "wha" and info["budget_rank"] == 4 and info["transform"] == "wht"
+    assert set(info["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                           "down_proj"}
+    assert info["layers"]["model.layers.0.mlp.down_proj"]["shape"] == [64, 128]
+    ours, _ = load_model(root / "model", out / "quantized.safetensors", out / "adapter.safetensors")
+    theirs, _ = load_model(root / "model", gq, gq / "adapter.safetensors")
+    ids = torch.tensor([[1, 7, 20, 33, 5]])
+    with torch.no_grad():
+        assert torch.equal(ours(ids), theirs(ids))
+
+
+def test_train_starts_from_a_gptq_folder(tiny_run, tmp_path):
+    import train
+    root, base = tiny_run
+    rec = train.main([*base, "--bits", "3", "--steps", "0", "--out", str(tmp_path / "o"),
+                      "--quantized", str(root / "gq")])
+    assert rec["init"]["err_refined"] < rec["init"]["err_before"]
+    a = gptq.load_quantized(tmp_path / "o" / "quantized.safetensors")[0]
+    b = gptq.load_quantized(root / "out" / "quantized.safetensors")[0]
+    assert all(torch.equal(a[n].dequantize(), b[n].dequantize()) for n in b)
+    with pytest.raises(ValueError, match=r"is 3-bit with group size 32 .*pass --bits 3 --group-size 32"):
+        train.main([*base, "--bits", "2", "--steps", "0", "--out", str(tmp_path / "o2"), "--quantized",
+                    str(root / "gq")])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="folder without a config.json quantization_config"):
+        train.main([*base, "--bits", "3", "--steps", "0", "--out", str(tmp_path / "o3"), "--quantized",
+                    str(tmp_path / "empty")])
