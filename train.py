@@ -87,8 +87,8 @@ class TrainConfig:
     out: str = "runs/qwha"              # output folder
     resume: bool = False                # continue from OUT/checkpoint.pt
     stop_after: int | None = None       # stop (checkpointed) after this many steps of this run; --resume continues
-    quantized: str | None = None        # reuse this quantized base (our file, or a GPTQ checkpoint folder) if it exists, else write it there
-    export_gptq: str | None = None      # also write the quantized base as a standard GPTQ checkpoint folder (+ the adapter beside it)
+    quantized: str | None = None        # reuse this base (our file or a GPTQ folder) if it exists, else write it there
+    export_gptq: str | None = None      # also write the base as a GPTQ checkpoint folder, the adapter beside it
     hessians: str | None = None         # reuse these Hessians if the file exists, else write them there
     merge: bool = False                 # also export OUT/merged/: dense Q + s·F·T in bf16, HF layout
     grad_checkpoint: bool = False       # recompute block activations in the backward pass (less memory)
