@@ -39,21 +39,29 @@ _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
 def load_model(path, quantized=None, adapter=None, device="cpu", dtype=torch.float32):
-    """The model of an HF folder, its block linears replaced by the QuantLinears of `quantized` and wrapped by
-    the WHA adapters of `adapter` when given. Returns (model, tokenizer)."""
+    """The model of an HF folder, its block linears replaced by the QuantLinears of `quantized` (our
+    quantized.safetensors or a standard GPTQ checkpoint folder) and wrapped by the adapters of `adapter` when
+    given. Returns (model, tokenizer)."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"--model {path}: no config.json there (expected an HF-style model folder)")
     if quantized is None:
         m = model_lib.from_pretrained(path, dtype=dtype, device=device)
     else:                                   # the linears' full-precision weights are never read
-        import gptq
-        layers, _meta = gptq.load_quantized(quantized)
         reader = model_lib.CheckpointReader(path)
         with torch.device("meta"):
             m = model_lib.LlamaForCausalLM(reader.config, init=False)
-        for name, ql in layers.items():
-            model_lib.set_module(m, name, ql.to(device))
+        if Path(quantized).is_dir():
+            import gptq_format
+            if not gptq_format.is_gptq_folder(quantized):
+                raise ValueError(f"--quantized {quantized}: a folder without a config.json quantization_config "
+                                 f"(expected a GPTQ checkpoint folder or a quantized.safetensors file)")
+            gptq_format.apply_gptq(m, quantized, device=device)
+        else:
+            import gptq
+            layers, _meta = gptq.load_quantized(quantized)
+            for name, ql in layers.items():
+                model_lib.set_module(m, name, ql.to(device))
         reader.load(m, "", dtype, device)
     if adapter is not None:
         import baselines  # reads every adapter kind; QWHA's own files are handed to qwha.load_adapters
@@ -211,7 +219,7 @@ class EvalConfig:
     model: str                      # HF-style folder (config.json, model.safetensors, tokenizer.json)
     task: str                       # ppl | gsm8k | mc
     data: str                       # text file (ppl) or JSON/JSONL file (gsm8k, mc)
-    quantized: str | None = None    # quantized.safetensors from train.py (replaces the block linears)
+    quantized: str | None = None    # quantized.safetensors from train.py or a GPTQ folder (replaces the block linears)
     adapter: str | None = None      # adapter.safetensors from train.py (wraps them with WHA adapters)
     limit: int | None = None        # ppl: windows (evenly spaced); gsm8k/mc: the first N records
     seq_len: int = 512              # ppl window length
@@ -232,7 +240,8 @@ def parse_args(argv=None) -> EvalConfig:
     p.add_argument("--model", required=True, help="HF-style model folder")
     p.add_argument("--task", required=True, choices=["ppl", "gsm8k", "mc"])
     p.add_argument("--data", required=True, help="text file (ppl) or JSON/JSONL records (gsm8k, mc)")
-    p.add_argument("--quantized", help="quantized.safetensors written by train.py")
+    p.add_argument("--quantized", help="quantized.safetensors written by train.py, or a GPTQ checkpoint folder "
+                                      "(config.json with quantization_config, e.g. train.py --export-gptq)")
     p.add_argument("--adapter", help="adapter.safetensors written by train.py (needs --quantized)")
     p.add_argument("--limit", type=int, help="ppl: N evenly spaced windows; gsm8k/mc: first N records")
     p.add_argument("--seq-len", type=int, default=512, help="ppl window length (default 512)")

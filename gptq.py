@@ -599,6 +599,9 @@ class QuantLinear(nn.Module):
 
     forward(x) = x @ dequantize(x.dtype).T + b, dequantizing on the fly. With `chunk_rows` set, the weight is
     dequantized and multiplied `chunk_rows` output rows at a time (lower peak memory; equal up to GEMM rounding).
+    `in_perm` (optional, (n,) int64): the packed columns are the input columns in_perm[0], in_perm[1], ..., so that
+    act-order checkpoints whose groups are not consecutive columns (a GPTQ g_idx permutation) keep consecutive
+    groups here; dequantize() returns the weight in the original column order.
     """
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int = 64, bias: bool = False,
@@ -618,6 +621,7 @@ class QuantLinear(nn.Module):
                              .view(torch.int16))
         self.register_buffer("qzeros", torch.zeros(nw(out_features * G), dtype=torch.int32, device=device))
         self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
+        self.register_buffer("in_perm", None)
 
     @classmethod
     def from_state(cls, state: QuantState, bias: torch.Tensor | None = None) -> "QuantLinear":
@@ -636,12 +640,18 @@ class QuantLinear(nn.Module):
         return self.scale_bits.view(torch.float16)
 
     def state(self) -> QuantState:
+        """The stored codes, scales and zeros (columns in in_perm's order when it is set)."""
         m, n = self.out_features, self.in_features
         return QuantState(unpack_codes(self.qweight, self.bits, (m, n)), self.scales.clone(),
                           unpack_codes(self.qzeros, self.bits, (m, n // self.group_size)), self.bits, self.group_size)
 
     def dequantize(self, dtype=torch.float32, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        """ŵ (m, n) — or output rows [r0, r1) only — from the packed storage."""
+        """ŵ (m, n) — or output rows [r0, r1) only — from the packed storage, in the original column order."""
+        w = self._dequantize_packed(dtype, rows)
+        return w if self.in_perm is None else w[:, torch.argsort(self.in_perm)]
+
+    def _dequantize_packed(self, dtype=torch.float32, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """ŵ in the stored column order (see in_perm)."""
         m, n, g, b = self.out_features, self.in_features, self.group_size, self.bits
         r0, r1 = rows if rows is not None else (0, m)
         if rows is not None and (n * r0) % 32 == 0 and (n * r1 % 32 == 0 or r1 == m):
@@ -653,16 +663,19 @@ class QuantLinear(nn.Module):
         return _dequant(codes, self.scales[r0:r1], zeros, g, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.in_perm is not None:
+            x = x.index_select(-1, self.in_perm)                     # (..., n) in the stored column order
         if self.chunk_rows is None or self.chunk_rows >= self.out_features:
-            y = x @ self.dequantize(x.dtype).T
+            y = x @ self._dequantize_packed(x.dtype).T
         else:
-            y = torch.cat([x @ self.dequantize(x.dtype, (r, min(r + self.chunk_rows, self.out_features))).T
+            y = torch.cat([x @ self._dequantize_packed(x.dtype, (r, min(r + self.chunk_rows, self.out_features))).T
                            for r in range(0, self.out_features, self.chunk_rows)], dim=-1)
         return y + self.bias.to(y.dtype) if self.bias is not None else y
 
     def nbytes(self, include_bias: bool = True) -> int:
-        """Bytes held: packed codes + fp16 scales + packed zeros (+ bias)."""
-        total = sum(t.numel() * t.element_size() for t in (self.qweight, self.scale_bits, self.qzeros))
+        """Bytes held: packed codes + fp16 scales + packed zeros (+ input permutation) (+ bias)."""
+        held = (self.qweight, self.scale_bits, self.qzeros) + (() if self.in_perm is None else (self.in_perm,))
+        total = sum(t.numel() * t.element_size() for t in held)
         if include_bias and self.bias is not None:
             total += self.bias.numel() * self.bias.element_size()
         return total
@@ -685,8 +698,12 @@ def save_quantized(path, layers: dict[str, QuantLinear], metadata: dict | None =
         tensors[f"{name}.qzeros"] = mod.qzeros.detach().cpu().contiguous()
         if mod.bias is not None:
             tensors[f"{name}.bias"] = mod.bias.detach().cpu().contiguous()
+        if mod.in_perm is not None:
+            tensors[f"{name}.in_perm"] = mod.in_perm.detach().cpu().contiguous()
         settings[name] = {"in_features": mod.in_features, "out_features": mod.out_features, "bits": mod.bits,
                           "group_size": mod.group_size, "bias": mod.bias is not None}
+        if mod.in_perm is not None:
+            settings[name]["in_perm"] = True
     meta = {"format": FORMAT, "version": FORMAT_VERSION, "packing": "bitplane-int32-32",
             "layers": json.dumps(settings), "user": json.dumps(metadata or {})}
     save_file(tensors, str(path), metadata=meta)
@@ -713,5 +730,7 @@ def load_quantized(path, device="cpu") -> tuple[dict[str, QuantLinear], dict]:
             mod.qzeros = f.get_tensor(f"{name}.qzeros")
             if cfg["bias"]:
                 mod.bias = f.get_tensor(f"{name}.bias")
+            if cfg.get("in_perm"):
+                mod.in_perm = f.get_tensor(f"{name}.in_perm")
             layers[name] = mod
     return layers, json.loads(meta.get("user", "{}"))

@@ -111,8 +111,11 @@ def calibration_windows(tok, cfg) -> torch.Tensor:
     return calib.calibration_windows(stream, cfg.n_calib, cfg.calib_len, gen)
 
 
-def load_quantized_checked(path, names: list[str], cfg) -> dict[str, gptq.QuantLinear]:
-    """--quantized's layers, refused when a layer is missing or from other bits, group size or GPTQ settings."""
+def load_quantized_checked(path, names: list[str], cfg, mc: model_lib.ModelConfig) -> dict[str, gptq.QuantLinear]:
+    """--quantized's layers (our file, or a GPTQ checkpoint folder of any tool), refused when a layer is missing or
+    from other bits, group size or GPTQ settings."""
+    if Path(path).is_dir():
+        return load_gptq_folder(path, names, cfg, mc)
     loaded, meta = gptq.load_quantized(path)
     wrong = [n for n in names if n not in loaded or loaded[n].bits != cfg.bits or loaded[n].group_size != cfg.group_size]
     if wrong:
@@ -123,6 +126,31 @@ def load_quantized_checked(path, names: list[str], cfg) -> dict[str, gptq.QuantL
             raise ValueError(f"--quantized {path} was made with {key}={meta[key]!r}, but this run has "
                              f"{key}={getattr(cfg, key)!r}: pass the same setting or another --quantized path")
     return loaded
+
+
+def load_gptq_folder(path, names: list[str], cfg, mc: model_lib.ModelConfig) -> dict[str, gptq.QuantLinear]:
+    """The QuantLinears of a GPTQ checkpoint folder given as --quantized, checked against the model and the flags."""
+    import gptq_format
+    if not gptq_format.is_gptq_folder(path):
+        raise ValueError(f"--quantized {path}: a folder without a config.json quantization_config "
+                         f"(expected a GPTQ checkpoint folder or a quantized.safetensors file)")
+    shapes = {}
+    for i in range(mc.num_hidden_layers):
+        for local, (m, n) in block_shapes(mc).items():
+            shapes[f"model.layers.{i}.{local}"] = (m, n)
+    layers, qc = gptq_format.load_gptq(path, shapes={n: shapes[n] for n in names})
+    if qc["bits"] != cfg.bits or qc["group_size"] not in (cfg.group_size, -1):
+        raise ValueError(f"--quantized {path} is {qc['bits']}-bit with group size {qc['group_size']} "
+                         f"(its quantization_config): pass --bits {qc['bits']} --group-size {qc['group_size']}")
+    return layers
+
+
+def block_shapes(mc: model_lib.ModelConfig) -> dict[str, tuple[int, int]]:
+    """(out_features, in_features) of a block's seven linears, by their names in the block."""
+    D, Im, hd = mc.hidden_size, mc.intermediate_size, mc.head_dim
+    q, kv = mc.num_attention_heads * hd, mc.num_key_value_heads * hd
+    return {"self_attn.q_proj": (q, D), "self_attn.k_proj": (kv, D), "self_attn.v_proj": (kv, D),
+            "self_attn.o_proj": (D, q), "mlp.gate_proj": (Im, D), "mlp.up_proj": (Im, D), "mlp.down_proj": (D, Im)}
 
 
 # ---------------------------------------------------------------------------------------------- the pipeline
@@ -231,7 +259,7 @@ def prepare(cfg, tok, log) -> tuple[model_lib.LlamaForCausalLM, dict, dict]:
     names = [n for i in range(n_blocks) for n in block_names(i)]
 
     h_file = cfg.hessians if cfg.hessians and Path(cfg.hessians).exists() else None
-    loaded = load_quantized_checked(cfg.quantized, names, cfg) \
+    loaded = load_quantized_checked(cfg.quantized, names, cfg, mc) \
         if cfg.quantized and Path(cfg.quantized).exists() else None
     acts = None
     if h_file is None:                                   # the embeddings of the calibration windows: block 0's input

@@ -47,6 +47,7 @@ import checks
 import data
 import distributed
 import gptq
+import gptq_format
 import model as model_lib
 import baselines
 import prepare
@@ -100,7 +101,8 @@ class TrainConfig:
     out: str = "runs/qwha"              # output folder
     resume: bool = False                # continue from OUT/checkpoint.pt
     stop_after: int | None = None       # stop (checkpointed) after this many steps of this run; --resume continues
-    quantized: str | None = None        # reuse this quantized base if the file exists, else write it there
+    quantized: str | None = None        # reuse this base (our file or a GPTQ folder) if it exists, else write it there
+    export_gptq: str | None = None      # also write the base as a GPTQ checkpoint folder, the adapter beside it
     hessians: str | None = None         # reuse these Hessians if the file exists, else write them there
     merge: bool = False                 # also export OUT/merged/: dense Q + s·F·T in bf16, HF layout
     block_inputs: str = "fp"            # what feeds block i+1's calibration: fp (the paper) | quantized (GPTQ's sequential)
@@ -165,11 +167,8 @@ def resolve_defaults(cfg: TrainConfig) -> TrainConfig:
 
 
 def block_shapes(mc: model_lib.ModelConfig) -> dict[str, tuple[int, int]]:
-    """(out_features, in_features) of the 7 linears of a block."""
-    D, I, hd = mc.hidden_size, mc.intermediate_size, mc.head_dim
-    q, kv = mc.num_attention_heads * hd, mc.num_key_value_heads * hd
-    return {"q_proj": (q, D), "k_proj": (kv, D), "v_proj": (kv, D), "o_proj": (D, q),
-            "gate_proj": (I, D), "up_proj": (I, D), "down_proj": (D, I)}
+    """(out_features, in_features) of the 7 linears of a block, by their short names."""
+    return {k.rpartition(".")[2]: v for k, v in prepare.block_shapes(mc).items()}
 
 
 def validate(cfg: TrainConfig) -> model_lib.ModelConfig:
@@ -277,7 +276,16 @@ def validate_stage_files(cfg: TrainConfig, mc: model_lib.ModelConfig) -> None:
             checks.check_output_file(cfg.hessians, "--hessians")
     if not cfg.quantized or cfg.resume:
         return
-    if not Path(cfg.quantized).exists() or Path(cfg.quantized).is_dir():
+    if Path(cfg.quantized).is_dir():             # a GPTQ checkpoint folder: its quantization_config against the flags
+        if not gptq_format.is_gptq_folder(cfg.quantized):
+            raise ValueError(f"--quantized {cfg.quantized}: a folder without a config.json quantization_config "
+                             f"(expected a GPTQ checkpoint folder or a quantized.safetensors file)")
+        qc = gptq_format.quant_config(cfg.quantized)
+        if qc["bits"] != cfg.bits or qc["group_size"] not in (cfg.group_size, -1):
+            raise ValueError(f"--quantized {cfg.quantized} is {qc['bits']}-bit with group size {qc['group_size']} "
+                             f"(its quantization_config): pass --bits {qc['bits']} --group-size {qc['group_size']}")
+        return
+    if not Path(cfg.quantized).exists():
         checks.check_output_file(cfg.quantized, "--quantized")
         return
     q = checks.check_quantized_file(cfg.quantized, mc, cfg.model)
@@ -374,7 +382,7 @@ def quantize(model, hessians, cfg: TrainConfig, log) -> dict[str, torch.Tensor]:
     names = model_lib.linear_names(model)
     loaded = None
     if cfg.quantized and Path(cfg.quantized).exists():
-        loaded = prepare.load_quantized_checked(cfg.quantized, names, cfg)
+        loaded = prepare.load_quantized_checked(cfg.quantized, names, cfg, model.config)
     originals, t0 = {}, time.time()
     for i, name in enumerate(names):
         lin = model_lib.get_module(model, name)
@@ -419,6 +427,13 @@ def save_adapter(model, path: Path, cfg: TrainConfig) -> None:
     # QWHA keeps qwha's file format; the other adapters use baselines' (whose loader also reads qwha's)
     save = qwha.save_adapters if is_qwha(cfg) else baselines.save_adapters
     data.atomic_write(path, lambda p: save(p, model, meta))
+    info = gptq_format.adapter_config(model, {**meta, "group_size": cfg.group_size, "quantized": cfg.quantized})
+    data.atomic_write(path.with_name("adapter_config.json"), lambda p: p.write_text(json.dumps(info, indent=1)))
+    if cfg.export_gptq:                          # the adapter beside the GPTQ checkpoint
+        Path(cfg.export_gptq).mkdir(parents=True, exist_ok=True)
+        data.atomic_write(Path(cfg.export_gptq) / "adapter.safetensors", lambda p: save(p, model, meta))
+        data.atomic_write(Path(cfg.export_gptq) / "adapter_config.json",
+                          lambda p: p.write_text(json.dumps(info, indent=1)))
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -711,6 +726,9 @@ def run(cfg: TrainConfig):
         out.mkdir(parents=True, exist_ok=True)        # the first write to OUT, once every input has passed
         log_path.unlink(missing_ok=True)
         prepare.save_quantized(model, out / "quantized.safetensors", cfg)
+        if cfg.export_gptq:
+            gptq_format.export_gptq(cfg.export_gptq, model, cfg.model)
+            log(f"GPTQ checkpoint (gptq_v2): {cfg.export_gptq}")
         save_adapter(model, out / "adapter.safetensors", cfg)
         record["timings"] = {k: v for k, v in stats.items() if k.endswith("_s")}
         record["memory"] = {k: v for k, v in stats.items() if k.endswith("_gb")}
