@@ -295,8 +295,8 @@ def run_cli(main, argv=None) -> None:
     if os.environ.get("QWHA_DEBUG", "") not in ("", "0") or "--debug" in args:
         main(argv)
         return
-    from safetensors import SafetensorError
     import torch
+    from safetensors import SafetensorError
     clear = "\r\033[K" if sys.stderr.isatty() else ""      # over a progress line left unfinished
     try:
         main(argv)

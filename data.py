@@ -24,9 +24,9 @@ import random
 import re
 import sys
 import xml.etree.ElementTree as ET
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 # ----------------------------------------------------------------------------------------------------------
 # Readers

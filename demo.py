@@ -25,12 +25,19 @@ import sys
 import tempfile
 import time
 import zipfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
-from data import (atomic_write, gsm8k_answer_number, iter_wiki_articles, read_jsonl, split_articles, split_mask,
-                  write_json)
+from data import (
+    atomic_write,
+    gsm8k_answer_number,
+    iter_wiki_articles,
+    read_jsonl,
+    split_articles,
+    split_mask,
+    write_json,
+)
 
 # ----------------------------------------------------------------------------------------------------------
 # GGUF (llama.cpp) -> HF-style LLaMA checkpoint

@@ -624,7 +624,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("in_perm", None)
 
     @classmethod
-    def from_state(cls, state: QuantState, bias: torch.Tensor | None = None) -> "QuantLinear":
+    def from_state(cls, state: QuantState, bias: torch.Tensor | None = None) -> QuantLinear:
         m, n = state.shape
         mod = cls(n, m, state.bits, state.group_size, bias=bias is not None, device=state.codes.device)
         mod.qweight = pack_codes(state.codes, state.bits)

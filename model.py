@@ -94,7 +94,7 @@ class ModelConfig:
         return self.rope_scaling["rope_type"] if self.rope_scaling else "default"
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
+    def from_dict(cls, d: dict) -> ModelConfig:
         """Build from a `config.json` dict (transformers 4.x layout, or 5.x with `rope_parameters` / `dtype`)."""
         d = dict(d)
         if "model_type" not in d:
@@ -116,7 +116,7 @@ class ModelConfig:
         return cls(**known, extra=extra)
 
     @classmethod
-    def from_json(cls, path) -> "ModelConfig":
+    def from_json(cls, path) -> ModelConfig:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: config.json not found")
@@ -678,7 +678,7 @@ class Tokenizer:
         self.chat_format = detect_chat_template(chat_template)
 
     @classmethod
-    def from_pretrained(cls, path) -> "Tokenizer":
+    def from_pretrained(cls, path) -> Tokenizer:
         from tokenizers import Tokenizer as HFTokenizer
         path = Path(path)
         if not (path / "tokenizer.json").is_file():

@@ -36,8 +36,16 @@ import torch
 from torch import nn
 
 import wht
-from wha import (FrozenBaseAdapter, SparseAdapter, WHALinear, _base_weight, _set_module,
-                 adapters, load_adapters, save_adapters)
+from wha import (
+    FrozenBaseAdapter,
+    SparseAdapter,
+    WHALinear,
+    _base_weight,
+    _set_module,
+    adapters,
+    load_adapters,
+    save_adapters,
+)
 
 __all__ = [
     "spectrum", "hadamard_hessian", "channel_scores", "adaalloc", "select_topk", "select_greedy", "greedy_targets",

@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import baselines
 import calib
 import checks
 import data
@@ -49,13 +50,11 @@ import distributed
 import gptq
 import gptq_format
 import model as model_lib
-import baselines
 import prepare
 import qwha
 import wht
 from eval import load_model
-from prepare import (QUANT_KEYS, adapter_config, gptq_layer, init_workers, is_qwha,  # noqa: F401
-                     quant_settings)
+from prepare import QUANT_KEYS, adapter_config, gptq_layer, init_workers, is_qwha, quant_settings  # noqa: F401
 
 ASSETS = Path(os.environ.get("QWHA_ASSETS", Path(__file__).resolve().parent / "assets"))
 
@@ -503,7 +502,7 @@ class StopRequest:
     def __init__(self):
         self.requested, self._prev = False, None
 
-    def install(self) -> "StopRequest":
+    def install(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():
             self._prev = signal.signal(signal.SIGINT, self._handle)
         return self

@@ -165,7 +165,7 @@ class WHALinear(SparseAdapter):
     keep_weight: bool | None = None   # merged path: save W for backward (True), re-form it there (False), or
     #                                   decide by the token count (None, _keep_weight)
 
-    def support_layout(self) -> "_SupportLayout":
+    def support_layout(self) -> _SupportLayout:
         """The merged path's view of the support (_support_layout), cached while `indices` is the same
         unmodified tensor."""
         m, n = self.out_features, self.in_features

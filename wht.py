@@ -168,7 +168,7 @@ def williamson(rows: tuple[str, str, str, str]) -> torch.Tensor:
                       ([A, B, C, D], [-B, A, -D, C], [-C, D, A, -B], [-D, -C, B, A])], 0)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _core(K: int) -> torch.Tensor:
     if K == 1:
         H = torch.ones(1, 1, dtype=torch.int64)

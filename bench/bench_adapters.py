@@ -27,12 +27,11 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from jsonl import emit  # noqa: E402  (bench/jsonl.py: print + append to runs/)
-
 import baselines as bl  # noqa: E402
 import model as modellib  # noqa: E402
 import qwha  # noqa: E402
 from bench_init import GPTQ_KINDS, get_hessians, get_quantized  # noqa: E402  (same caches in runs/)
+from jsonl import emit  # noqa: E402  (bench/jsonl.py: print + append to runs/)
 
 # (label, AdapterConfig keywords): Table 2 (selection on WHA), Table 5 (kernel with AdaAlloc), the 2-D and
 # LoRA baselines of Table 1 with quantization-aware values (LoCA's and plain LoRA's own zero init is "None").
@@ -177,7 +176,7 @@ def main(argv=None):
         for i, r in enumerate(rows):
             print(f"{bits:>4} {r['method']:<30} {r['mean_err']:>10.4g} {r['ratio']:>8.3f} "
                   f"{r['mean_layer_ratio']:>15.3f} {i + 1:>5}")
-    print(f"\nOutlier coverage (top 10 % |E|; share of their coefficient energy on the AdaAlloc support), %")
+    print("\nOutlier coverage (top 10 % |E|; share of their coefficient energy on the AdaAlloc support), %")
     print(f"{'bits':>4} {'adapter':<8} " + " ".join(f"{t.split('_')[0]:>6}" for t in TYPES)
           + f" {'energy':>7} {'abs':>6} {'density':>8}")
     for bits, cv in coverage.items():

@@ -43,13 +43,12 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from jsonl import emit  # noqa: E402  (bench/jsonl.py: print + append to runs/)
-
 import calib  # noqa: E402
 import gptq  # noqa: E402
 import model as modellib  # noqa: E402
 import qwha  # noqa: E402
 import train  # noqa: E402  (its GPTQ settings and layer quantizer)
+from jsonl import emit  # noqa: E402  (bench/jsonl.py: print + append to runs/)
 
 
 @dataclass

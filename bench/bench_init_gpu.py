@@ -39,11 +39,10 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from jsonl import emit  # noqa: E402  (bench/jsonl.py: print + append to runs/)
-
 import gptq  # noqa: E402
 import model as modellib  # noqa: E402
 import qwha  # noqa: E402
+from jsonl import emit  # noqa: E402  (bench/jsonl.py: print + append to runs/)
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 INPUT_OF = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "o_proj": "attn_out",

@@ -9,7 +9,6 @@
 """
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -141,7 +140,8 @@ def main():
     fwd_ours = lambda t: ours(t)  # noqa: E731
     ref = None
     if args.reference:
-        from transformers import AutoModelForCausalLM, __version__ as tv
+        from transformers import AutoModelForCausalLM
+        from transformers import __version__ as tv
         result["transformers"] = tv
         ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa").eval()
         fwd_ref = lambda t: ref(input_ids=t).logits  # noqa: E731

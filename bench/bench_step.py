@@ -52,14 +52,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-
-from jsonl import emit  # noqa: E402  (bench/jsonl.py: print + append to runs/)
 import torch.nn.functional as F  # noqa: E402
 
 import baselines as bl  # noqa: E402
 import gptq  # noqa: E402
 import model as modellib  # noqa: E402
 import qwha  # noqa: E402
+from jsonl import emit  # noqa: E402  (bench/jsonl.py: print + append to runs/)
 
 VARIANTS = ("QWHA", "QWHA keep W", "LoRA (CLoQ)", "SHiRA", "2-D DHT (SSH)", "2-D DCT (LoCA)", "frozen base")
 BASE = "frozen base"   # no adapter: the bare linears, the backward forced through every block (a reference)

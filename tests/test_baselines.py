@@ -267,8 +267,9 @@ def test_load_delegates_qwha_format_and_config_errors(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    from test_train import GSM, CORPUS, make_tiny_model
     import json
+
+    from test_train import CORPUS, GSM, make_tiny_model
     root = tmp_path_factory.mktemp("tiny_baselines")
     make_tiny_model(root / "model")
     (root / "gsm.jsonl").write_text("\n".join(json.dumps(r) for r in GSM) + "\n")
@@ -279,6 +280,7 @@ def tiny_run(tmp_path_factory):
 @pytest.mark.parametrize("extra", [["--adapter", "lora"], ["--adapter", "dca", "--transform-dims", "2", "--select", "ssh"]])
 def test_train_pipeline_with_baseline_adapters(tiny_run, tmp_path, extra):
     import json
+
     import train
     from test_train import argv
     out = tmp_path / "run"

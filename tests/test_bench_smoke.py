@@ -10,8 +10,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import bench_gptq  # noqa: E402
 import bench_merged  # noqa: E402
-import wha  # noqa: E402
 import bench_wht  # noqa: E402
+import wha  # noqa: E402
 
 
 def test_bench_wht_runs_and_matches_the_dense_transform(capsys):

@@ -1,5 +1,4 @@
 """calib.py: Hessian collection against explicitly captured inputs, damping, the whitening root, windows."""
-import math
 
 import pytest
 import torch

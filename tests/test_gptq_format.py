@@ -243,8 +243,8 @@ def test_export_needs_quantized_linears(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """train.py --export-gptq on the tiny model of test_train (init only), and the files it leaves."""
-    from test_train import CORPUS, GSM, make_tiny_model
     import train
+    from test_train import CORPUS, GSM, make_tiny_model
     root = tmp_path_factory.mktemp("gptq_run")
     make_tiny_model(root / "model")
     (root / "gsm.jsonl").write_text("\n".join(json.dumps(r) for r in GSM) + "\n")

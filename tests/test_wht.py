@@ -9,7 +9,8 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import wht
 
@@ -21,7 +22,7 @@ LLAMA = [576, 1536, 3072, 4096, 5120, 8192, 11008, 13824, 14336]
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def sylvester_ref(P: int) -> torch.Tensor:
     """scipy.linalg.hadamard-style recursion, fp64."""
     H = torch.ones(1, 1, dtype=torch.float64)
