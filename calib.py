@@ -5,8 +5,9 @@ whitening root R (RᵀR = H) turn the layer-output error of a weight error M int
 
 `collect_hessians` runs a model over calibration batches and accumulates XᵀX in float64 (each batch's
 product added to a running sum) from forward pre-hooks on the named linears (nn.Linear, QuantLinear,
-WHALinear: anything whose first positional input is the (..., n) activation). No token matrix is kept. Padded positions (attention_mask == 0)
-are excluded. Hooks are removed in a `finally` block, so an exception leaves the model as it was.
+WHALinear: anything whose first positional input is the (..., n) activation). No token matrix is kept.
+Padded positions (attention_mask == 0) are excluded. Hooks are removed in a `finally` block, so an exception
+leaves the model as it was.
 Linears fed the very same input tensor (q/k/v, gate/up) share one XᵀX product per batch.
 
 Two input regimes:
@@ -314,7 +315,8 @@ def calibration_windows(token_ids, n_windows: int, seq_len: int, generator: torc
     if n_windows < 1 or seq_len < 1:
         raise ValueError(f"calibration_windows: n_windows and seq_len must be >= 1, got {n_windows}, {seq_len}")
     if ids.numel() < seq_len:
-        raise ValueError(f"calibration_windows: the token stream has {ids.numel()} tokens, fewer than seq_len={seq_len}")
+        raise ValueError(f"calibration_windows: the token stream has {ids.numel()} tokens, "
+                         f"fewer than seq_len={seq_len}")
     starts = torch.randint(0, ids.numel() - seq_len + 1, (n_windows,), generator=generator)
     return ids[starts[:, None] + torch.arange(seq_len)]          # (n_windows, seq_len)
 

@@ -87,10 +87,10 @@ def _json_meta(meta: dict, key: str, what: str, default=None):
 
 def linear_shapes(mc) -> dict[str, tuple[int, int]]:
     """{model.layers.i.<attn|mlp>.<proj>: (out_features, in_features)} of every block linear of a ModelConfig."""
-    D, I, hd = mc.hidden_size, mc.intermediate_size, mc.head_dim
+    D, ff, hd = mc.hidden_size, mc.intermediate_size, mc.head_dim
     q, kv = mc.num_attention_heads * hd, mc.num_key_value_heads * hd
     one = {"q_proj": (q, D), "k_proj": (kv, D), "v_proj": (kv, D), "o_proj": (D, q),
-           "gate_proj": (I, D), "up_proj": (I, D), "down_proj": (D, I)}
+           "gate_proj": (ff, D), "up_proj": (ff, D), "down_proj": (D, ff)}
     return {f"model.layers.{i}.{part}.{p}": one[p]
             for i in range(mc.num_hidden_layers) for part, projs in LINEARS.items() for p in projs}
 

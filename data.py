@@ -495,7 +495,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         status = demo.fetch_demo(args.out, quiet=args.quiet)
     except (OSError, ValueError, RuntimeError, ImportError) as e:
-        print(f"{'' if args.quiet else chr(10)}data.py fetch-demo: error: {e}", file=sys.stderr)  # end the progress line
+        # the leading newline ends the progress line
+        print(f"{'' if args.quiet else chr(10)}data.py fetch-demo: error: {e}", file=sys.stderr)
         return 1
     print(json.dumps({"out": str(args.out), **status}))
     return 0

@@ -63,7 +63,8 @@ def hf_name(gguf_name: str) -> str:
 
 def permute_qk(w, n_head: int):
     """llama.cpp's q/k row order (its convert script): each head's rows (r_0..r_{d/2-1} | r_{d/2}..r_{d-1}) of
-    HF's rotate-half layout interleaved to (r_0, r_{d/2}, r_1, r_{d/2+1}, ...). w: (n_head * d, cols), torch or numpy."""
+    HF's rotate-half layout interleaved to (r_0, r_{d/2}, r_1, r_{d/2+1}, ...).
+    w: (n_head * d, cols), torch or numpy."""
     rows = _check_qk_rows(w, n_head)
     return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
@@ -370,7 +371,8 @@ def build_wiki(folder: Path, cache: Path, progress: Callable[[str], None]) -> No
     for name, part in (("train.txt", train), ("test.txt", test)):
         atomic_write(folder / name, lambda p, part=part: p.write_text("\n\n".join(part) + "\n", encoding="utf-8"))
     write_json(folder / "SOURCE.json", _source_record(
-        WIKI, ["train.txt", "test.txt"], folder, origin="English Wikipedia dump excerpt (enwiki-latest-pages-articles1, "
+        WIKI, ["train.txt", "test.txt"], folder,
+        origin="English Wikipedia dump excerpt (enwiki-latest-pages-articles1, "
         "shortened) shipped as gensim test data", license="CC BY-SA 3.0 / GFDL (Wikipedia text)",
         processing="main-namespace non-redirect pages; wiki markup stripped by data.strip_wiki_markup; title as "
                    "first line; articles separated by a blank line",

@@ -434,11 +434,11 @@ def _cd_pass(Ut, St, lo, hi, inv, Gt, Hf, block_size: int) -> int:
             DTs = DT[:, j1:j2]                                        # (m, k) the sub-block's δ_k, 0 until computed
             Hs = HbN[j1:j2, j1:j2].unbind(0)
             for j in range(j1, j2):
-                gj, dj, u, iv, s, l, h = rows[j]
+                gj, dj, u, iv, s, lj, hj = rows[j]
                 if j > j1:                                            # E_k −= δ_k  =>  (EH)_j −= Σ_{k<j} δ_k H_kj
                     gj = torch.addmv(gj, DTs, Hs[j - j1])             #   (no slices: δ_k = 0 for k >= j)
                 x = torch.addcmul(u, gj, iv)                          # vertex t_j in code units: u + (EH)_j/(H_jj s)
-                x.round_().clamp_(l, h)                               # nearest grid point
+                x.round_().clamp_(lj, hj)                             # nearest grid point
                 torch.sub(x, u, out=dj)                               # Δu
                 dj.mul_(s)                                            # δ_j = ŵ_new − ŵ_old = Δu·s (exact)
             if j2 < i2 - i1:

@@ -117,7 +117,8 @@ def load_quantized_checked(path, names: list[str], cfg, mc: model_lib.ModelConfi
     if Path(path).is_dir():
         return load_gptq_folder(path, names, cfg, mc)
     loaded, meta = gptq.load_quantized(path)
-    wrong = [n for n in names if n not in loaded or loaded[n].bits != cfg.bits or loaded[n].group_size != cfg.group_size]
+    wrong = [n for n in names
+             if n not in loaded or loaded[n].bits != cfg.bits or loaded[n].group_size != cfg.group_size]
     if wrong:
         raise ValueError(f"--quantized {path}: layer {wrong[0]} missing or not {cfg.bits}-bit with "
                          f"group size {cfg.group_size}")

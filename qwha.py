@@ -136,7 +136,8 @@ def adaalloc(scores: torch.Tensor, budget: int, temperature: float = 1.0, min_pe
     fixed_sum = 0.0
     for _ in range(2 * m + 2):
         wf = w[free]
-        share = (budget - fixed_sum) * wf / wf.sum() if wf.sum() > 0 else torch.full_like(wf, (budget - fixed_sum) / wf.numel())
+        share = ((budget - fixed_sum) * wf / wf.sum() if wf.sum() > 0
+                 else torch.full_like(wf, (budget - fixed_sum) / wf.numel()))
         k_real[free] = share
         below, above = (k_real < lo) & free, (k_real > hi) & free
         if not below.any() and not above.any():
@@ -404,9 +405,10 @@ def _quad(A, x):
 def _padded_sizes(k: torch.Tensor, per_octave: int | None = None) -> torch.Tensor:
     """Block size K_i ≥ k_i of each row in the batched solve: k_i rounded up to a multiple of
     2^(⌊log₂ k_i⌋ − log₂ per_octave) (a power of two; default PAD_PER_OCTAVE), so at most per_octave + 1 sizes
-    per octave; k_i < AUG_MIN_K stays (those rows take `_plain_chunk_solve`). 16: K/k ≤ 1 + 1/16, ≤ 20 % more Cholesky flops for a row; over the demo model at r = 64, 6 % more
-    flops and 3.6× fewer groups of rows (6,874 for 24,828 distinct (layer, k)). 0 stays 0. Rows padded to K solve
-    the same system up to round-off (see `_solve_support`)."""
+    per octave; k_i < AUG_MIN_K stays (those rows take `_plain_chunk_solve`). 16: K/k ≤ 1 + 1/16, ≤ 20 % more
+    Cholesky flops for a row; over the demo model at r = 64, 6 % more flops and 3.6× fewer groups of rows
+    (6,874 for 24,828 distinct (layer, k)). 0 stays 0. Rows padded to K solve the same system up to round-off
+    (see `_solve_support`)."""
     per_octave = PAD_PER_OCTAVE if per_octave is None else per_octave
     lg = torch.log2(k.clamp_min(1).double()).floor().long()
     step = torch.pow(2, (lg - int(math.log2(per_octave))).clamp_min(0))
@@ -684,7 +686,8 @@ def swap_search(P: torch.Tensor, G: torch.Tensor, support: torch.Tensor, values:
                     if err_cur is None:
                         err_cur = row_err(r, c, x, A)                  # (R,) current error per row
                     r2, c_old = r[changed], c[changed]
-                    c_new = c_old.scatter(1, ir[changed], torch.where(do[changed], ja[changed], c_old.gather(1, ir[changed])))
+                    c_new = c_old.scatter(1, ir[changed],
+                                          torch.where(do[changed], ja[changed], c_old.gather(1, ir[changed])))
                     c_new = c_new.sort(1).values                       # CSR order within the row
                     A_new, _, x_new, _ = _block_solve(Gd, Pd, r2, c_new, n)
                     err_old, err_new = err_cur[changed], row_err(r2, c_new, x_new, A_new)
@@ -963,7 +966,8 @@ def wrap_layers(model: nn.Module, hessians: Mapping[str, torch.Tensor], weights:
 def format_report(report: list[dict]) -> str:
     """The per-layer init report as one fixed-width table (plus a mean row)."""
     has_rank = any("rank_F" in r for r in report)
-    head = f"{'layer':<40} {'m×n':>11} {'B':>8} {'err0':>9} {'sel':>9} {'refined':>9} {'rel':>6} {'kmin':>5} {'kmax':>5}"
+    head = (f"{'layer':<40} {'m×n':>11} {'B':>8} {'err0':>9} {'sel':>9} {'refined':>9} {'rel':>6} {'kmin':>5} "
+            f"{'kmax':>5}")
     head += f" {'rankF':>6}" if has_rank else ""
     head += f" {'s':>6}"
     lines = [head]
@@ -974,7 +978,9 @@ def format_report(report: list[dict]) -> str:
         line += f" {r.get('rank_F', 0):>6}" if has_rank else ""
         lines.append(line + f" {r['seconds']:>6.2f}")
     if report:
-        mean = lambda key: sum(r[key] for r in report) / len(report)
+        def mean(key):
+            return sum(r[key] for r in report) / len(report)
+
         lines.append(f"{'mean':<40} {'':>11} {'':>8} {mean('err_before'):>9.4g} {mean('err_select'):>9.4g} "
                      f"{mean('err_refined'):>9.4g} {mean('rel_refined'):>6.3f}")
     return "\n".join(lines)

@@ -70,11 +70,15 @@ class TrainConfig:
     transform_dims: int = 1             # spectral adapters: 1 (ΔW = F·T, as WHA) or 2 (T_mᵀ·F·T_n, as LoCA/SSH)
     select: str = "adaalloc"            # support selection: adaalloc | magnitude | random | ssh | loca
     refine: bool = True                 # least-squares refinement of the selected values (eq. 9)
-    qa_init: bool | None = None         # quantization-aware values (LoRA: CLoQ) or zero (LoRA: A random, B 0); default on, off for loca
-    swap_rounds: int = qwha.SWAP_ROUNDS_DEFAULT  # QWHA: exchange-search rounds after refinement (0: the paper's plain init)
-    rule: str = qwha.RULE_DEFAULT       # QWHA per-row selection: output (the paper's top-k) | greedy (qwha.select_greedy)
+    qa_init: bool | None = None         # quantization-aware values (LoRA: CLoQ) or zero (LoRA: A random, B 0);
+                                        # default on, off for loca
+    swap_rounds: int = qwha.SWAP_ROUNDS_DEFAULT  # QWHA: exchange-search rounds after refinement
+                                                 # (0: the paper's plain init)
+    rule: str = qwha.RULE_DEFAULT       # QWHA per-row selection: output (the paper's top-k) |
+                                        # greedy (qwha.select_greedy)
     greedy_steps: int = qwha.GREEDY_STEPS  # QWHA: steps of --rule greedy
-    init_workers: int = 0               # QWHA: layers initialized at once in threads (0: torch's threads on a CPU, 1 on a GPU)
+    init_workers: int = 0               # QWHA: layers initialized at once in threads
+                                        # (0: torch's threads on a CPU, 1 on a GPU)
     magr: bool = False                  # MagR preprocessing before GPTQ
     act_order: bool = True              # GPTQ: columns by decreasing diag H (static groups, no g_idx)
     gptq_clip: bool = True              # GPTQ: per-group clipped-range grid search (gptq.fit_groups_clipped)
@@ -104,7 +108,8 @@ class TrainConfig:
     export_gptq: str | None = None      # also write the base as a GPTQ checkpoint folder, the adapter beside it
     hessians: str | None = None         # reuse these Hessians if the file exists, else write them there
     merge: bool = False                 # also export OUT/merged/: dense Q + s·F·T in bf16, HF layout
-    block_inputs: str = "fp"            # what feeds block i+1's calibration: fp (the paper) | quantized (GPTQ's sequential)
+    block_inputs: str = "fp"            # what feeds block i+1's calibration: fp (the paper) |
+                                        # quantized (GPTQ's sequential)
     offload_activations: bool = False   # keep the calibration activations on the host, not the device
     grad_checkpoint: bool = False       # recompute block activations in the backward pass (less memory)
     dense_base: str = "auto"            # train on a dequantized copy of the frozen base: on, off, auto (= on CPU)
@@ -124,8 +129,10 @@ RESUME_KEYS = ("model", "bits", "group_size", "rank", "temperature", "adapter", 
 
 
 def parse_args(argv=None) -> TrainConfig:
-    """Flags are TrainConfig's fields (--group-size for group_size), their help the fields' comments."""
-    comments = dict(re.findall(r"^    (\w+): [^#\n]*#\s*(.*)$", inspect.getsource(TrainConfig), re.M))
+    """Flags are TrainConfig's fields (--group-size for group_size), their help the fields' comments (a comment
+    continues on the deeper-indented comment-only lines below its field)."""
+    fields_src = re.findall(r"^    (\w+): [^#\n]*#\s*(.*)\n((?: {5,}#.*\n)*)", inspect.getsource(TrainConfig), re.M)
+    comments = {name: " ".join([first, *re.findall(r"#\s*(.*)", more)]) for name, first, more in fields_src}
     p = checks.ArgumentParser(description=__doc__.split("\n\n")[0])
     for f in fields(TrainConfig):
         flag, help_ = "--" + f.name.replace("_", "-"), comments.get(f.name, "")

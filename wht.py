@@ -15,8 +15,9 @@ applied one axis at a time as a batched GEMM against a small ±1 block (a radix-
 memory does four radix-2 stages), the K×K core being one more such axis. Each pass writes its axis to the front
 so the next one reads a contiguous last axis. On a CPU this is several times faster than the textbook in-place
 radix-2 butterfly (`fwht_butterfly_`, kept as a reference and benchmark baseline) and than a dense x Tᵀ at the
-LLaMA widths (bench/bench_wht.py; figures in docs/performance.md). Rows go through in chunks of ≈4M elements with a fixed workspace (two chunk
-buffers), so `wht_` overwrites its input with bounded extra memory (16 MB per buffer in fp32).
+LLaMA widths (bench/bench_wht.py; figures in docs/performance.md). Rows go through in chunks of ≈4M elements
+with a fixed workspace (two chunk buffers), so `wht_` overwrites its input with bounded extra memory
+(16 MB per buffer in fp32).
 Precision: fp32 and fp64 in their own dtype; fp16/bf16 inputs are transformed in fp32 and rounded once on
 output (error ≤ one half-precision rounding of each output, relative 2^-8 for bf16, 2^-11 for fp16).
 """

@@ -70,7 +70,8 @@ class BenchConfig:
     threads: int = 1
     quiet: bool = False
     batch_size: int = 4             # calibration windows per forward
-    gptq: str = "refined"           # GPTQ settings of the bases, as bench_init.py --gptq: refined (train.py's) | classic
+    gptq: str = "refined"           # GPTQ settings of the bases, as bench_init.py --gptq:
+                                    # refined (train.py's) | classic
 
 
 def log(cfg, msg, end="\n"):

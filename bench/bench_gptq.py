@@ -326,7 +326,8 @@ def report(res: dict, cfg: BenchConfig) -> None:
         print(f"median GPTQ{lab} time for all {res['layers']} layers: {res['opt_time_median_s']:.1f} s")
     print(f"median GPTQ time for all {res['layers']} layers: {res['gptq_time_median_s']:.1f} s; "
           f"MagR ({cfg.magr_iters} it) on {s['layers']} layers: {res['magr_time_s']:.1f} s; damping retries: "
-          f"{res['retries']}; load average {res['load_avg_1min']}; 2-bit g64 QuantLinear bytes / fp16: {res['bytes_2bit_g64_vs_fp16']:.4f}")
+          f"{res['retries']}; load average {res['load_avg_1min']}; 2-bit g64 QuantLinear bytes / fp16: "
+          f"{res['bytes_2bit_g64_vs_fp16']:.4f}")
     if res["ppl"]:
         p = res["ppl"]
         print(f"Wikipedia perplexity ({p['windows']} windows of {p['seq_len']} tokens, no adapter): "

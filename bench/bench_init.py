@@ -1,6 +1,7 @@
 """The paper's init-error table on the demo model, and batched refinement against the authors' per-row loop.
 
-    python bench/bench_init.py                      # 4/3/2 bits, r = 8 and 64, blocks 0,5,...,25; timing on all 210 layers
+    python bench/bench_init.py                      # 4/3/2 bits, r = 8 and 64, blocks 0,5,...,25;
+                                                    # timing on all 210 layers
     python bench/bench_init.py --layers all --bits 4 --rank 64 --hessians runs/hessians-32x256.safetensors
 
 1. Calibration: n_calib random windows of seq_len tokens from assets/wikitext/train.txt (seeded), Hessians of
@@ -173,7 +174,8 @@ def get_quantized(cfg: BenchConfig, weights, H, names, bits):
     for i, name in enumerate(todo):
         Q[name] = quantize_layer(weights[name], H[name], bits, settings, name=name)
         if not cfg.quiet:
-            print(f"\rGPTQ ({cfg.gptq}) {bits}b {i + 1}/{len(todo)} ({time.perf_counter() - t0:.0f}s)", end="", file=sys.stderr)
+            print(f"\rGPTQ ({cfg.gptq}) {bits}b {i + 1}/{len(todo)} ({time.perf_counter() - t0:.0f}s)", end="",
+                  file=sys.stderr)
     if todo:
         log(cfg, "")
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -261,7 +263,8 @@ def methods(cfg, spec=None):
     spec = cfg.methods if spec is None else spec
     if spec:
         keep = [m.strip() for m in spec.split(",")]
-        ms = list(dict((label, kw) for k in keep for label, kw in ms if label == k or label.split(" (")[0] == k).items())
+        ms = list(dict((label, kw) for k in keep for label, kw in ms
+                       if label == k or label.split(" (")[0] == k).items())
     return ms
 
 
@@ -325,7 +328,8 @@ def error_table(cfg, weights, H, names, bits):
             for j, name in enumerate(names):
                 E = weights[name].double() - Q[name].double()
                 m, n = E.shape
-                li = qwha.init_layer_full(E, H[name], min(r * (m + n), m * n), generator=torch.Generator().manual_seed(j), **kw)
+                li = qwha.init_layer_full(E, H[name], min(r * (m + n), m * n),
+                                          generator=torch.Generator().manual_seed(j), **kw)
                 errs.append(li.err_refined)
                 gptq_errs.append(li.err_before)
             key = f"{bits}b r={r} {label}"
@@ -391,7 +395,8 @@ def whole_model_init(cfg, weights, H, Q, all_names):
             errs[label].append(li.err_refined)
         err0 += li.err_before
         if not cfg.quiet:
-            print(f"\rinit {j + 1}/{len(all_names)} " + " ".join(f"{v:.1f}s" for v in cpu.values()), end="", file=sys.stderr)
+            print(f"\rinit {j + 1}/{len(all_names)} " + " ".join(f"{v:.1f}s" for v in cpu.values()), end="",
+                  file=sys.stderr)
     log(cfg, "")
     out = {label: {"wall_s": wall[label], "cpu_s": cpu[label], "ratio": err[label] / err0,
                    "cpu_vs_first": cpu[label] / cpu[ms[0][0]], "wall_vs_first": wall[label] / wall[ms[0][0]]}
@@ -502,7 +507,8 @@ def timing(cfg, weights, H, all_names, names):
     return {"init_layers": len(all_names), "init_wall_s": init_wall, "init_cpu_s": init_cpu, "inits": inits,
             "layers": len(names), "rank": r, "refine_batched_s": tot["batched"], "refine_float64_s": tot["batched64"],
             "authors_loop_s": tot["authors"], "row_loop_s": tot["rowloop"],
-            "speedup_vs_authors": tot["authors"] / tot["batched"], "speedup_vs_row_loop": tot["rowloop"] / tot["batched"],
+            "speedup_vs_authors": tot["authors"] / tot["batched"],
+            "speedup_vs_row_loop": tot["rowloop"] / tot["batched"],
             "refine_cpu_s": tc, "cpu_speedup_vs_authors": tc["authors"] / tc["batched"],
             "cpu_speedup_vs_row_loop": tc["rowloop"] / tc["batched"],
             "float64_speedup_vs_authors": tot["authors"] / tot["batched64"],
@@ -535,7 +541,10 @@ def ppl_after_init(cfg, weights, H, all_names):
     ids = data.text_token_stream(tok, data.read_text(test))
     Q = get_quantized(cfg, weights, H, all_names, cfg.ppl_bits)
     fp = modellib.from_pretrained(mpath).eval()
-    ppl = lambda mdl: evallib.perplexity(mdl, ids, cfg.seq_len, cfg.ppl_windows)["ppl"]
+
+    def ppl(mdl):
+        return evallib.perplexity(mdl, ids, cfg.seq_len, cfg.ppl_windows)["ppl"]
+
     out = {"bits": cfg.ppl_bits, "rank": cfg.ppl_rank, "windows": cfg.ppl_windows, "seq_len": cfg.seq_len,
            "fp_ppl": ppl(fp), "runs": []}
     base = copy.deepcopy(fp)
@@ -616,7 +625,8 @@ def parse(argv=None) -> BenchConfig:
     p.add_argument("--ppl-greedy-rounds", default=",".join(map(str, d.ppl_greedy_rounds)),
                    help="swap_rounds values compared with the greedy selection ('' : none)")
     p.add_argument("--greedy-steps", default=",".join(map(str, d.greedy_steps)),
-                   help="comma list of S for the rows 'AdaAlloc greedy (S steps)' ('' : none); the first for --ppl-bits")
+                   help="comma list of S for the rows 'AdaAlloc greedy (S steps)' ('' : none); "
+                        "the first for --ppl-bits")
     p.add_argument("--quantizer", default=d.quantizer, choices=("gptq", "rtn"),
                    help="the error table's quantizer (rtn: how the init fares on a less white error)")
     p.add_argument("--gptq", default=d.gptq, choices=GPTQ_KINDS,
@@ -628,7 +638,10 @@ def parse(argv=None) -> BenchConfig:
     a = p.parse_args(argv)
     if a.workers < 1:
         p.error(f"--workers {a.workers}: expected 1 (no threaded timing) or more")
-    ints = lambda s: tuple(int(x) for x in s.split(",") if x)
+
+    def ints(s):
+        return tuple(int(x) for x in s.split(",") if x)
+
     return BenchConfig(a.assets, ints(a.bits), ints(a.rank), a.n_calib, a.seq_len, d.batch_size, a.seed, a.layers,
                        a.hessians, not a.no_timing, a.timing_rank, a.timing_layers, a.threads, a.workers,
                        a.verify_layers, a.quiet, a.ppl_bits, a.ppl_rank, ints(a.ppl_rounds), ints(a.ppl_greedy_rounds),
@@ -665,7 +678,8 @@ def main(argv=None):
               f"{row['ratio']:>8.3f} {row['mean_layer_ratio']:>15.3f} {row['seconds']:>8.1f}s")
     if table:
         types = list(next(iter(table.values()))["per_type"])
-        print(f"\n× bare {quantizer_label(cfg).upper()} per layer type (ratio of the type's mean errors)\n{'bits':>4} {'r':>3} {'method':<44} "
+        print(f"\n× bare {quantizer_label(cfg).upper()} per layer type (ratio of the type's mean errors)\n"
+              f"{'bits':>4} {'r':>3} {'method':<44} "
               + " ".join(f"{t:>9}" for t in types))
         for row in table.values():
             print(f"{row['bits']:>4} {row['rank']:>3} {row['method']:<44} "
@@ -679,7 +693,8 @@ def main(argv=None):
             print(f"{row['bits']:>4} {row['rank']:>3} {row['top_share']:>8.3f}   (white {row['white']:.3f})   removed: "
                   + ", ".join(f"{k} {v:.3f}" for k, v in removed.items()))
     if tim:
-        print(f"\nInit of all {tim['init_layers']} layers at r={tim['rank']} (given Hessians, {tim['threads']} thread(s), "
+        print(f"\nInit of all {tim['init_layers']} layers at r={tim['rank']} (given Hessians, "
+              f"{tim['threads']} thread(s), "
               f"alternating per layer; 'W workers': qwha.init_qwha(workers=W), W layers at once in threads):")
         print(f"{'method':<44} {'wall':>8} {'CPU':>8} {'CPU ×':>6} {'wall ×':>6} {'× GPTQ':>7}")
         for label, v in tim["inits"].items():
@@ -690,23 +705,28 @@ def main(argv=None):
         print(f"Refinement alone over {tim['layers']} layers: batched {tim['refine_batched_s']:.2f}s (all-float64 "
               f"{tim['refine_float64_s']:.2f}s) | authors' per-row loop {tim['authors_loop_s']:.2f}s "
               f"({tim['speedup_vs_authors']:.1f}×, median layer {tim['median_layer_speedup_vs_authors']:.1f}×; "
-              f"all-float64 {tim['float64_speedup_vs_authors']:.1f}×) | per-row loop on G blocks {tim['row_loop_s']:.2f}s "
+              f"all-float64 {tim['float64_speedup_vs_authors']:.1f}×) | per-row loop on G blocks "
+              f"{tim['row_loop_s']:.2f}s "
               f"({tim['speedup_vs_row_loop']:.1f}×)")
         if tim["refine_workers_s"] is not None:
             print(f"  batched with {tim['workers']} workers {tim['refine_workers_s']:.2f}s: "
-                  f"{tim['workers_speedup_vs_authors']:.1f}× the authors' loop, {tim['workers_speedup_vs_row_loop']:.1f}× "
+                  f"{tim['workers_speedup_vs_authors']:.1f}× the authors' loop, "
+                  f"{tim['workers_speedup_vs_row_loop']:.1f}× "
                   f"the per-row loop on G blocks ("
                   + ("the same values bit for bit as 1 worker)" if tim["max_rel_value_gap_workers"] == 0 else
-                     f"values within {tim['max_rel_value_gap_workers']:.1e} of 1 worker's at {tim['threads']} threads)"))
+                     f"values within {tim['max_rel_value_gap_workers']:.1e} of 1 worker's at "
+                     f"{tim['threads']} threads)"))
         print(f"  CPU time: batched {tim['refine_cpu_s']['batched']:.2f}s | authors' loop "
-              f"{tim['refine_cpu_s']['authors']:.2f}s ({tim['cpu_speedup_vs_authors']:.1f}×) | per-row loop on G blocks "
+              f"{tim['refine_cpu_s']['authors']:.2f}s ({tim['cpu_speedup_vs_authors']:.1f}×) | "
+              f"per-row loop on G blocks "
               f"{tim['refine_cpu_s']['rowloop']:.2f}s ({tim['cpu_speedup_vs_row_loop']:.1f}×)")
         print(f"Max relative value gap: vs authors' loop {tim['max_rel_value_gap_vs_authors']:.1e}, vs row loop "
               f"{tim['max_rel_value_gap_vs_row_loop']:.1e} (float32 blocks from k = {tim['fp32_min_k']}); their layer "
               f"error vs all-float64 {tim['max_rel_err_gap_float32_blocks']:.1e}; layer-error gap vs per-row lstsq of "
               f"the whitened problem ({len(tim['verify_layers'])} layers) {tim['max_rel_err_gap_vs_lstsq'] or 0:.1e}")
     if ppl:
-        print(f"\nHeld-out perplexity right after init, all {len(all_names)} layers GPTQ {ppl['bits']}b, r={ppl['rank']}, "
+        print(f"\nHeld-out perplexity right after init, all {len(all_names)} layers GPTQ {ppl['bits']}b, "
+              f"r={ppl['rank']}, "
               f"{ppl['windows']} windows × {ppl['seq_len']} of wikitext test: full precision {ppl['fp_ppl']:.3f}, "
               f"GPTQ {ppl['gptq_ppl']:.3f}")
         print(f"{'selection':<18} {'swap rounds':>11} {'ppl':>9} {'× GPTQ err':>11} {'init wall':>10} {'init CPU':>9}")
@@ -714,7 +734,8 @@ def main(argv=None):
             sel = "top-k" if r["rule"] == "output" else f"greedy ({r['greedy_steps']} steps)"
             print(f"{sel:<18} {r['swap_rounds']:>11} {r['ppl']:>9.3f} {r['ratio']:>11.3f} {r['init_wall_s']:>9.0f}s "
                   f"{r['init_cpu_s']:>8.0f}s")
-    result = {"bench": "init", "config": asdict(cfg), "table": list(table.values()), "concentration": list(conc.values()),
+    result = {"bench": "init", "config": asdict(cfg), "table": list(table.values()),
+              "concentration": list(conc.values()),
               "timing": tim, "ppl": ppl}
     emit("bench_init", result)
 

@@ -126,9 +126,11 @@ def main():
         log(args, f"load {path.name} as {dtype} ({args.load_reps} fresh processes)")
         r = measure_load(path, dtype, args.load_reps)
         ratio = r["added_rss_bytes"] / ck_bytes
-        result[f"load_{dtype}"] = {"load_s": round(r["load_s"], 3), "added_rss_mb": round(r["added_rss_bytes"] / 2**20, 1),
+        result[f"load_{dtype}"] = {"load_s": round(r["load_s"], 3),
+                                   "added_rss_mb": round(r["added_rss_bytes"] / 2**20, 1),
                                    "peak_rss_mb": round(r["peak_rss_kb"] / 1024, 1),
-                                   "param_mb": round(r["param_bytes"] / 2**20, 1), "rss_over_checkpoint": round(ratio, 3),
+                                   "param_mb": round(r["param_bytes"] / 2**20, 1),
+                                   "rss_over_checkpoint": round(ratio, 3),
                                    "rss_over_params": round(r["added_rss_bytes"] / r["param_bytes"], 3)}
         rows.append((f"load as {dtype}", f"{r['load_s']:.2f} s", f"+{r['added_rss_bytes'] / 2**20:.0f} MB RSS",
                      f"{ratio:.2f}x checkpoint ({ck_bytes / 2**20:.0f} MB, {ck_dtype}), "
@@ -151,7 +153,8 @@ def main():
             b = fwd_ref(x)
             err = (a.float() - b.float()).abs().max().item()
             result["max_abs_logit_diff"] = err
-            rows.append(("logits vs transformers", f"max abs {err:.2e}", f"on {args.batch}x{args.tokens} wikitext tokens",
+            rows.append(("logits vs transformers", f"max abs {err:.2e}",
+                         f"on {args.batch}x{args.tokens} wikitext tokens",
                          "tolerance 1e-3: " + ("PASS" if err < 1e-3 else "FAIL")))
             padded_ref_checks(args, ours, ref, x, result, rows)
         t_ours, t_ref = [], []

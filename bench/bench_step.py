@@ -269,7 +269,8 @@ def reset_peak_rss() -> int:
 def measure(cfg, model, names, variants, batch):
     ids = torch.randint(0, model.config.vocab_size, (batch, cfg.seq_len),
                         generator=torch.Generator().manual_seed(batch)).to(cfg.device)
-    params = {v: [p for mod in mods.values() for p in mod.parameters() if p.requires_grad] for v, mods in variants.items()}
+    params = {v: [p for mod in mods.values() for p in mod.parameters() if p.requires_grad]
+              for v, mods in variants.items()}
     opts = {v: torch.optim.AdamW(ps, lr=1e-4) if ps else None for v, ps in params.items()}
     counts = {v: sum(p.numel() for p in ps) for v, ps in params.items()}
     times = {v: [] for v in VARIANTS}
@@ -360,7 +361,8 @@ def main(argv=None):
     if cfg.config and not Path(cfg.config).is_file():
         raise FileNotFoundError(f"--config {cfg.config}: no such config.json")
     if not cfg.config and not (Path(cfg.assets) / "smollm2-135m" / "config.json").exists():
-        raise FileNotFoundError(f"{cfg.assets}/smollm2-135m missing: run `python data.py fetch-demo --out {cfg.assets}`")
+        raise FileNotFoundError(f"{cfg.assets}/smollm2-135m missing: "
+                                f"run `python data.py fetch-demo --out {cfg.assets}`")
     model, names, variants = build(cfg)
     shapes = sorted({(modellib.get_module(model, n).out_features, modellib.get_module(model, n).in_features)
                      for n in names})
@@ -373,7 +375,8 @@ def main(argv=None):
     base_kind = f"packed {cfg.bits}-bit base" if cfg.packed() else "dense base"
     widths = ", ".join(f"{m}×{n}" for m, n in shapes)
     print(f"\nTraining step, {cfg.label()} with {cfg.blocks} block(s) (linears {widths}), "
-          f"{base_kind}, {'bf16 autocast' if cfg.use_autocast() else 'no autocast'}, head {cfg.head}, seq {cfg.seq_len}, "
+          f"{base_kind}, {'bf16 autocast' if cfg.use_autocast() else 'no autocast'}, head {cfg.head}, "
+          f"seq {cfg.seq_len}, "
           f"r = {cfg.rank} ({res[cfg.batches[0]]['QWHA']['trainable']} trainable parameters each), {cfg.device}, "
           f"{torch.get_num_threads()} threads, load average {' '.join(load)}; "
           f"peak = {mem_kind} during a step above before it")

@@ -112,10 +112,11 @@ def main(argv=None) -> dict:
                      "speedup_vs_dense": round(med["dense"] / med["wht"], 2),
                      **({"speedup_vs_radix2": round(med["radix2"] / med["wht"], 2)} if "radix2" in med else {}),
                      **{f"max_rel_err_{k}": float(f"{v:.3g}") for k, v in errs.items()}})
-        del T, x, ref
+        T = x = ref = None                # free the device memory (the closures above hold x and T)
 
     cuda_kernel = dev.type == "cuda" and wht._cuda_wht() is not None
-    hdr = f"{'n':>6} {'K*P':>9} {'dense ms':>10} {'wht ms':>9} {'radix2 ms':>10} {'x dense':>8} {'x radix2':>9} {'rel err':>9}"
+    hdr = (f"{'n':>6} {'K*P':>9} {'dense ms':>10} {'wht ms':>9} {'radix2 ms':>10} {'x dense':>8} {'x radix2':>9} "
+           f"{'rel err':>9}")
     if rows:
         print(f"wht benchmark: device={dev} dtype=float32 rows={args.rows} threads={torch.get_num_threads()} "
               f"repeats={args.repeats} cuda_kernel={cuda_kernel}")
@@ -217,7 +218,7 @@ def kernel_table(args, dev) -> list[dict]:
                 pct = f"{row['pct_peak']:.0f}" if peak else "?"
                 print(f"{n:>6} {row['dtype']:>9} {direction[:3]:>4} {row['kernel_ms']:>9.3f} {tm} {gbs:>7.4g} "
                       f"{pct:>7} {copy_gbs:>10.4g} {row['pct_copy']:>7.1f} {err:>9.1e}")
-            del x
+            x = None                      # free the device memory (the closures above hold x)
     return out
 
 

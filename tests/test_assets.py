@@ -1,5 +1,6 @@
 """Demo assets: the converted checkpoint, its tokenizer, the Wikipedia and GSM8K splits; and the pure
-pieces of data.py and demo.py behind them (markup stripping, splits, q/k permutation, checked extraction), which need no assets."""
+pieces of data.py and demo.py behind them (markup stripping, splits, q/k permutation, checked extraction),
+which need no assets."""
 import json
 import random
 import zipfile

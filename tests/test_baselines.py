@@ -55,7 +55,8 @@ def test_wht_kernel_orthonormal_and_fast_path_equal(n):
 def test_kernel_definitions_and_errors():
     n = 8
     j = torch.arange(n, dtype=torch.float64)
-    assert torch.allclose(bl.kernel_matrix("dct", n, torch.float64)[3], math.sqrt(2 / n) * torch.cos(math.pi * (j + .5) * 3 / n))
+    assert torch.allclose(bl.kernel_matrix("dct", n, torch.float64)[3],
+                          math.sqrt(2 / n) * torch.cos(math.pi * (j + .5) * 3 / n))
     assert torch.allclose(bl.kernel_matrix("dht", n, torch.float64)[2],
                           (torch.cos(2 * math.pi * 2 * j / n) + torch.sin(2 * math.pi * 2 * j / n)) / math.sqrt(n))
     with pytest.raises(ValueError, match="kernel"):
@@ -277,7 +278,8 @@ def tiny_run(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("extra", [["--adapter", "lora"], ["--adapter", "dca", "--transform-dims", "2", "--select", "ssh"]])
+@pytest.mark.parametrize("extra", [["--adapter", "lora"],
+                                   ["--adapter", "dca", "--transform-dims", "2", "--select", "ssh"]])
 def test_train_pipeline_with_baseline_adapters(tiny_run, tmp_path, extra):
     import json
 

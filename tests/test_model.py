@@ -261,7 +261,8 @@ SMOL_TEMPLATE = ("{% for message in messages %}{% if loop.first and messages[0][
                  "{% endif %}")
 LLAMA3_TEMPLATE = ("{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
                    "'<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
-                   "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}")
+                   "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
+                   "{% endif %}")
 
 
 def make_tokenizer(path: Path, specials: list[str], tcfg: dict, gcfg: dict | None = None):
@@ -299,7 +300,8 @@ def test_chatml_template_and_special_ids(tmp_path):
 def test_llama3_template_and_eos_list(tmp_path):
     tok = make_tokenizer(tmp_path, ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
                                     "<|end_header_id|>", "<|eot_id|>"],
-                         {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "chat_template": LLAMA3_TEMPLATE},
+                         {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>",
+                          "chat_template": LLAMA3_TEMPLATE},
                          {"eos_token_id": [1, 4]})
     assert tok.bos_id == 0 and tok.eos_id == 4 and tok.eos_ids == [4, 1] and tok.pad_id is None
     text = tok.apply_chat_template([{"role": "user", "content": " hello "}])

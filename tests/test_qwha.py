@@ -202,7 +202,8 @@ def test_refined_values_satisfy_the_normal_equations(shape, frac):
     scale = (E @ H @ T.T).abs().max()
     assert grad[sup[0], sup[1]].abs().max() <= 1e-8 * scale
     # and never worse than the unrefined selection of the same support
-    assert qwha.layer_error(E, H, F @ T) <= qwha.layer_error(E, H, dense(sup, C[sup[0], sup[1]], m, n) @ T) * (1 + 1e-12)
+    assert (qwha.layer_error(E, H, F @ T)
+            <= qwha.layer_error(E, H, dense(sup, C[sup[0], sup[1]], m, n) @ T) * (1 + 1e-12))
 
 
 @SET
@@ -367,7 +368,10 @@ def test_float32_rows_that_are_singular_or_ill_conditioned_are_redone_in_float64
     g = torch.Generator().manual_seed(7)
     m, n = 6, 32
     E = torch.randn(m, n, generator=g, dtype=torch.float64)
-    logspace = lambda d: torch.diag(torch.logspace(0, d, n, dtype=torch.float64))
+
+    def logspace(d):
+        return torch.diag(torch.logspace(0, d, n, dtype=torch.float64))
+
     for H, same in ((spd(n, g, rank_deficient=True), True), (logspace(10), True), (logspace(6), False)):
         C, G = qwha.spectrum(E), qwha.hadamard_hessian(H)
         sup = qwha.select_topk(C, G, torch.full((m,), 24), "magnitude")
@@ -404,7 +408,8 @@ def test_init_layer_report_matches_dense_errors(shape, select, refine, score):
     assert li.err_refined == pytest.approx(float(qwha.layer_error(E, H, F @ T)), rel=1e-5, abs=tol)
     C = qwha.spectrum(E)
     Fs = dense(li.indices, C[li.indices[0], li.indices[1]], m, n)
-    assert li.err_select == pytest.approx(float(qwha.layer_error(E, H, Fs @ T)), rel=1e-9, abs=1e-7 * li.err_before)  # sqrt(eps)
+    assert li.err_select == pytest.approx(float(qwha.layer_error(E, H, Fs @ T)), rel=1e-9,
+                                          abs=1e-7 * li.err_before)  # sqrt(eps)
     if select != "none":
         # the values minimize the damped error err² + λμ‖f‖² (λμ = damp·mean diag H, damp = 1e-4 by default), so
         # err_refined² ≤ err_select² + λμ‖f_sel‖²: at a full budget the selection is exact and refinement is not
@@ -715,7 +720,8 @@ class Toy(nn.Module):
     def __init__(self, n=24, seed=0):
         super().__init__()
         torch.manual_seed(seed)
-        self.layers = nn.ModuleList([nn.ModuleDict({"up": nn.Linear(n, 48), "down": nn.Linear(48, n)}) for _ in range(2)])
+        self.layers = nn.ModuleList([nn.ModuleDict({"up": nn.Linear(n, 48), "down": nn.Linear(48, n)})
+                                     for _ in range(2)])
 
     def forward(self, x):
         for blk in self.layers:

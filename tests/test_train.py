@@ -59,7 +59,7 @@ def make_tiny_model(folder, seed=0):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
-    model_dir = make_tiny_model(root / "model")
+    make_tiny_model(root / "model")
     (root / "gsm.jsonl").write_text("\n".join(json.dumps(r) for r in GSM) + "\n")
     (root / "calib.txt").write_text("\n\n".join(CORPUS * 4))
     return root

@@ -132,7 +132,8 @@ def test_dense_matrix_and_wht_every_small_width():
     for n in SMALL:
         T = wht.hadamard_matrix(n)
         K, P = wht.factorize(n)
-        assert torch.equal(T, torch.kron(wht.hadamard_core(K).float(), sylvester_ref(P).float()) * (1 / math.sqrt(n))), n
+        assert torch.equal(T, torch.kron(wht.hadamard_core(K).float(), sylvester_ref(P).float())
+                           * (1 / math.sqrt(n))), n
         assert torch.allclose(T @ T.T, torch.eye(n), atol=1e-5, rtol=0), n
         x = torch.randn(3, n, generator=g)
         assert rel_err(wht.wht(x), x @ T.T) < TOL[torch.float32], n

@@ -126,7 +126,8 @@ def test_width_beyond_kernel_falls_back(monkeypatch):
     x = torch.randn(2, 1 << 15).cuda()                                                    # P = 32768 = MAX_P: kernel
     assert fn(x, wht.hadamard_core(1), False) is not None
     assert rel(wht.wht(x), torch_path(x, False, monkeypatch)) < 1e-5
-    for n in (1 << 16, 12 << 13):             # P = 65536 > MAX_P; 12·8192: 384 KiB of shared memory, more than a block has
+    for n in (1 << 16, 12 << 13):             # P = 65536 > MAX_P;
+                                              # 12·8192: 384 KiB of shared memory, more than a block has
         x = torch.randn(2, n).cuda()
         assert fn(x, wht.hadamard_core(wht.factorize(n)[0]), False) is None, n
         assert rel(wht.wht(x), torch_path(x, False, monkeypatch)) < 1e-5
