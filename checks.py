@@ -23,6 +23,7 @@ import tempfile
 from pathlib import Path
 
 MAX_HEADER_BYTES = 100 * 2**20       # what the safetensors library itself accepts
+QUANTIZED_FORMAT = "qwha-gptq"       # gptq.save_quantized's safetensors metadata "format"
 LINEARS = {"self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
 
 
@@ -123,12 +124,11 @@ def check_hessians_file(path, mc, model: str, flag: str = "--hessians") -> None:
 def check_quantized_file(path, mc, model: str, flag: str = "--quantized") -> dict:
     """A quantized base (gptq.save_quantized) has every block linear of the model at its shape; returns its
     per-layer settings {name: {bits, group_size, ...}} and its recorded settings (model, bits, GPTQ ...)."""
-    from gptq import FORMAT
     what = _label(path, flag)
     header, meta, _ = safetensors_header(path, flag)
-    if meta.get("format") != FORMAT:
+    if meta.get("format") != QUANTIZED_FORMAT:
         raise ValueError(f"{what}: not a quantized base written by train.py (format {meta.get('format')!r}, "
-                         f"expected {FORMAT!r})")
+                         f"expected {QUANTIZED_FORMAT!r})")
     layers = _json_meta(meta, "layers", what)
     shapes = {k: (v.get("out_features"), v.get("in_features")) for k, v in layers.items() if isinstance(v, dict)}
     _same_layers(shapes, linear_shapes(mc), what, model, "quantized base")

@@ -15,7 +15,6 @@ conversion of the demo checkpoint) lives in demo.py.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import html
 import json
@@ -484,23 +483,7 @@ def write_json(path: Path, obj) -> None:
     atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="data.py", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    fetch = sub.add_parser("fetch-demo", help="download and build the demo assets (idempotent)")
-    fetch.add_argument("--out", default="assets", help="output folder (default: assets)")
-    fetch.add_argument("--quiet", action="store_true", help="no progress line")
-    args = parser.parse_args(argv)
-    import demo  # the fetcher and the GGUF conversion: only this command needs them
-    try:
-        status = demo.fetch_demo(args.out, quiet=args.quiet)
-    except (OSError, ValueError, RuntimeError, ImportError) as e:
-        # the leading newline ends the progress line
-        print(f"{'' if args.quiet else chr(10)}data.py fetch-demo: error: {e}", file=sys.stderr)
-        return 1
-    print(json.dumps({"out": str(args.out), **status}))
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python data.py fetch-demo`: the command lives in demo.py, which builds on this module (not the reverse)
+    from demo import main
+    sys.exit(main(description=__doc__.split("\n\n")[0]))

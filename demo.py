@@ -14,6 +14,7 @@ last; a folder whose SOURCE.json matches what this file would build is skipped. 
 """
 from __future__ import annotations
 
+import argparse
 import bz2
 import hashlib
 import json
@@ -438,3 +439,21 @@ def fetch_demo(out: str | os.PathLike, quiet: bool = False) -> dict[str, str]:
         status[name] = "built"
         progress.end("done")
     return status
+
+
+def main(argv: Sequence[str] | None = None, description: str | None = None) -> int:
+    """The `python data.py fetch-demo` command: build the assets, print {out, asset: status} as JSON."""
+    parser = argparse.ArgumentParser(prog="data.py", description=description)
+    sub = parser.add_subparsers(dest="command", required=True)
+    fetch = sub.add_parser("fetch-demo", help="download and build the demo assets (idempotent)")
+    fetch.add_argument("--out", default="assets", help="output folder (default: assets)")
+    fetch.add_argument("--quiet", action="store_true", help="no progress line")
+    args = parser.parse_args(argv)
+    try:
+        status = fetch_demo(args.out, quiet=args.quiet)
+    except (OSError, ValueError, RuntimeError, ImportError) as e:
+        # the leading newline ends the progress line
+        print(f"{'' if args.quiet else chr(10)}data.py fetch-demo: error: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps({"out": str(args.out), **status}))
+    return 0

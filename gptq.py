@@ -28,8 +28,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from checks import QUANTIZED_FORMAT
+
 SUPPORTED_BITS = (2, 3, 4)
-FORMAT = "qwha-gptq"          # safetensors metadata "format"
+FORMAT = QUANTIZED_FORMAT     # safetensors metadata "format" (checks.py validates files without importing gptq)
 FORMAT_VERSION = "1"
 _FP16_MAX = 65504.0
 _FP16_TINY = 2.0 ** -24       # smallest positive fp16 (subnormal)
