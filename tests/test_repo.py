@@ -1,4 +1,6 @@
-"""Repository-level checks: CI runs the README's test command, and the core stays off optional packages."""
+"""Repository-level checks: CI runs the README's test command, the core stays off optional packages, ruff passes,
+the root modules import each other without a cycle, and the tracked text speaks of the project only."""
+import ast
 import re
 import subprocess
 import sys
@@ -41,3 +43,81 @@ def test_core_imports_no_optional_or_forbidden_package():
 def test_gitignore_keeps_venv_and_assets_out():
     ignored = (ROOT / ".gitignore").read_text().split()
     assert ".venv/" in ignored and "assets/" in ignored
+
+
+def test_ruff_is_clean():
+    out = subprocess.run([sys.executable, "-m", "ruff", "check", "."], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, f"ruff check . failed:\n{out.stdout}{out.stderr}"
+
+
+def _is_main_block(node: ast.stmt) -> bool:
+    """`if __name__ == "__main__":` at module level: it runs as the script `__main__`, not as this module."""
+    t = node.test if isinstance(node, ast.If) else None
+    return (isinstance(t, ast.Compare) and isinstance(t.left, ast.Name) and t.left.id == "__name__"
+            and len(t.comparators) == 1 and isinstance(t.comparators[0], ast.Constant)
+            and t.comparators[0].value == "__main__")
+
+
+def _root_import_graph() -> dict[str, set[str]]:
+    """{root module: root modules it imports anywhere (functions included), script entry blocks excepted}."""
+    paths = {p.stem: p for p in ROOT.glob("*.py")}
+    graph = {}
+    for name, path in paths.items():
+        deps = set()
+        for top in ast.parse(path.read_text(encoding="utf-8"), filename=str(path)).body:
+            if _is_main_block(top):
+                continue
+            for node in ast.walk(top):
+                if isinstance(node, ast.Import):
+                    deps.update(a.name.split(".")[0] for a in node.names)
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    deps.add(node.module.split(".")[0])
+        graph[name] = (deps & paths.keys()) - {name}
+    return graph
+
+
+def _find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle of the directed graph as [a, b, ..., a], or None (depth-first search, three colours)."""
+    state, stack = {}, []
+
+    def visit(u):
+        state[u] = "open"
+        stack.append(u)
+        for v in sorted(graph.get(u, ())):
+            if state.get(v) == "open":
+                return stack[stack.index(v):] + [v]
+            if v not in state and (cycle := visit(v)):
+                return cycle
+        stack.pop()
+        state[u] = "done"
+        return None
+
+    for u in sorted(graph):
+        if u not in state and (cycle := visit(u)):
+            return cycle
+    return None
+
+
+def test_no_import_cycle():
+    assert _find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
+    assert _find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
+    graph = _root_import_graph()
+    assert "wht" in graph["qwha"] and "checks" in graph["gptq"]       # imports inside functions are seen
+    cycle = _find_cycle(graph)
+    assert cycle is None, "import cycle between root modules: " + " -> ".join(cycle)
+
+
+PROCESS_WORDS = re.compile(r"\bissues? ?#?\d|first release|earlier run|this session", re.IGNORECASE)
+
+
+def test_no_development_process_words():
+    out = subprocess.run(["git", "ls-files", "*.py", "*.md", "*.sh", "*.cu"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    files = [f for f in out.stdout.splitlines() if f != "tests/test_repo.py"]
+    assert any(f == "README.md" for f in files), "git ls-files listed no README.md"
+    hits = [f"{f}:{i}: {line.strip()}" for f in files if (ROOT / f).is_file()
+            for i, line in enumerate((ROOT / f).read_text(encoding="utf-8", errors="replace").splitlines(), 1)
+            if PROCESS_WORDS.search(line)]
+    assert not hits, "development-process words in tracked files:\n" + "\n".join(hits)
