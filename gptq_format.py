@@ -311,7 +311,7 @@ def export_gptq(folder, model, tokenizer_src=None, checkpoint_format: str = "gpt
     tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    written = _save_shards(tensors, tmp, max_shard_size)
+    written = model_lib.save_shards(tensors, tmp, max_shard_size)
     (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
     if tokenizer_src is not None:
         for f in TOKENIZER_FILES:
@@ -324,28 +324,6 @@ def export_gptq(folder, model, tokenizer_src=None, checkpoint_format: str = "gpt
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
     return [folder / p.name for p in written]
-
-
-def _save_shards(tensors: dict[str, torch.Tensor], path: Path, max_shard_size: int) -> list[Path]:
-    """model.safetensors, or shards of at most max_shard_size bytes + model.safetensors.index.json (HF layout)."""
-    from safetensors.torch import save_file
-    shards, size = [[]], 0
-    for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_shard_size:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += nbytes
-    k = len(shards)
-    names = [model_lib.SINGLE_NAME] if k == 1 else [f"model-{i + 1:05d}-of-{k:05d}.safetensors" for i in range(k)]
-    for fname, shard in zip(names, shards):
-        save_file({n: tensors[n] for n in shard}, str(path / fname), metadata={"format": "pt"})
-    if k > 1:
-        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
-                 "weight_map": {n: fname for fname, shard in zip(names, shards) for n in shard}}
-        (path / model_lib.INDEX_NAME).write_text(json.dumps(index, indent=2))
-    return [path / f for f in names]
 
 
 def apply_gptq(model, folder, device=None) -> dict:

@@ -584,7 +584,6 @@ def from_pretrained(path, dtype: torch.dtype = torch.float32, device="cpu") -> L
 def save_pretrained(model: LlamaForCausalLM, path, max_shard_size: int = 5 * 2**30) -> list[Path]:
     """Write config.json and the weights as HF does: one model.safetensors, or shards of at most max_shard_size
     bytes plus model.safetensors.index.json. A tied head is not written. Returns the weight files written."""
-    from safetensors.torch import save_file
     path = Path(path)
     for name in linear_names(model):
         if not isinstance(get_module(model, name), nn.Linear):
@@ -593,31 +592,39 @@ def save_pretrained(model: LlamaForCausalLM, path, max_shard_size: int = 5 * 2**
     sd = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         sd.pop("lm_head.weight", None)
+    path.mkdir(parents=True, exist_ok=True)
+    for old in [path / SINGLE_NAME, path / INDEX_NAME, *path.glob("model-*-of-*.safetensors")]:
+        old.unlink(missing_ok=True)  # a stale index or shard would shadow what we write
+    written = save_shards(sd, path, max_shard_size)
+    cfg = model.config.to_dict()
+    cfg["torch_dtype"] = str(model.dtype).removeprefix("torch.")
+    (path / "config.json").write_text(json.dumps(cfg, indent=2))
+    return written
+
+
+def save_shards(tensors: dict[str, torch.Tensor], path: Path, max_shard_size: int) -> list[Path]:
+    """{name: tensor} as HF lays a checkpoint out: one model.safetensors, or shards of at most max_shard_size bytes
+    plus model.safetensors.index.json; files get the usual permissions (safetensors creates them 0600)."""
+    from safetensors.torch import save_file
     shards, size = [[]], 0
-    for name, t in sd.items():
+    for name, t in tensors.items():
         nbytes = t.numel() * t.element_size()
         if shards[-1] and size + nbytes > max_shard_size:
             shards.append([])
             size = 0
         shards[-1].append(name)
         size += nbytes
-    path.mkdir(parents=True, exist_ok=True)
-    for old in [path / SINGLE_NAME, path / INDEX_NAME, *path.glob("model-*-of-*.safetensors")]:
-        old.unlink(missing_ok=True)  # a stale index or shard would shadow what we write
     n = len(shards)
     names = [SINGLE_NAME] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     umask = os.umask(0o022)
     os.umask(umask)
     for fname, shard in zip(names, shards):
-        save_file({k: sd[k] for k in shard}, str(path / fname), metadata={"format": "pt"})
-        os.chmod(path / fname, 0o666 & ~umask)   # safetensors creates 0600 files; a checkpoint is for sharing
+        save_file({k: tensors[k] for k in shard}, str(path / fname), metadata={"format": "pt"})
+        os.chmod(path / fname, 0o666 & ~umask)
     if n > 1:
-        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in sd.values())},
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
                  "weight_map": {k: fname for fname, shard in zip(names, shards) for k in shard}}
         (path / INDEX_NAME).write_text(json.dumps(index, indent=2))
-    cfg = model.config.to_dict()
-    cfg["torch_dtype"] = str(model.dtype).removeprefix("torch.")
-    (path / "config.json").write_text(json.dumps(cfg, indent=2))
     return [path / f for f in names]
 
 
