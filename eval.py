@@ -30,47 +30,13 @@ import torch.nn.functional as F
 import checks
 import data
 import model as model_lib
+from prepare import load_model  # noqa: F401  (public here too)
 
 ANSWER_PREFIX = "The final answer is:"
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
 # ------------------------------------------------------------------------------------------- loading
-
-
-def load_model(path, quantized=None, adapter=None, device="cpu", dtype=torch.float32):
-    """The model of an HF folder, its block linears replaced by the QuantLinears of `quantized` (our
-    quantized.safetensors or a standard GPTQ checkpoint folder) and wrapped by the adapters of `adapter` when
-    given. Returns (model, tokenizer)."""
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"--model {path}: no config.json there (expected an HF-style model folder)")
-    if quantized is None:
-        m = model_lib.from_pretrained(path, dtype=dtype, device=device)
-    else:                                   # the linears' full-precision weights are never read
-        reader = model_lib.CheckpointReader(path)
-        with torch.device("meta"):
-            m = model_lib.LlamaForCausalLM(reader.config, init=False)
-        if Path(quantized).is_dir():
-            import gptq_format
-            if not gptq_format.is_gptq_folder(quantized):
-                raise ValueError(f"--quantized {quantized}: a folder without a config.json quantization_config "
-                                 f"(expected a GPTQ checkpoint folder or a quantized.safetensors file)")
-            gptq_format.apply_gptq(m, quantized, device=device)
-        else:
-            import gptq
-            layers, _meta = gptq.load_quantized(quantized)
-            for name, ql in layers.items():
-                model_lib.set_module(m, name, ql.to(device))
-        reader.load(m, "", dtype, device)
-    if adapter is not None:
-        import baselines  # reads every adapter kind; QWHA's own files are handed to qwha.load_adapters
-        baselines.load_adapters(adapter, m)
-        m.to(device)
-    m.eval()
-    for p in m.parameters():
-        p.requires_grad_(False)
-    return m, model_lib.Tokenizer.from_pretrained(path)
 
 
 # ------------------------------------------------------------------------------------------- perplexity

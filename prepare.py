@@ -154,6 +154,39 @@ def block_shapes(mc: model_lib.ModelConfig) -> dict[str, tuple[int, int]]:
             "self_attn.o_proj": (D, q), "mlp.gate_proj": (Im, D), "mlp.up_proj": (Im, D), "mlp.down_proj": (D, Im)}
 
 
+def load_model(path, quantized=None, adapter=None, device="cpu", dtype=torch.float32):
+    """A prepared model read back (eval.py, --resume, the ranks under torchrun): the model of an HF folder, its block
+    linears replaced by the QuantLinears of `quantized` (our quantized.safetensors or a standard GPTQ checkpoint
+    folder) and wrapped by the adapters of `adapter` when given. Returns (model, tokenizer)."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"--model {path}: no config.json there (expected an HF-style model folder)")
+    if quantized is None:
+        m = model_lib.from_pretrained(path, dtype=dtype, device=device)
+    else:                                   # the linears' full-precision weights are never read
+        reader = model_lib.CheckpointReader(path)
+        with torch.device("meta"):
+            m = model_lib.LlamaForCausalLM(reader.config, init=False)
+        if Path(quantized).is_dir():
+            import gptq_format
+            if not gptq_format.is_gptq_folder(quantized):
+                raise ValueError(f"--quantized {quantized}: a folder without a config.json quantization_config "
+                                 f"(expected a GPTQ checkpoint folder or a quantized.safetensors file)")
+            gptq_format.apply_gptq(m, quantized, device=device)
+        else:
+            layers, _meta = gptq.load_quantized(quantized)
+            for name, ql in layers.items():
+                model_lib.set_module(m, name, ql.to(device))
+        reader.load(m, "", dtype, device)
+    if adapter is not None:                 # every adapter kind; QWHA's own files go to qwha.load_adapters
+        baselines.load_adapters(adapter, m)
+        m.to(device)
+    m.eval()
+    for p in m.parameters():
+        p.requires_grad_(False)
+    return m, model_lib.Tokenizer.from_pretrained(path)
+
+
 # ---------------------------------------------------------------------------------------------- the pipeline
 
 

@@ -53,7 +53,6 @@ import model as model_lib
 import prepare
 import qwha
 import wht
-from eval import load_model
 from prepare import QUANT_KEYS, adapter_config, gptq_layer, init_workers, is_qwha, quant_settings  # noqa: F401
 
 ASSETS = Path(os.environ.get("QWHA_ASSETS", Path(__file__).resolve().parent / "assets"))
@@ -714,7 +713,7 @@ def run(cfg: TrainConfig):
     if not cfg.resume and not main_rank:
         distributed.wait_for_main()              # rank 0 prepares and saves the base and adapters; the others load
     if cfg.resume or not main_rank:
-        model, _ = load_model(cfg.model, out / "quantized.safetensors", None, cfg.device, dtype)
+        model, _ = prepare.load_model(cfg.model, out / "quantized.safetensors", None, cfg.device, dtype)
         baselines.load_adapters(out / "adapter.safetensors", model)
         model.to(cfg.device)
         for mod in baselines.adapter_modules(model).values():
