@@ -102,6 +102,7 @@ class TrainConfig:
     device: str = "cuda" if torch.cuda.is_available() else "cpu"  # cpu, cuda, cuda:1 ...
     dtype: str = "float32"              # dtype of the model's weights and activations (float32 | bfloat16)
     quiet: bool = False                 # no progress line on stderr
+    plot: bool = False                  # write OUT/plots/*.png: loss curves, init error per layer, values per row
 
 
 # Settings that must not change between a run and its --resume.
@@ -472,6 +473,9 @@ def run(cfg: TrainConfig):
     """The whole pipeline; returns (what OUT/config.json records, the trained model)."""
     cfg = resolve_defaults(cfg)
     mc = validate(cfg)
+    if cfg.plot:                                 # the optional extra, checked before any work
+        import plots
+        plots.require_matplotlib()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
@@ -547,6 +551,8 @@ def run(cfg: TrainConfig):
         log(f"held-out loss: {record['eval_loss']['before']:.4f} -> {record['eval_loss']['after']:.4f}")
     log(f"saved {out}/quantized.safetensors, adapter.safetensors, config.json, log.jsonl"
         + ("" if result["finished"] else f" (stopped at step {result['steps_done']}: continue with --resume)"))
+    if cfg.plot:
+        log("plots: " + ", ".join(str(p) for p in plots.run_plots(out)))
     return record, model
 
 
