@@ -262,7 +262,7 @@ def spread(xs: list[float]) -> tuple[float, float]:
 def format_table(results: list[dict]) -> str:
     cols = [("heldout_loss", "held-out loss", 4), ("gsm8k_acc", "GSM8K acc", 3), ("wiki_ppl", "wiki ppl", 2),
             ("val_loss", "val loss", 4), ("step_s", "s/step", 2)]
-    head = f"| method | bits | lr | seeds | params | " + " | ".join(c[1] for c in cols) + " |"
+    head = "| method | bits | lr | seeds | params | " + " | ".join(c[1] for c in cols) + " |"
     lines = [head, "|" + "---|" * (5 + len(cols))]
     for m in dict.fromkeys(r["method"] for r in results):
         for bits in sorted({r["bits"] for r in results if r["method"] == m}):
