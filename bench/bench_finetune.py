@@ -36,6 +36,7 @@ import torch  # noqa: E402
 
 from jsonl import emit  # noqa: E402  (bench/jsonl.py: print + append to runs/)
 
+import baselines  # noqa: E402
 import data  # noqa: E402
 import eval as evallib  # noqa: E402
 import model as model_lib  # noqa: E402
@@ -53,6 +54,7 @@ METHODS = {
     "loca": ["--adapter", "dca", "--transform-dims", "2", "--select", "loca"],
     "ssh": ["--adapter", "dha", "--transform-dims", "2", "--select", "ssh", "--no-qa-init"],
 }
+SEEDLESS = ("qwha", "qwha-zero", "cloq")   # inits that draw nothing at random: computed once, reused by every seed
 LABELS = {"qwha": "QWHA", "qwha-zero": "QWHA, zero values", "cloq": "CLoQ-LoRA", "lora": "LoRA (QLoRA init)",
           "shira": "SHiRA", "loca": "LoCA", "ssh": "SSH"}
 RESULT_KEYS = ("method", "bits", "seed", "lr", "heldout_loss", "gsm8k_acc", "wiki_ppl", "step_s")
@@ -141,6 +143,25 @@ def train_config(fc: FinetuneConfig, method: str, seed: int, lr: float) -> train
 # ---------------------------------------------------------------------------------------------- training
 
 
+def prepare_or_load(fc: FinetuneConfig, method: str, cfg, tok, log):
+    """prepare.prepare's (model, init summary, stats); for a SEEDLESS method the adapter at its initial values is
+    kept in OUT/init-<method>-b<bits>.safetensors and later seeds load it instead of computing it again."""
+    path = Path(fc.out) / f"init-{method}-b{fc.bits}.safetensors"
+    summary = path.with_suffix(".json")
+    if method in SEEDLESS and path.exists() and summary.exists():
+        model, _ = evallib.load_model(cfg.model, cfg.quantized, path, "cpu")
+        for mod in baselines.adapter_modules(model).values():
+            mod.requires_grad_(True)
+            mod.base.requires_grad_(False)
+        log(f"{method}: initial adapter loaded from {path}")
+        return model, json.loads(summary.read_text()), {"init_loaded_from": str(path)}
+    model, init, stats = prepare.prepare(cfg, tok, log)
+    if method in SEEDLESS:
+        train.save_adapter(model, path, cfg)
+        data.write_json(summary, init)
+    return model, init, stats
+
+
 def train_runs(fc: FinetuneConfig, method: str, seed: int, lrs: list, log) -> None:
     """Train `method` at each of `lrs` (those without train.json) from ONE init: the init does not depend on the
     learning rate, so the adapter is prepared once and its initial values restored before each rate."""
@@ -154,7 +175,7 @@ def train_runs(fc: FinetuneConfig, method: str, seed: int, lrs: list, log) -> No
     train_ex, report = data.load_examples(cfg.data, tok, cfg.max_len)
     val_ex, _ = data.load_examples(cfg.eval_data, tok, cfg.max_len)
     t0 = time.time()
-    model, init, stats = prepare.prepare(cfg, tok, log)
+    model, init, stats = prepare_or_load(fc, method, cfg, tok, log)
     prep_s = time.time() - t0
     train.dense_bases(model)                            # a dense copy of the frozen base: faster CPU steps
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}

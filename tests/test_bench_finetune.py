@@ -64,6 +64,10 @@ def test_sweep_prints_every_run_and_the_summary_last(sweep):
         assert not (runs / f"{m}-b2-s1-lr{'0.01' if best == '0.0001' else '0.0001'}").exists()
         # one init per method and seed: both grid runs started from the same validation loss
         assert grid["0.01"]["val_loss_init"] == grid["0.0001"]["val_loss_init"]
+        # a seedless init is computed once and loaded by the next seed: the same starting validation loss
+        assert (runs / f"init-{m}-b2.safetensors").exists()
+        seed1 = json.loads((runs / f"{m}-b2-s1-lr{best}" / "train.json").read_text())
+        assert seed1["val_loss_init"] == pytest.approx(grid[best]["val_loss_init"], rel=1e-6)
     # the same budget: LoRA's r·(m+n) equals the sparse adapters' values
     params = {m: json.loads((runs / f"{m}-b2-s0-lr0.01" / "train.json").read_text())["trainable_params"]
               for m in ("qwha", "cloq")}
