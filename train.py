@@ -117,6 +117,7 @@ class TrainConfig:
     dtype: str = "float32"              # dtype of the model's weights and activations (float32 | bfloat16)
     quiet: bool = False                 # no progress line on stderr
     debug: bool = False                 # an error shows its traceback instead of one line (or QWHA_DEBUG=1)
+    plot: bool = False                  # write OUT/plots/*.png: loss curves, init error per layer, values per row
 
 
 # Settings that must not change between a run and its --resume.
@@ -681,6 +682,9 @@ def run(cfg: TrainConfig):
     if main_rank:
         for line in rank_warnings(cfg, mc):
             print(f"warning: {line}", file=sys.stderr, flush=True)
+    if cfg.plot:                                 # the optional extra, checked before any work
+        import plots
+        plots.require_matplotlib()
     out = Path(cfg.out)
     t_start = time.time()
     log = (lambda s: None) if cfg.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
@@ -767,6 +771,8 @@ def run(cfg: TrainConfig):
         log(f"held-out loss: {record['eval_loss']['before']:.4f} -> {record['eval_loss']['after']:.4f}")
     log(f"saved {out}/quantized.safetensors, adapter.safetensors, config.json, log.jsonl"
         + ("" if result["finished"] else f" (stopped at step {result['steps_done']}: continue with --resume)"))
+    if cfg.plot:
+        log("plots: " + ", ".join(str(p) for p in plots.run_plots(out)))
     if result.get("interrupted"):
         raise checks.Interrupted(f"stopped at step {result['steps_done']}: continue with --resume")
     return record, model
