@@ -358,6 +358,7 @@ def prepare(cfg, tok, log) -> tuple[model_lib.LlamaForCausalLM, dict, dict]:
                 else:
                     state = gptq_layer(W, H[name], cfg.bits, cfg.group_size, quant_settings(cfg), name=name)
                     ql = gptq.QuantLinear.from_state(state, bias=lin.bias)
+                    del state
                 originals[name] = W
                 model_lib.set_module(model, name, ql)
             t = st.add("quantize_s", t)
@@ -369,7 +370,7 @@ def prepare(cfg, tok, log) -> tuple[model_lib.LlamaForCausalLM, dict, dict]:
                 for s in spans:
                     run_block(block, s, True)
                 t = st.add("calibrate_s", t)
-            del H, originals
+            H = local = originals = W = lin = ql = None      # nothing of this block's fp weights or Hessians stays
             release_memory()
         if writer is not None:
             writer.close()
