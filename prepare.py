@@ -318,8 +318,8 @@ def prepare(cfg, tok, log) -> tuple[model_lib.LlamaForCausalLM, dict, dict]:
 
     writer = None
     if cfg.hessians and h_file is None:
-        widths = {"self_attn.q_proj": mc.hidden_size, "self_attn.o_proj": mc.num_attention_heads * mc.head_dim,
-                  "mlp.gate_proj": mc.hidden_size, "mlp.down_proj": mc.intermediate_size}
+        shapes = block_shapes(mc)
+        widths = {n: shapes[n][1] for n in BLOCK_LINEARS if n not in SHARED_INPUTS}   # one Hessian per input
         entries = [(f"model.layers.{i}.{n}", widths[n]) for i in range(n_blocks) for n in widths]
         aliases = {f"model.layers.{i}.{a}": f"model.layers.{i}.{b}" for i in range(n_blocks)
                    for a, b in SHARED_INPUTS.items()}
@@ -345,8 +345,9 @@ def prepare(cfg, tok, log) -> tuple[model_lib.LlamaForCausalLM, dict, dict]:
                                              SHARED_INPUTS)
                 H = {f"model.layers.{i}.{n}": h for n, h in local.items()}
                 if writer is not None:
-                    for n in ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"):
-                        writer.write(f"model.layers.{i}.{n}", local[n])
+                    for n in BLOCK_LINEARS:
+                        if n not in SHARED_INPUTS:
+                            writer.write(f"model.layers.{i}.{n}", local[n])
             t = st.add("calibrate_s", t)
             originals = {}
             for j, name in enumerate(block_names(i)):
