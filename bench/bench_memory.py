@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 import model as model_lib  # noqa: E402
+import prepare  # noqa: E402
 from jsonl import emit  # noqa: E402
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
@@ -79,10 +80,7 @@ def random_checkpoint(folder: Path, config: dict, seed: int = 0, tokenizer_src: 
 
 def linear_bytes_fp32(config: dict) -> int:
     """float32 bytes of one block's seven linears."""
-    mc = model_lib.ModelConfig.from_dict(config)
-    D, Im, hd = mc.hidden_size, mc.intermediate_size, mc.head_dim
-    q, kv = mc.num_attention_heads * hd, mc.num_key_value_heads * hd
-    return 4 * (2 * q * D + 2 * kv * D + 3 * Im * D)
+    return 4 * sum(m * n for m, n in prepare.block_shapes(model_lib.ModelConfig.from_dict(config)).values())
 
 
 def estimate(config: dict, n_calib: int, calib_len: int, bits: int, rank: int, group_size: int = 64,
@@ -92,8 +90,8 @@ def estimate(config: dict, n_calib: int, calib_len: int, bits: int, rank: int, g
     Hessians, and the float64 temporaries of the largest linear's GPTQ and init (a few n×n and m×n matrices)."""
     mc = model_lib.ModelConfig.from_dict(config)
     D, Im, hd, L = mc.hidden_size, mc.intermediate_size, mc.head_dim, mc.num_hidden_layers
-    q, kv = mc.num_attention_heads * hd, mc.num_key_value_heads * hd
-    shapes = [(q, D), (kv, D), (kv, D), (D, q), (Im, D), (Im, D), (D, Im)]
+    q = mc.num_attention_heads * hd
+    shapes = list(prepare.block_shapes(mc).values())
     gb = 2**-30
     packed = sum(m * n * bits / 8 + m * n / group_size * (2 + bits / 8) for m, n in shapes) * L
     values = sum(min(rank * (m + n), m * n) for m, n in shapes) * L
