@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+import model as model_lib
 import qwha
 import wht
 
@@ -506,5 +507,5 @@ def load_adapters(path: str | Path, model: nn.Module) -> dict:
                 else:
                     new = SpectralLinear(base, idx.long(), val, info["kernel"], info["dims"], info["scale"])
                 new.indices = idx.to(new.indices.device)           # the stored dtype, bit for bit
-            qwha._set_module(model, name, new)
+            model_lib.set_module(model, name, new)
     return json.loads(meta.get("settings", "{}"))

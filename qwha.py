@@ -1,6 +1,7 @@
 """QWHA's initialization: AdaAlloc, support selection, batched refinement, exchange search, init_qwha.
 
-The adapter module itself (WHALinear, its training path, adapter files) is in wha.py; its names are re-exported here.
+The adapter module itself (WHALinear, its training path, adapter files) is in adapter.py; its names are
+re-exported here.
 
 docs/method.md, eqs. 4–9 and 33–35, in PyTorch's orientation (y = x Wᵀ, W ∈ R^{m×n}):
   adapter        ΔW = s · F T,  F (m×n) sparse with B = r(m+n) non-zeros, T = wht.hadamard_matrix(n)   (eq. 4)
@@ -36,23 +37,23 @@ import torch
 from torch import nn
 
 import wht
-from wha import (
+from adapter import (
     FrozenBaseAdapter,
     SparseAdapter,
     WHALinear,
     _base_weight,
-    _set_module,
     adapters,
     load_adapters,
     save_adapters,
 )
+from model import set_module
 
 __all__ = [
     "spectrum", "hadamard_hessian", "channel_scores", "adaalloc", "select_topk", "select_greedy", "greedy_targets",
     "select_support", "refine",
     "swap_search", "layer_problem", "LayerProblem",
     "layer_error", "init_layer", "init_layer_full", "LayerInit", "init_qwha", "wrap_layers", "format_report",
-    # from wha.py
+    # from adapter.py
     "FrozenBaseAdapter", "SparseAdapter", "WHALinear", "adapters", "save_adapters", "load_adapters",
 ]
 
@@ -938,7 +939,7 @@ def wrap_layers(model: nn.Module, hessians: Mapping[str, torch.Tensor], weights:
     t_all = time.perf_counter()
 
     def done(i, name, new, row):
-        _set_module(model, name, new)
+        set_module(model, name, new)
         report.append({"layer": name, **row})
         if not quiet:
             el = time.perf_counter() - t_all

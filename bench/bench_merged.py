@@ -1,15 +1,16 @@
-"""Benchmark: the pieces of WHALinear's merged training path (wha._WHAMerged) that depend on how it is computed.
+"""Benchmark: the pieces of WHALinear's merged training path (adapter._WHAMerged) that depend on how it is computed.
 
     python bench/bench_merged.py --threads 1            # SmolLM2's layer shapes at r = 8, 512 tokens
 
 1. Forming W = Q + s·F T (done twice per step at batch 1: forward, and again for the input gradient), both ways on
    the same layer: the row-block WHT (wht.wht_from_t) and a CSR F times the cached dense T; which one the merged
-   path picks (wha._csr_form: at most wha._CSR_MAX_K entries per row on average, n ≤ wha._CSR_MAX_N, on a CPU).
+   path picks (adapter._csr_form: at most adapter._CSR_MAX_K entries per row on average, n ≤ adapter._CSR_MAX_N,
+   on a CPU).
 2. The value gradient s·(gyᵀ x Tᵀ) at the support over --vg-tokens tokens (default 8 × 512, batch 8), per layer:
-   the route the merged path takes (wha._use_sampled: the sampled product, x Tᵀ in chunks of wha._SDDMM_CHUNK
+   the route the merged path takes (adapter._use_sampled: the sampled product, x Tᵀ in chunks of adapter._SDDMM_CHUNK
    tokens) against the dense gyᵀ x, transformed and gathered (the route taken where F is denser).
 3. The backward of layers that read one input, like q/k/v (out widths --siblings, in width --sibling-in): forward
-   and backward of all of them on one x (x Tᵀ transformed once for their value gradients, wha._SharedInput)
+   and backward of all of them on one x (x Tᵀ transformed once for their value gradients, adapter._SharedInput)
    against the same on a copy of x per layer (transformed once per layer).
 Random weights and supports (the cost depends only on the shapes and B = r·(m + n)); every side in one process,
 alternating after a warm-up, medians of --repeats. Prints a table and one JSON line (also appended to
@@ -28,17 +29,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-import wha  # noqa: E402
+import adapter  # noqa: E402
 from jsonl import emit  # noqa: E402  (bench/jsonl.py: print + append to runs/)
 
 
-def layer(m: int, n: int, rank: int, g: torch.Generator) -> wha.WHALinear:
+def layer(m: int, n: int, rank: int, g: torch.Generator) -> adapter.WHALinear:
     base = nn.Linear(n, m, bias=False)
     with torch.no_grad():
         base.weight.copy_(torch.randn(m, n, generator=g) / n ** 0.5)
     B = min(rank * (m + n), m * n)
     idx = torch.randperm(m * n, generator=g)[:B].sort().values
-    return wha.WHALinear(base, idx, torch.randn(B, generator=g) * 1e-3, path="merged")
+    return adapter.WHALinear(base, idx, torch.randn(B, generator=g) * 1e-3, path="merged")
 
 
 def medians(sides: dict, repeats: int) -> dict:
@@ -54,24 +55,24 @@ def medians(sides: dict, repeats: int) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def form(mod: wha.WHALinear, csr: bool) -> torch.Tensor:
+def form(mod: adapter.WHALinear, csr: bool) -> torch.Tensor:
     """W = Q + s·F T, forced through the CSR product (csr) or the row-block WHT."""
-    old = wha._CSR_MAX_K, wha._CSR_MAX_N
-    wha._CSR_MAX_K, wha._CSR_MAX_N = (10**9, 10**9) if csr else (-1, -1)
+    old = adapter._CSR_MAX_K, adapter._CSR_MAX_N
+    adapter._CSR_MAX_K, adapter._CSR_MAX_N = (10**9, 10**9) if csr else (-1, -1)
     try:
-        return wha._wha_merged_weight(mod, mod.values)
+        return adapter._wha_merged_weight(mod, mod.values)
     finally:
-        wha._CSR_MAX_K, wha._CSR_MAX_N = old
+        adapter._CSR_MAX_K, adapter._CSR_MAX_N = old
 
 
-def value_grad(mod: wha.WHALinear, x: torch.Tensor, gy: torch.Tensor, dense: bool) -> torch.Tensor:
+def value_grad(mod: adapter.WHALinear, x: torch.Tensor, gy: torch.Tensor, dense: bool) -> torch.Tensor:
     """The merged path's value gradient, or (dense) the dense gyᵀ x route forced (needs N ≥ m)."""
-    old = wha._SDDMM_COST
-    wha._SDDMM_COST = 10**9 if dense else old
+    old = adapter._SDDMM_COST
+    adapter._SDDMM_COST = 10**9 if dense else old
     try:
-        return wha._wha_value_grad(mod, x, gy)
+        return adapter._wha_value_grad(mod, x, gy)
     finally:
-        wha._SDDMM_COST = old
+        adapter._SDDMM_COST = old
 
 
 def run(args) -> dict:
@@ -84,7 +85,7 @@ def run(args) -> dict:
         diff = (form(mod, False) - form(mod, True)).abs().max().item()
         rows.append({"m": m, "n": n, "entries_per_row": mod.indices.numel() / m, "wht_ms": t["wht"] * 1e3,
                      "csr_ms": t["csr"] * 1e3, "csr_vs_wht": t["csr"] / t["wht"], "max_abs_diff": diff,
-                     "chosen": "csr" if wha._csr_form(mod, cpu) else "wht"})
+                     "chosen": "csr" if adapter._csr_form(mod, cpu) else "wht"})
     vg = []
     for m, n in args.shapes:
         mod = layer(m, n, args.rank, g)
@@ -93,7 +94,7 @@ def run(args) -> dict:
                      "dense": lambda: value_grad(mod, x, gy, True)}, args.repeats)
         a, b = value_grad(mod, x, gy, False), value_grad(mod, x, gy, True)
         vg.append({"m": m, "n": n, "tokens": args.vg_tokens,
-                   "route": "sampled" if wha._use_sampled(mod, cpu) else "dense",
+                   "route": "sampled" if adapter._use_sampled(mod, cpu) else "dense",
                    "chosen_ms": t["chosen"] * 1e3, "dense_ms": t["dense"] * 1e3,
                    "chosen_vs_dense": t["chosen"] / t["dense"],
                    "max_rel_diff": ((a - b).abs().max() / b.abs().max()).item()})
@@ -117,7 +118,7 @@ def run(args) -> dict:
            "separate_ms": t["separate"] * 1e3, "saved_ms": (t["separate"] - t["shared"]) * 1e3,
            "same_grads": same}
     return {"bench": "merged", "rank": args.rank, "threads": torch.get_num_threads(), "repeats": args.repeats,
-            "csr_max_k": wha._CSR_MAX_K, "csr_max_n": wha._CSR_MAX_N, "sddmm_chunk": wha._SDDMM_CHUNK,
+            "csr_max_k": adapter._CSR_MAX_K, "csr_max_n": adapter._CSR_MAX_N, "sddmm_chunk": adapter._SDDMM_CHUNK,
             "formation": rows, "value_grad": vg, "siblings": sib}
 
 

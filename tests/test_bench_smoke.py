@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+import adapter  # noqa: E402
 import bench_gptq  # noqa: E402
 import bench_merged  # noqa: E402
 import bench_wht  # noqa: E402
-import wha  # noqa: E402
 
 
 def test_bench_wht_runs_and_matches_the_dense_transform(capsys):
@@ -65,7 +65,7 @@ def test_bench_merged_runs_both_formations_and_the_shared_transform(capsys):
     assert [(r["m"], r["n"]) for r in f] == [(8, 48), (24, 40)]
     assert all(r["max_abs_diff"] < 1e-5 and r["wht_ms"] > 0 and r["csr_ms"] > 0 for r in f)
     assert [r["chosen"] for r in f] == ["csr", "csr"] and f[0]["entries_per_row"] == 2 * (8 + 48) / 8
-    assert (wha._CSR_MAX_K, wha._CSR_MAX_N) == (res["csr_max_k"], res["csr_max_n"])   # restored after forcing
+    assert (adapter._CSR_MAX_K, adapter._CSR_MAX_N) == (res["csr_max_k"], res["csr_max_n"])   # restored after forcing
     assert res["siblings"]["same_grads"] and res["siblings"]["out"] == [8, 4]
     assert [r["route"] for r in res["value_grad"]] == ["dense", "sampled"]   # B·6 ≥ m·n for 8×48 at r = 2
     assert all(r["max_rel_diff"] < 1e-5 and r["tokens"] == 40 for r in res["value_grad"])

@@ -10,8 +10,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+import adapter
 import qwha
-import wha
 import wht
 
 WIDTHS = [8, 16, 24, 32, 48, 64, 72, 96, 144]
@@ -563,11 +563,11 @@ def test_merged_path_equals_dense_autograd(monkeypatch, route, sort, form, chunk
     for each value-gradient route, each way to form W (WHT of row blocks, or CSR F times dense T) and the value
     gradient in one token chunk or many (ragged last one), in many row blocks and groups (ragged last ones), with
     a row-sorted or shuffled support with a repeated entry (values at the same position add, as in dense_F)."""
-    monkeypatch.setattr(wha, "_SDDMM_CHUNK", chunk)
-    monkeypatch.setattr(wha, "_BLOCK_ELEMS", 5 * 96)                 # 5 rows per block
-    monkeypatch.setattr(wha, "_GROUP_ELEMS", 10 * 96)                # W re-formed 2 blocks at a time for gx
-    monkeypatch.setattr(wha, "_SDDMM_COST", 10**9 if route != "sampled" else 0)
-    monkeypatch.setattr(wha, "_CSR_MAX_K", 10**9 if form == "csr" else 0)
+    monkeypatch.setattr(adapter, "_SDDMM_CHUNK", chunk)
+    monkeypatch.setattr(adapter, "_BLOCK_ELEMS", 5 * 96)                 # 5 rows per block
+    monkeypatch.setattr(adapter, "_GROUP_ELEMS", 10 * 96)                # W re-formed 2 blocks at a time for gx
+    monkeypatch.setattr(adapter, "_SDDMM_COST", 10**9 if route != "sampled" else 0)
+    monkeypatch.setattr(adapter, "_CSR_MAX_K", 10**9 if form == "csr" else 0)
     m, n = 23, 96
     N = {"sampled": 30, "dense x": 7, "dense gW": 40}[route]             # dense x: N < m; dense gW: N >= m
     g = torch.Generator().manual_seed(3)
@@ -576,7 +576,7 @@ def test_merged_path_equals_dense_autograd(monkeypatch, route, sort, form, chunk
     flat = torch.cat([flat, flat[:1]])                                  # a repeated position
     flat = flat.sort().values if sort else flat
     mod = qwha.WHALinear(base, flat, torch.randn(flat.numel(), generator=g), scale=0.7, path="merged")
-    assert wha._csr_form(mod, torch.device("cpu")) == (form == "csr")
+    assert adapter._csr_form(mod, torch.device("cpu")) == (form == "csr")
     x = torch.randn(2, N // 2, n, generator=g, requires_grad=True)
     gy = torch.randn(2, N // 2, m, generator=g)
     y = mod(x)
@@ -599,12 +599,12 @@ def test_csr_formation_is_chosen_by_entries_per_row_and_width():
     def mod(m, n, r):
         return qwha.WHALinear(nn.Linear(n, m, bias=False), torch.arange(r * (m + n)) * (m * n // (r * (m + n))))
 
-    assert [wha._csr_form(mod(m, n, 8), cpu) for m, n in [(576, 576), (1536, 576), (192, 576), (576, 1536)]] == \
+    assert [adapter._csr_form(mod(m, n, 8), cpu) for m, n in [(576, 576), (1536, 576), (192, 576), (576, 1536)]] == \
         [True, True, False, False]
-    assert not wha._csr_form(mod(576, 576, 64), cpu)                    # r = 64: 128 entries per row
-    assert not wha._csr_form(mod(576, 576, 8), torch.device("meta"))    # only on a CPU
-    T = wha._dense_T(48, cpu)
-    assert T is wha._dense_T(48, cpu)                                   # cached
+    assert not adapter._csr_form(mod(576, 576, 64), cpu)                    # r = 64: 128 entries per row
+    assert not adapter._csr_form(mod(576, 576, 8), torch.device("meta"))    # only on a CPU
+    T = adapter._dense_T(48, cpu)
+    assert T is adapter._dense_T(48, cpu)                                   # cached
     torch.testing.assert_close(T, wht.hadamard_matrix(48), rtol=0, atol=0)
 
 
@@ -626,8 +626,8 @@ def test_layers_reading_one_input_share_its_transform(monkeypatch, route):
     """q/k/v-like layers reading the same x transform it once for their value gradients (wht_to_t called once,
     not three times), give the gradients of the dense reference, and keep nothing of it after the backward;
     the registry forgets x when x goes."""
-    monkeypatch.setattr(wha, "_SDDMM_COST", 10**9 if route != "sampled" else 0)
-    monkeypatch.setattr(wha, "_SDDMM_CHUNK", 4)                         # x Tᵀ in chunks of 4 tokens
+    monkeypatch.setattr(adapter, "_SDDMM_COST", 10**9 if route != "sampled" else 0)
+    monkeypatch.setattr(adapter, "_SDDMM_CHUNK", 4)                         # x Tᵀ in chunks of 4 tokens
     net = Siblings()
     N = 30 if route == "sampled" else 7                                  # dense x: N < m (= 8 ... 20)
     g = torch.Generator().manual_seed(1)
@@ -637,7 +637,7 @@ def test_layers_reading_one_input_share_its_transform(monkeypatch, route):
     real = wht.wht_to_t
     monkeypatch.setattr(wht, "wht_to_t", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
     ys = net(x)
-    sh = wha._SHARED[id(x)]
+    sh = adapter._SHARED[id(x)]
     assert sh.users == 3 and sh.xTt is None                              # joined by all three, nothing held yet
     torch.autograd.backward(ys, gys)
     assert calls == [(4, 48)] * (N // 4) + [(N % 4, 48)]               # x transformed once for the three
@@ -649,7 +649,7 @@ def test_layers_reading_one_input_share_its_transform(monkeypatch, route):
         gx += gx_ref
     torch.testing.assert_close(x.grad.double(), gx, rtol=1e-5, atol=1e-4)
     del ys, x
-    assert not any(s is sh for s in wha._SHARED.values())              # x gone: its entry too
+    assert not any(s is sh for s in adapter._SHARED.values())              # x gone: its entry too
 
 
 def test_merged_path_with_no_tokens():
@@ -667,20 +667,20 @@ def test_shared_input_follows_the_tensor_and_its_version():
     """A new _SharedInput for another tensor or for the same tensor changed in place; none without a value
     gradient (frozen values, or no grad)."""
     x, z = torch.randn(4, 16), torch.randn(4, 16)
-    a = wha._shared_input(x)
-    assert wha._shared_input(x) is a and a.users == 2
-    assert wha._shared_input(z) is not a
+    a = adapter._shared_input(x)
+    assert adapter._shared_input(x) is a and a.users == 2
+    assert adapter._shared_input(z) is not a
     x.add_(1)
-    assert wha._shared_input(x) is not a
+    assert adapter._shared_input(x) is not a
     mod, _, _ = _wha(m=6, n=16, B=10, seed=2)
     mod.path = "merged"
     with torch.no_grad():
         w = torch.randn(3, 16)
         mod(w)
-    assert id(w) not in wha._SHARED
+    assert id(w) not in adapter._SHARED
     mod.values.requires_grad_(False)
     mod(w)
-    assert id(w) not in wha._SHARED
+    assert id(w) not in adapter._SHARED
 
 
 def test_merged_path_follows_changed_indices():
@@ -854,7 +854,7 @@ def test_wha_in_a_llama_block_with_and_without_gradient_checkpointing(monkeypatc
     gradients with non-reentrant gradient checkpointing (the layer re-run in the backward) equal those without,
     q/k/v and gate/up transform their input once per block, and no shared transform is held afterwards."""
     import model as M
-    monkeypatch.setattr(wha, "_SDDMM_COST", 10**9 if route != "sampled" else 0)
+    monkeypatch.setattr(adapter, "_SDDMM_COST", 10**9 if route != "sampled" else 0)
     cfg = M.ModelConfig(vocab_size=40, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
     net = M.init_weights(M.LlamaForCausalLM(cfg), torch.Generator().manual_seed(0)).train()
@@ -880,6 +880,6 @@ def test_wha_in_a_llama_block_with_and_without_gradient_checkpointing(monkeypatc
         for mod in mods.values():
             mod.values.grad = None
         assert len(calls) == 2 * 4                                  # per block: q/k/v, o, gate/up, down
-        assert all(sh.xTt is None for sh in list(wha._SHARED.values()))
+        assert all(sh.xTt is None for sh in list(adapter._SHARED.values()))
     for k in grads[0]:
         torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-5, atol=1e-6)

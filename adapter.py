@@ -5,8 +5,8 @@ that trains); T = wht.hadamard_matrix(n), applied with the WHT, never as a matri
 (gptq.QuantLinear or nn.Linear, bias kept) and picks the cheaper of two exact forward paths; its training path
 (_WHAMerged) forms W = Q + s·F T in cache-sized row blocks and writes its own backward, so nothing of the (m, n)
 F or ΔW goes to autograd. save_adapters / load_adapters: every WHALinear of a model to safetensors and back
-(bitwise). Depends on torch and wht.py only; qwha.py (the initialization: AdaAlloc, selection, refinement) builds
-these modules and re-exports the names.
+(bitwise). Depends on torch, wht.py and model.set_module; qwha.py (the initialization: AdaAlloc, selection,
+refinement) builds these modules and re-exports the names.
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ import torch.nn.functional as Fn
 from torch import nn
 
 import wht
+from model import set_module
 
 __all__ = ["FrozenBaseAdapter", "SparseAdapter", "WHALinear", "adapters", "save_adapters", "load_adapters"]
 
@@ -449,11 +450,6 @@ class _WHAMerged(torch.autograd.Function):
         return gx, gvalues, None, None
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
 def adapters(model: nn.Module) -> dict[str, WHALinear]:
     return {name: mod for name, mod in model.named_modules() if isinstance(mod, WHALinear)}
 
@@ -503,5 +499,5 @@ def load_adapters(path: str | Path, model: nn.Module) -> dict:
             new = WHALinear(base, idx.long(), val, scale=info["scale"],
                             path=mod.path if isinstance(mod, WHALinear) else "auto")
             new.indices = idx.to(new.indices.device)            # keep the stored dtype bit for bit
-            _set_module(model, name, new)
+            set_module(model, name, new)
     return json.loads(meta.get("settings", "{}"))
