@@ -1,8 +1,9 @@
-"""Tests for wht.py: Hadamard matrices of every supported width and the fast transform (docs/method.md eqs. 10–12).
+"""Tests for wht.py: Hadamard matrices of every supported width, the textbook wht_reference and the fast transform
+(docs/method.md eqs. 10–12).
 
 References are built independently here: Sylvester's matrix by the textbook block recursion, the transform by
 a recursive fp64 FWHT followed by an einsum with the integer-verified core, and dense products with the
-explicit matrix for widths up to 2048.
+explicit matrix for widths up to 1024. The fast transform is tested against all of them and against wht_reference.
 """
 import functools
 import math
@@ -138,6 +139,52 @@ def test_dense_matrix_and_wht_every_small_width():
         x = torch.randn(3, n, generator=g)
         assert rel_err(wht.wht(x), x @ T.T) < TOL[torch.float32], n
         assert rel_err(wht.wht(x, inverse=True), x @ T) < TOL[torch.float32], n
+
+
+# ---------------------------------------------------------------------------------------------- reference
+
+
+def test_reference_is_the_dense_matrix_every_small_width():
+    """wht_reference (the butterfly and the core, eq. 11) equals x Tᵀ and x T with the explicit matrix, and the
+    independent Kronecker recursion of this file, in fp64."""
+    g = torch.Generator().manual_seed(10)
+    for n in SMALL:
+        T = wht.hadamard_matrix(n, dtype=torch.float64)
+        x = torch.randn(2, 3, n, generator=g, dtype=torch.float64)
+        for inverse in (False, True):
+            ref = wht.wht_reference(x, inverse=inverse)
+            assert ref.shape == x.shape and ref.dtype == x.dtype
+            assert torch.allclose(ref, x @ (T if inverse else T.T), atol=1e-12, rtol=0), (n, inverse)
+            assert torch.allclose(ref, transform_ref(x, inverse), atol=1e-12, rtol=0), (n, inverse)
+
+
+REF_WIDTHS = [1, 2, 12, 24, 48, 96, 192, 40, 80, 172, 344, 576, 1536, 3072]
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.sampled_from(REF_WIDTHS), m=st.integers(1, 4), dtype=st.sampled_from([torch.float32, torch.float64]),
+       seed=st.integers(0, 2**31 - 1))
+def test_hyp_fast_wht_equals_reference(n, m, dtype, seed):
+    """The fast transform (radix-16 plan, chunks) equals the textbook one, forward and inverse, and the reference
+    is orthonormal: norm kept, the inverse undoes the forward."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, n, generator=g, dtype=torch.float64).to(dtype)
+    for inverse in (False, True):
+        ref = wht.wht_reference(x, inverse=inverse)
+        assert rel_err(wht.wht(x, inverse=inverse), ref) < TOL[dtype], (n, inverse)
+    y = wht.wht_reference(x.double())
+    assert torch.allclose(y.norm(dim=-1), x.double().norm(dim=-1), rtol=1e-12)
+    assert torch.allclose(wht.wht_reference(y, inverse=True), x.double(), atol=1e-12)
+
+
+def test_reference_gradient_is_the_transpose():
+    """wht_reference is plain autograd: its gradient is the inverse transform, as wht's hand-written backward."""
+    g = torch.Generator().manual_seed(11)
+    for n, inverse in ((12, False), (96, True), (576, False)):
+        x = torch.randn(3, n, generator=g, dtype=torch.float64, requires_grad=True)
+        w = torch.randn(3, n, generator=g, dtype=torch.float64)
+        (wht.wht_reference(x, inverse=inverse) * w).sum().backward()
+        assert torch.allclose(x.grad, wht.wht(w, inverse=not inverse), atol=1e-12)
 
 
 # ---------------------------------------------------------------------------------------------- transform
