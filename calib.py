@@ -1,7 +1,15 @@
-"""Calibration: per-layer input Hessians H = XᵀX / N, damping, the whitening root, calibration windows.
+"""Calibration: the input Hessian H = XᵀX / N of every linear, its damping and whitening root.
 
 docs/method.md "Notation": for a linear layer y = x Wᵀ with calibration inputs X (N×n), H = XᵀX / N and a
-whitening root R (RᵀR = H) turn the layer-output error of a weight error M into ‖M Rᵀ‖_F.
+whitening root R (RᵀR = H) turn the layer-output error of a weight error M into ‖M Rᵀ‖_F (the paper's eq. 6,
+derived in App. C.1, eqs. 27–32). In reading order:
+
+    hessian_reference(X)                  H = XᵀX / N of an explicit token matrix: the definition
+    damp(H, λ), whitening_root(H)         H + λ·mean(diag H)·I, and R with RᵀR = H
+    calibration_windows, window_batches   the calibration tokens
+    collect_hessians, block_hessians      the streaming accumulation the pipeline runs, tested equal to
+                                          hessian_reference of the captured inputs
+    save_hessians, load_hessians, HessianWriter   Hessian files
 
 `collect_hessians` runs a model over calibration batches and accumulates XᵀX in float64 (each batch's
 product added to a running sum) from forward pre-hooks on the named linears (nn.Linear, QuantLinear,
@@ -35,9 +43,77 @@ import torch
 from torch import nn
 
 __all__ = [
-    "collect_hessians", "damp", "whitening_root", "calibration_windows", "window_batches",
-    "save_hessians", "load_hessians", "block_of", "block_hessians", "HessianWriter",
+    "hessian_reference", "damp", "whitening_root", "calibration_windows", "window_batches",
+    "collect_hessians", "block_hessians", "block_of", "save_hessians", "load_hessians", "HessianWriter",
 ]
+
+
+# ----------------------------------------------------------------------------------------------------
+# The math: the Hessian of a layer's output error, its damping and its whitening root
+
+
+def hessian_reference(X: torch.Tensor) -> torch.Tensor:
+    """H = XᵀX / N (n, n) float64 from the calibration inputs X (..., n) of one linear, every row one token: the
+    Hessian of the layer's squared output error, ‖X Mᵀ‖²_F = N·‖M Rᵀ‖²_F with RᵀR = H (eq. 6; App. C.1)."""
+    if X.dim() == 0:
+        raise ValueError("hessian_reference: X must have a last dimension n (the layer's input width)")
+    X = X.reshape(-1, X.shape[-1]).to(torch.float64)                  # (N, n)
+    if X.shape[0] == 0:
+        raise ValueError("hessian_reference: X has no token rows")
+    return X.T @ X / X.shape[0]
+
+
+def damp(H: torch.Tensor, lam: float) -> torch.Tensor:
+    """H + λ·mean(diag H)·I (docs/method.md "Notation"); a zero diagonal (dead layer) is damped with λ·I. Pure."""
+    if H.dim() != 2 or H.shape[0] != H.shape[1]:
+        raise ValueError(f"damp: H must be square (n, n), got {tuple(H.shape)}")
+    if lam < 0:
+        raise ValueError(f"damp: lam must be >= 0, got {lam}")
+    mu = H.diagonal().mean()
+    mu = torch.where(mu > 0, mu, torch.ones_like(mu))
+    return H + (lam * mu) * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+
+
+def whitening_root(H: torch.Tensor) -> torch.Tensor:
+    """R (n×n) with RᵀR = H: H = U Λ Uᵀ (eigh, float64), eigenvalues clamped at 0, R = Λ^{1/2} Uᵀ. Pure.
+
+    Then ‖X Mᵀ‖²_F = N·‖M Rᵀ‖²_F for any M (m×n): the layer-output error of a weight error M is ‖M Rᵀ‖_F.
+    """
+    if H.dim() != 2 or H.shape[0] != H.shape[1]:
+        raise ValueError(f"whitening_root: H must be square (n, n), got {tuple(H.shape)}")
+    Hd = H.to(torch.float64)
+    evals, U = torch.linalg.eigh((Hd + Hd.T) / 2)
+    return (evals.clamp_min(0).sqrt()[:, None] * U.T).to(H.dtype)
+
+
+
+# ----------------------------------------------------------------------------------------------------
+# Calibration tokens
+
+
+def calibration_windows(token_ids, n_windows: int, seq_len: int, generator: torch.Generator) -> torch.Tensor:
+    """(n_windows, seq_len) long: random windows of a token stream (the TRAIN split), starts drawn with `generator`."""
+    ids = torch.as_tensor(token_ids, dtype=torch.long).reshape(-1)
+    if n_windows < 1 or seq_len < 1:
+        raise ValueError(f"calibration_windows: n_windows and seq_len must be >= 1, got {n_windows}, {seq_len}")
+    if ids.numel() < seq_len:
+        raise ValueError(f"calibration_windows: the token stream has {ids.numel()} tokens, "
+                         f"fewer than seq_len={seq_len}")
+    starts = torch.randint(0, ids.numel() - seq_len + 1, (n_windows,), generator=generator)
+    return ids[starts[:, None] + torch.arange(seq_len)]          # (n_windows, seq_len)
+
+
+def window_batches(windows: torch.Tensor, batch_size: int) -> list[dict[str, torch.Tensor]]:
+    """Split (W, T) windows into a list of {input_ids, attention_mask} batches for collect_hessians."""
+    return [
+        {"input_ids": w, "attention_mask": torch.ones_like(w)}
+        for w in windows.split(batch_size)
+    ]
+
+
+
+# ----------------------------------------------------------------------------------------------------
+# Streaming accumulation: hessian_reference of every named linear's inputs, summed batch by batch from hooks
 
 
 class _StopForward(Exception):
@@ -238,6 +314,11 @@ def block_hessians(block: nn.Module, batches: Iterable, run: Callable, names: li
     return {n: out[n] for n in names}
 
 
+
+# ----------------------------------------------------------------------------------------------------
+# Files
+
+
 class HessianWriter:
     """Writes Hessians to one safetensors file as they are computed, block after block, so that no more than one
     block's Hessians are ever held: the header (every name, shape and offset) is known up front, the data follows
@@ -285,48 +366,6 @@ class HessianWriter:
         self.f.close()
         self.tmp.unlink(missing_ok=True)
 
-
-def damp(H: torch.Tensor, lam: float) -> torch.Tensor:
-    """H + λ·mean(diag H)·I (docs/method.md "Notation"); a zero diagonal (dead layer) is damped with λ·I. Pure."""
-    if H.dim() != 2 or H.shape[0] != H.shape[1]:
-        raise ValueError(f"damp: H must be square (n, n), got {tuple(H.shape)}")
-    if lam < 0:
-        raise ValueError(f"damp: lam must be >= 0, got {lam}")
-    mu = H.diagonal().mean()
-    mu = torch.where(mu > 0, mu, torch.ones_like(mu))
-    return H + (lam * mu) * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
-
-
-def whitening_root(H: torch.Tensor) -> torch.Tensor:
-    """R (n×n) with RᵀR = H: H = U Λ Uᵀ (eigh, float64), eigenvalues clamped at 0, R = Λ^{1/2} Uᵀ. Pure.
-
-    Then ‖X Mᵀ‖²_F = N·‖M Rᵀ‖²_F for any M (m×n): the layer-output error of a weight error M is ‖M Rᵀ‖_F.
-    """
-    if H.dim() != 2 or H.shape[0] != H.shape[1]:
-        raise ValueError(f"whitening_root: H must be square (n, n), got {tuple(H.shape)}")
-    Hd = H.to(torch.float64)
-    evals, U = torch.linalg.eigh((Hd + Hd.T) / 2)
-    return (evals.clamp_min(0).sqrt()[:, None] * U.T).to(H.dtype)
-
-
-def calibration_windows(token_ids, n_windows: int, seq_len: int, generator: torch.Generator) -> torch.Tensor:
-    """(n_windows, seq_len) long: random windows of a token stream (the TRAIN split), starts drawn with `generator`."""
-    ids = torch.as_tensor(token_ids, dtype=torch.long).reshape(-1)
-    if n_windows < 1 or seq_len < 1:
-        raise ValueError(f"calibration_windows: n_windows and seq_len must be >= 1, got {n_windows}, {seq_len}")
-    if ids.numel() < seq_len:
-        raise ValueError(f"calibration_windows: the token stream has {ids.numel()} tokens, "
-                         f"fewer than seq_len={seq_len}")
-    starts = torch.randint(0, ids.numel() - seq_len + 1, (n_windows,), generator=generator)
-    return ids[starts[:, None] + torch.arange(seq_len)]          # (n_windows, seq_len)
-
-
-def window_batches(windows: torch.Tensor, batch_size: int) -> list[dict[str, torch.Tensor]]:
-    """Split (W, T) windows into a list of {input_ids, attention_mask} batches for collect_hessians."""
-    return [
-        {"input_ids": w, "attention_mask": torch.ones_like(w)}
-        for w in windows.split(batch_size)
-    ]
 
 
 def save_hessians(path: str | Path, hessians: dict[str, torch.Tensor], metadata: dict | None = None) -> None:

@@ -1,4 +1,5 @@
-"""calib.py: Hessian collection against explicitly captured inputs, damping, the whitening root, windows."""
+"""calib.py: the reference Hessian XᵀX / N, the streaming collection against it on explicitly captured inputs,
+damping, the whitening root, windows."""
 
 import pytest
 import torch
@@ -42,7 +43,7 @@ class ToyLM(nn.Module):
 
 
 def capture_inputs(model, batches, names):
-    """Reference: every named module's input rows (non-padded), kept explicitly."""
+    """Every named module's input rows (non-padded), kept explicitly: the X of calib.hessian_reference."""
     rows = {n: [] for n in names}
     state = {}
     hooks = [model.get_submodule(n).register_forward_pre_hook(
@@ -72,6 +73,28 @@ def padded_batches(seed=0, n_batches=3):
 NAMES = [f"model.layers.{i}.{p}" for i in range(3) for p in ("up_proj", "down_proj")]
 
 
+@SET
+@given(st.integers(1, 30), st.integers(1, 12), st.integers(0, 2**31 - 1))
+def test_hessian_reference_is_the_mean_outer_product(N, n, seed):
+    """H = XᵀX / N = (1/N) Σ_t x_t x_tᵀ, float64, symmetric positive semi-definite, whatever the leading shape."""
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(N, n, generator=g)
+    H = calib.hessian_reference(X)
+    want = sum(torch.outer(x, x) for x in X.double()) / N
+    assert H.dtype == torch.float64 and H.shape == (n, n)
+    torch.testing.assert_close(H, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(H, H.T, rtol=0, atol=1e-12)
+    assert torch.linalg.eigvalsh(H).min() > -1e-10
+    torch.testing.assert_close(calib.hessian_reference(X.reshape(1, N, n)), H, rtol=0, atol=0)
+
+
+def test_hessian_reference_errors():
+    with pytest.raises(ValueError, match="no token rows"):
+        calib.hessian_reference(torch.zeros(0, 4))
+    with pytest.raises(ValueError, match="last dimension"):
+        calib.hessian_reference(torch.tensor(1.0))
+
+
 def test_default_names_skip_lm_head():
     assert calib._default_names(ToyLM()) == NAMES
     assert calib.block_of("model.layers.12.mlp.up_proj") == "model.layers.12"
@@ -89,7 +112,7 @@ def test_hessians_equal_explicit_xtx_over_unpadded_tokens(offload, product):
         assert X[name].shape[0] == 3 * (7 + 4)                     # padded positions excluded
         assert H[name].dtype == torch.float64 and H[name].device.type == "cpu"
         tol = 1e-12 if product == torch.float64 else 1e-6
-        torch.testing.assert_close(H[name], X[name].T @ X[name] / X[name].shape[0], rtol=tol, atol=tol)
+        torch.testing.assert_close(H[name], calib.hessian_reference(X[name]), rtol=tol, atol=tol)
     assert not any(m._forward_pre_hooks for m in model.modules())  # hooks gone
 
 
@@ -137,7 +160,7 @@ def test_sequential_mode_sees_the_quantized_preceding_blocks():
         names = [f"model.layers.{i}.up_proj", f"model.layers.{i}.down_proj"]
         X = capture_inputs(ref, batches, names)
         for name in names:
-            torch.testing.assert_close(H_seq[name], X[name].T @ X[name] / X[name].shape[0])
+            torch.testing.assert_close(H_seq[name], calib.hessian_reference(X[name]))
         with torch.no_grad():
             for name in names:
                 ref.get_submodule(name).weight.copy_(torch.round(ref.get_submodule(name).weight * 4) / 4)
@@ -164,7 +187,7 @@ def test_linears_sharing_one_input_get_the_same_hessian():
     H = calib.collect_hessians(model, batches, ["q", "k", "o"])
     X = capture_inputs(model, batches, ["q", "k", "o"])
     for name in ("q", "k", "o"):
-        torch.testing.assert_close(H[name], X[name].T @ X[name] / X[name].shape[0])
+        torch.testing.assert_close(H[name], calib.hessian_reference(X[name]))
     assert H["q"] is not H["k"] and torch.equal(H["q"], H["k"])
 
 
@@ -173,7 +196,7 @@ def test_bare_id_tensors_and_all_padded_layer():
     ids = torch.randint(0, 50, (2, 5))
     H = calib.collect_hessians(model, [ids], ["model.layers.0.up_proj"])
     X = model.model.embed_tokens(ids).reshape(-1, 8).double()
-    torch.testing.assert_close(H["model.layers.0.up_proj"], X.T @ X / 10)
+    torch.testing.assert_close(H["model.layers.0.up_proj"], calib.hessian_reference(X))
     with pytest.raises(ValueError, match="no unmasked token"):
         calib.collect_hessians(model, [{"input_ids": ids, "attention_mask": torch.zeros_like(ids)}])
 
