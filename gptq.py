@@ -1,16 +1,25 @@
-"""Quantizers for the base weight: RTN, GPTQ and MagR; packed 2/3/4-bit storage; QuantLinear.
+"""Quantizers for the base weight (docs/method.md "Quantization"): the grid, RTN, GPTQ, MagR, GPTQ's polish;
+packed 2/3/4-bit storage; QuantLinear.
 
 Orientation follows PyTorch: a weight W is (m, n) = (out_features, in_features) and a layer computes y = x Wᵀ.
-The grid is eq. 1 of docs/method.md, asymmetric min–max per group of `group_size` consecutive input columns:
+In reading order:
+
+    fit_groups, quantize_rtn     the grid (eq. 1) and round to nearest on it
+    gptq_reference               classic GPTQ as the ~40-line column loop (Frantar et al. 2023)
+    magr                         MagR's proximal gradient (Zhang et al. 2024), the optional preprocessing
+    gptq_quantize                the fast GPTQ: blocked, lazy updates, in the LDLQ form; tested equal to the reference
+    polish                       beyond the paper, after GPTQ: coordinate descent over the codes, scale refit (the
+                                 grid's clip option, fit_groups_clipped, is the third refinement)
+    pack_codes, QuantLinear, save_quantized / load_quantized    storage
+
+The grid, asymmetric min–max per group of `group_size` consecutive input columns (eq. 1):
 
     s = (max − min) / (2^b − 1)   (the range always includes 0),  z = round(−min / s),
     q = clamp(round(w / s) + z, 0, 2^b − 1),                       ŵ = s · (q − z).
 
 Scales are stored in fp16 and every quantizer rounds with the *stored* fp16 scale (converted back to fp32), so
 what is saved is exactly what was optimized and `QuantState.dequantize()` reproduces the quantizer's ŵ bitwise.
-GPTQ's optional refinements keep that format and only choose its numbers better: a clipped grid search for
-(s, z) (`fit_groups_clipped`), coordinate descent over the codes (`coordinate_descent`, QuantEase) and
-least-squares scales for given codes (`refit_scales`); see `gptq_quantize`.
+The refinements keep that format and only choose its numbers better.
 
 Packing (`pack_codes`): the codes of a tensor are flattened row-major and cut into chunks of 32 (the last chunk
 zero-padded); a chunk of b-bit codes becomes b int32 words, word k holding bit k of the 32 codes (bit plane k,
@@ -190,7 +199,133 @@ def output_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> tuple[flo
     return err, (err / ref if ref > 0 else 0.0)
 
 
-# --------------------------------------------------------------------------------------------- GPTQ
+# --------------------------------------------------------------------------------------------- GPTQ, the reference
+def gptq_reference(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int = 64, damp: float = 0.01,
+                   static_groups: bool = True) -> QuantState:
+    """Classic GPTQ (Frantar et al. 2023) as docs/method.md "GPTQ" states it, one column at a time in fp64: with U
+    the upper Cholesky factor of the damped H⁻¹ (H⁻¹ = UᵀU), column i is rounded on the grid (eq. 1) and its
+    error err = (w_i − ŵ_i)/U_ii moves onto the columns not yet rounded, W[:, j] −= err·U[i, j] for j > i.
+    static_groups: every group's (scale, zero) fitted once on W; else on the updated columns as the group starts.
+    Dead inputs (diag H = 0) get H_ii = 1 and a zero weight column. The reference gptq_quantize is tested against.
+    """
+    _check_weight(W, bits, group_size)
+    m, n = W.shape
+    maxq = 2 ** bits - 1
+    H = H.detach().to(W.device, torch.float64).clone()
+    W = W.detach().to(torch.float64).clone()                          # (m, n), updated column by column
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    H += damp * torch.diagonal(H).mean() * torch.eye(n, dtype=H.dtype, device=H.device)
+    U = torch.linalg.cholesky(torch.linalg.inv(H), upper=True)        # (n, n) upper, H⁻¹ = UᵀU
+    scales, zeros = fit_groups(W.float(), bits, group_size)           # (m, n/g) the static grid, on W
+    codes = torch.zeros(m, n, dtype=torch.uint8, device=W.device)
+    for i in range(n):
+        a = i // group_size
+        if not static_groups and i % group_size == 0:                 # the group's grid on its updated columns
+            s16, z8 = fit_groups(W[:, i:i + group_size].float(), bits, group_size)
+            scales[:, a], zeros[:, a] = s16[:, 0], z8[:, 0]
+        s, z = scales[:, a].double(), zeros[:, a].double()            # (m,)
+        q = torch.clamp(torch.round(W[:, i] / s) + z, 0, maxq)        # eq. 1
+        codes[:, i] = q.to(torch.uint8)
+        err = (W[:, i] - (q - z) * s) / U[i, i]                       # (m,)
+        W[:, i + 1:] -= torch.outer(err, U[i, i + 1:])
+    return QuantState(codes, scales, zeros, bits, group_size, {"method": "gptq_reference"})
+
+
+# --------------------------------------------------------------------------------------------- MagR
+def magr(W: torch.Tensor, H: torch.Tensor, alpha: float = 1e-4, group_size: int = 64, iters: int = 200) -> torch.Tensor:
+    """MagR (Zhang et al. 2024; docs/method.md "MagR"): proximal gradient on ½‖(Ŵ − W)R̃ᵀ‖² + α Σ_group ‖ŵ_group‖_∞,
+    R̃ᵀR̃ = H/λmax(H), shrinking each group's largest weight while keeping the layer's output.
+
+    As in the MagR authors' code, H is normalized to λmax = 1, so the step is 1 (= 1/λmax) and the prox scale per
+    step is α (in weight units). Gradient (Ŵ − W)H̃; uses the full accumulated H. Returns W' (m, n), W's dtype.
+    """
+    if W.dim() != 2 or W.shape[1] % group_size != 0:
+        raise ValueError(f"magr: W of shape {tuple(W.shape)} needs in_features divisible by group_size={group_size}")
+    n = W.shape[1]
+    if tuple(H.shape) != (n, n):
+        raise ValueError(f"magr: H has shape {tuple(H.shape)}; expected ({n}, {n})")
+    if alpha <= 0 or iters < 0:
+        raise ValueError(f"magr: alpha={alpha} must be > 0 and iters={iters} >= 0")
+    Hd = H.detach().to(W.device, torch.float64)
+    Hd = (Hd + Hd.T) / 2
+    lmax = float(torch.linalg.eigvalsh(Hd)[-1])
+    if not lmax > 0:
+        return W.clone()
+    Hn = (Hd / lmax).to(torch.float32)                                # (n, n), λmax = 1
+    W0 = W.detach().float()
+    Wh = W0.clone()
+    for _ in range(iters):
+        V = Wh - (Wh - W0) @ Hn                                       # gradient step, η = 1
+        Wh = prox_linf_groups(V, alpha, group_size)
+    return Wh.to(W.dtype)
+
+
+def prox_linf_groups(V: torch.Tensor, tau: float, group_size: int) -> torch.Tensor:
+    """prox of τ·Σ_group ‖v_group‖_∞ on V (m, n), per group of columns.
+
+    Moreau: prox_{τ‖·‖∞}(v) = v − P_{ℓ1 ball of radius τ}(v); with P(v) = sign(v)·max(|v| − θ, 0) this is
+    clamp(v, −θ, θ), θ the ℓ1-ball threshold (0 when ‖v‖₁ ≤ τ). Batched over all groups.
+    """
+    m, n = V.shape
+    Vg = V.reshape(m * (n // group_size), group_size)                 # (B, g)
+    theta = _linf_prox_threshold(Vg.abs(), tau)                       # (B, 1)
+    return torch.maximum(torch.minimum(Vg, theta), -theta).reshape(m, n)
+
+
+def project_l1_ball(V: torch.Tensor, radius: float) -> torch.Tensor:
+    """Euclidean projection of every row of V (B, g) onto the ℓ1 ball of the given radius (Duchi et al. 2008)."""
+    a = V.abs()
+    u = torch.sort(a, dim=-1, descending=True).values                 # (B, g)
+    c = u.cumsum(-1) - radius
+    j = torch.arange(1, V.shape[-1] + 1, device=V.device, dtype=V.dtype)
+    rho = (u * j > c).sum(-1, keepdim=True).clamp(min=1)              # (B, 1), support size of the projection
+    theta = c.gather(-1, rho - 1) / rho.to(V.dtype)
+    proj = torch.sign(V) * (a - theta).clamp(min=0)
+    inside = a.sum(-1, keepdim=True) <= radius
+    return torch.where(inside, V, proj)
+
+
+def _linf_prox_threshold(a: torch.Tensor, tau: float, k: int = 8) -> torch.Tensor:
+    """θ per row of a = |V| (B, g) with Σ_j max(a_j − θ, 0) = τ (θ = 0 where Σ a ≤ τ): the ℓ1-ball threshold.
+
+    Duchi's sort-based rule (project_l1_ball's) on the top-k entries only, a fast path: rows whose support may extend
+    past k are redone with a full sort, so the result is exact. (B, 1).
+    """
+    B, g = a.shape
+    k = min(k, g)
+    u = torch.topk(a, k, dim=-1, sorted=True).values if k < g else torch.sort(a, -1, descending=True).values
+    c = u.cumsum(-1) - tau                                            # (B, k)
+    j = torch.arange(1, k + 1, device=a.device, dtype=a.dtype)
+    rho = (u * j > c).sum(-1, keepdim=True).clamp(min=1)              # support size of the projection
+    theta = c.gather(-1, rho - 1) / rho.to(a.dtype)
+    if k < g:
+        redo = (rho[:, 0] == k).nonzero()[:, 0]                       # support may be larger than k
+        if redo.numel():
+            theta[redo] = _linf_prox_threshold(a[redo], tau, g)
+    return torch.where(a.sum(-1, keepdim=True) <= tau, torch.zeros_like(theta), theta.clamp(min=0))
+
+
+# --------------------------------------------------------------------------------------------- GPTQ, the fast path
+def _prepare(W: torch.Tensor, H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(W0, Hd, dead) as GPTQ and its polish use them: W in fp32 with dead input columns (diag H = 0) zeroed, H
+    symmetrized in fp64 (for fp64 H) or fp32 on W's device, with H_ii = 1 at dead inputs."""
+    Hd = H.detach().to(W.device, torch.float64 if H.dtype == torch.float64 else torch.float32)
+    Hd = (Hd + Hd.T) / 2                                              # (n, n), symmetric, undamped
+    W0 = W.detach().to(torch.float32).clone()                         # (m, n), original order
+    dead = torch.diagonal(Hd) == 0
+    if bool(dead.any()):
+        Hd[dead, dead] = 1.0
+        W0[:, dead] = 0.0
+    return W0, Hd, dead
+
+
+def _act_order(Hd: torch.Tensor) -> torch.Tensor:
+    """GPTQ's act-order: the columns by decreasing diag H (stable)."""
+    return torch.argsort(torch.diagonal(Hd), descending=True, stable=True)
+
+
 def _upper_factor(H: torch.Tensor, damp: float, name: str, max_retries: int = 3):
     """Upper V with H + λ·mean(diag H)·I = V Vᵀ, i.e. V = U⁻¹ for GPTQ's upper Cholesky factor U of the damped
     H⁻¹ = UᵀU. One Cholesky of the reversed matrix: J H J = L Lᵀ gives V = J L J. Retries with λ ×10 when H is
@@ -219,29 +354,24 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
                   block_size: int = 128, act_order: bool = False, static_groups: bool = True, *,
                   clip: bool = False, cd_passes: int = 0, refit: bool = False,
                   name: str = "", measure: bool = True) -> QuantState:
-    """GPTQ (Frantar et al. 2023) on the eq. 1 grid; H = XᵀX/N (n, n). See docs/method.md, "Quantization".
+    """GPTQ (Frantar et al. 2023) on the eq. 1 grid, the fast form of gptq_reference; H = XᵀX/N (n, n).
 
-    Columns are quantized one at a time (in blocks of `block_size`, with lazy updates of the columns right of the
-    block); after column i the error err = (w_i − ŵ_i)/U_ii is spread over the remaining columns by
-    W[:, j] −= err·U[i, j], where U is the upper Cholesky factor of the damped H⁻¹. Computed in its equivalent
-    form (QuIP's LDLQ, Chee et al. 2023, Thm. 6): with V = U⁻¹ (upper, H = V Vᵀ, one Cholesky, no inverse),
-    the column about to be rounded is w̃_i = w_i + Σ_{k<i} (w_k − ŵ_k)·V[k, i]/V_ii, w the original weights:
-    the same numbers as the err·U updates (E U = W − Q), one n×n triangular inversion cheaper. Dead inputs (diag H = 0)
-    get H_ii = 1 and W[:, i] = 0. With `static_groups` every group's (scale, zero) is fitted once on the
-    original weight in the original column order, so `act_order` (columns by decreasing diag H) keeps the
-    grid of the original order and needs no g_idx. stats: damp, retries, dead, time_s, and with `measure`
-    out_err = ‖(W − Q)Rᵀ‖ and rel_err = out_err/‖W Rᵀ‖ (RᵀR = H undamped; two m·n² products, more than
-    the quantization's own arithmetic: measure=False skips them).
+    Columns go in blocks of `block_size` with lazy updates of the columns right of the block, in QuIP's LDLQ form
+    (Chee et al. 2023, Thm. 6): with V = U⁻¹ (upper, H = V Vᵀ, one Cholesky, no inverse), the column about to be
+    rounded is w̃_i = w_i + Σ_{k<i} (w_k − ŵ_k)·V[k, i]/V_ii, w the original weights: the same numbers as the
+    reference's err·U updates (E U = W − Q). Dead inputs (diag H = 0) get H_ii = 1 and W[:, i] = 0. With
+    `static_groups` every group's (scale, zero) is fitted once on the original weight in the original column order,
+    so `act_order` (columns by decreasing diag H) keeps the grid of the original order and needs no g_idx. stats:
+    damp, retries, dead, time_s, and with `measure` out_err = ‖(W − Q)Rᵀ‖ and rel_err = out_err/‖W Rᵀ‖ (RᵀR = H
+    undamped; two m·n² products, more than the quantization's own arithmetic: measure=False skips them).
 
-    Options (all off by default, which is classic GPTQ); each keeps the format (codes, fp16 scales, zeros):
-      clip       grids from fit_groups_clipped instead of min–max, weighted by GPTQ's own error weights
-                 d_i = V_ii²: from (E V)_i = V_ii (w̃_i − ŵ_i), ‖(W − Q)Rᵀ‖² = Σ_i d_i ‖w̃_i − ŵ_i‖² (damped H),
-                 so a group's d-weighted rounding error is its share of GPTQ's error (taken on w for w̃).
-      cd_passes  that many passes of coordinate_descent (QuantEase) over the codes after GPTQ, in GPTQ's column
-                 order, on the undamped H: each pass can only lower the error.
-      refit      refit_scales (least-squares group scales for the codes, per row only where it lowers the
-                 error) after every CD pass (after GPTQ when cd_passes = 0): alternating minimization over
-                 codes and scales, so the error never rises from GPTQ's on the grid it started from.
+    Refinements (all off by default, which is classic GPTQ); each keeps the format (codes, fp16 scales, zeros):
+      clip       the grid option: grids from fit_groups_clipped instead of min–max, weighted by GPTQ's own error
+                 weights d_i = V_ii²: from (E V)_i = V_ii (w̃_i − ŵ_i), ‖(W − Q)Rᵀ‖² = Σ_i d_i ‖w̃_i − ŵ_i‖² (damped
+                 H), so a group's d-weighted rounding error is its share of GPTQ's error (taken on w for w̃).
+      cd_passes, refit   then `polish` (coordinate descent over the codes, scale refit) on the result, in GPTQ's
+                 column order: the same bits as polish(W, gptq_quantize(... clip ...), H, cd_passes=..., refit=...,
+                 act_order=...).
     stats also hold clip, cd_passes, refit and cd_changed (codes changed per pass).
     """
     t0 = time.perf_counter()
@@ -263,16 +393,10 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
     fmaxq = float(maxq)
     dev = W.device
 
-    Hd = H.detach().to(dev, torch.float64 if H.dtype == torch.float64 else torch.float32)
-    Hd = (Hd + Hd.T) / 2                                              # (n, n), symmetric, undamped
-    W0 = W.detach().to(torch.float32).clone()                         # (m, n), original order
-    dead = torch.diagonal(Hd) == 0
-    if bool(dead.any()):
-        Hd[dead, dead] = 1.0
-        W0[:, dead] = 0.0
+    W0, Hd, dead = _prepare(W, H)                                     # W0 (m, n), Hd (n, n) undamped
 
     G = n // group_size
-    perm = torch.argsort(torch.diagonal(Hd), descending=True, stable=True) if act_order else None
+    perm = _act_order(Hd) if act_order else None
     Hp = Hd if perm is None else Hd[perm][:, perm]                   # (n, n), GPTQ's column order
     V, lam, retries = _upper_factor(Hp, damp, name)
     d = torch.diagonal(V).to(torch.float32) ** 2                      # (n,) GPTQ's error weight per column (clip)
@@ -348,23 +472,52 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
     if perm is not None:
         codes = codes[:, torch.argsort(perm)]
     state = QuantState(codes.to(torch.uint8).contiguous(), scales, zeros, bits, group_size)
-    changed = []
-    if cd_passes or refit:
-        H32 = Hd.to(torch.float32)                                    # (n, n) undamped, symmetric, original order
-        Hp32 = H32 if perm is None else Hp.to(torch.float32)          # the same in GPTQ's column order
-    for _ in range(cd_passes):                                        # polish: codes (CD), then scales (refit)
-        state = _coordinate_descent(W0, state, Hp32, 1, perm, block_size)
-        changed += state.stats["cd_changed"]
-        if refit:
-            state = refit_scales(W0, state, H32)
-    if refit and cd_passes == 0:
-        state = refit_scales(W0, state, H32)
+    state, changed = _polish(W0, state, Hd, cd_passes, refit, perm, block_size)
     state.stats = {"method": "gptq", "name": name, "damp": lam, "retries": retries, "dead": int(dead.sum()),
                    "act_order": act_order, "static_groups": static_groups, "clip": clip, "cd_passes": cd_passes,
                    "refit": refit, "cd_changed": changed, "time_s": time.perf_counter() - t0}
     if measure:
         state.stats["out_err"], state.stats["rel_err"] = output_error(W.detach(), state.dequantize(), H.detach())
     return state
+
+
+# --------------------------------------------------------------------------------------------- polish
+# Beyond the paper (docs/method.md "GPTQ"), each keeping the grid format: clip, the grid option (fit_groups_clipped,
+# with the grid above), then, after classic GPTQ, `polish`: coordinate descent over the codes (QuantEase) and
+# least-squares group scales for the codes, alternately, so that the error never rises from GPTQ's.
+def polish(W: torch.Tensor, state: QuantState, H: torch.Tensor, *, cd_passes: int = 0, refit: bool = False,
+           act_order: bool = False, block_size: int = 128) -> QuantState:
+    """GPTQ's polish: `cd_passes` passes of coordinate_descent over the codes of `state`, each followed by
+    refit_scales when `refit` (one refit alone when cd_passes = 0), on ‖(W − Q)Rᵀ‖ with RᵀR = H undamped; no step
+    raises it. Columns in GPTQ's order (act_order: by decreasing diag H) and dead inputs (diag H = 0) as
+    gptq_quantize treats them, which runs exactly this after GPTQ. stats: cd_passes, refit, cd_changed."""
+    _check_weight(W, state.bits, state.group_size)
+    m, n = W.shape
+    if state.shape != (m, n) or tuple(H.shape) != (n, n):
+        raise ValueError(f"polish: W {tuple(W.shape)} and H {tuple(H.shape)} do not match the state's {state.shape}")
+    if not isinstance(cd_passes, int) or isinstance(cd_passes, bool) or cd_passes < 0:
+        raise ValueError(f"cd_passes={cd_passes!r}: expected an int >= 0")
+    W0, Hd, _ = _prepare(W, H)
+    out, changed = _polish(W0, state, Hd, cd_passes, refit, _act_order(Hd) if act_order else None, block_size)
+    return QuantState(out.codes, out.scales, out.zeros, out.bits, out.group_size,
+                      {"method": "polish", "cd_passes": cd_passes, "refit": refit, "cd_changed": changed})
+
+
+def _polish(W0: torch.Tensor, state: QuantState, Hd: torch.Tensor, cd_passes: int, refit: bool,
+            perm: torch.Tensor | None, block_size: int) -> tuple[QuantState, list[int]]:
+    """polish on _prepare's (W0, Hd), columns in the order `perm` (None: 0..n−1); returns (state, cd_changed)."""
+    changed = []
+    if cd_passes or refit:
+        H32 = Hd.to(torch.float32)                                    # (n, n) undamped, symmetric, original order
+        Hp32 = H32 if perm is None else Hd[perm][:, perm].to(torch.float32)   # the same in GPTQ's column order
+    for _ in range(cd_passes):                                        # codes (CD), then scales (refit)
+        state = _coordinate_descent(W0, state, Hp32, 1, perm, block_size)
+        changed += state.stats["cd_changed"]
+        if refit:
+            state = refit_scales(W0, state, H32)
+    if refit and cd_passes == 0:
+        state = refit_scales(W0, state, H32)
+    return state, changed
 
 
 def coordinate_descent(W: torch.Tensor, state: QuantState, H: torch.Tensor, passes: int = 1,
@@ -485,79 +638,6 @@ def refit_scales(W: torch.Tensor, state: QuantState, H: torch.Tensor) -> QuantSt
     gain = (dn * ((M @ (new.double() + old).unsqueeze(-1))[..., 0] - 2 * b)).sum(-1)
     scales = torch.where((gain < 0)[:, None], new, state.scales)
     return QuantState(state.codes, scales, state.zeros, state.bits, g, {"method": "refit"})
-
-
-# --------------------------------------------------------------------------------------------- MagR
-def project_l1_ball(V: torch.Tensor, radius: float) -> torch.Tensor:
-    """Euclidean projection of every row of V (B, g) onto the ℓ1 ball of the given radius (Duchi et al. 2008)."""
-    a = V.abs()
-    u = torch.sort(a, dim=-1, descending=True).values                 # (B, g)
-    c = u.cumsum(-1) - radius
-    j = torch.arange(1, V.shape[-1] + 1, device=V.device, dtype=V.dtype)
-    rho = (u * j > c).sum(-1, keepdim=True).clamp(min=1)              # (B, 1), support size of the projection
-    theta = c.gather(-1, rho - 1) / rho.to(V.dtype)
-    proj = torch.sign(V) * (a - theta).clamp(min=0)
-    inside = a.sum(-1, keepdim=True) <= radius
-    return torch.where(inside, V, proj)
-
-
-def _linf_prox_threshold(a: torch.Tensor, tau: float, k: int = 8) -> torch.Tensor:
-    """θ per row of a = |V| (B, g) with Σ_j max(a_j − θ, 0) = τ (θ = 0 where Σ a ≤ τ): the ℓ1-ball threshold.
-
-    Duchi's sort-based rule on the top-k entries only; rows whose support may extend past k are redone with a
-    full sort, so the result is exact. (B, 1).
-    """
-    B, g = a.shape
-    k = min(k, g)
-    u = torch.topk(a, k, dim=-1, sorted=True).values if k < g else torch.sort(a, -1, descending=True).values
-    c = u.cumsum(-1) - tau                                            # (B, k)
-    j = torch.arange(1, k + 1, device=a.device, dtype=a.dtype)
-    rho = (u * j > c).sum(-1, keepdim=True).clamp(min=1)              # support size of the projection
-    theta = c.gather(-1, rho - 1) / rho.to(a.dtype)
-    if k < g:
-        redo = (rho[:, 0] == k).nonzero()[:, 0]                       # support may be larger than k
-        if redo.numel():
-            theta[redo] = _linf_prox_threshold(a[redo], tau, g)
-    return torch.where(a.sum(-1, keepdim=True) <= tau, torch.zeros_like(theta), theta.clamp(min=0))
-
-
-def prox_linf_groups(V: torch.Tensor, tau: float, group_size: int) -> torch.Tensor:
-    """prox of τ·Σ_group ‖v_group‖_∞ on V (m, n), per group of columns.
-
-    Moreau: prox_{τ‖·‖∞}(v) = v − P_{ℓ1 ball of radius τ}(v); with P(v) = sign(v)·max(|v| − θ, 0) this is
-    clamp(v, −θ, θ), θ the ℓ1-ball threshold (0 when ‖v‖₁ ≤ τ). Batched over all groups.
-    """
-    m, n = V.shape
-    Vg = V.reshape(m * (n // group_size), group_size)                 # (B, g)
-    theta = _linf_prox_threshold(Vg.abs(), tau)                       # (B, 1)
-    return torch.maximum(torch.minimum(Vg, theta), -theta).reshape(m, n)
-
-
-def magr(W: torch.Tensor, H: torch.Tensor, alpha: float = 1e-4, group_size: int = 64, iters: int = 200) -> torch.Tensor:
-    """MagR (Zhang et al. 2024): proximal gradient on ½‖(Ŵ − W)R̃ᵀ‖² + α Σ_group ‖ŵ_group‖_∞, R̃ᵀR̃ = H/λmax(H).
-
-    As in the MagR authors' code, H is normalized to λmax = 1, so the step is 1 (= 1/λmax) and the prox scale per
-    step is α (in weight units). Gradient (Ŵ − W)H̃; uses the full accumulated H. Returns W' (m, n), W's dtype.
-    """
-    if W.dim() != 2 or W.shape[1] % group_size != 0:
-        raise ValueError(f"magr: W of shape {tuple(W.shape)} needs in_features divisible by group_size={group_size}")
-    n = W.shape[1]
-    if tuple(H.shape) != (n, n):
-        raise ValueError(f"magr: H has shape {tuple(H.shape)}; expected ({n}, {n})")
-    if alpha <= 0 or iters < 0:
-        raise ValueError(f"magr: alpha={alpha} must be > 0 and iters={iters} >= 0")
-    Hd = H.detach().to(W.device, torch.float64)
-    Hd = (Hd + Hd.T) / 2
-    lmax = float(torch.linalg.eigvalsh(Hd)[-1])
-    if not lmax > 0:
-        return W.clone()
-    Hn = (Hd / lmax).to(torch.float32)                                # (n, n), λmax = 1
-    W0 = W.detach().float()
-    Wh = W0.clone()
-    for _ in range(iters):
-        V = Wh - (Wh - W0) @ Hn                                       # gradient step, η = 1
-        Wh = prox_linf_groups(V, alpha, group_size)
-    return Wh.to(W.dtype)
 
 
 # --------------------------------------------------------------------------------------------- packing

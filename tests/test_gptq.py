@@ -1,4 +1,5 @@
-"""gptq.py: the eq. 1 grid, GPTQ against RTN on correlated inputs, MagR, packing, QuantLinear, files."""
+"""gptq.py: the eq. 1 grid, GPTQ (the fast form against the reference loop and RTN), its polish, MagR, packing,
+QuantLinear, files."""
 import math
 
 import pytest
@@ -104,32 +105,32 @@ def test_gptq_beats_rtn_on_correlated_inputs(seed, rho, outliers):
         assert e_act < e_rtn
 
 
-def gptq_reference(W, H, bits, g, damp=0.01, static=True):
-    """Textbook GPTQ, column by column in fp64: U = chol(H_damped⁻¹) upper, W[:, j] −= err·U[i, j]; the grid
-    static (fitted on W) or fitted per group on the partially updated columns when the group starts."""
-    n = H.shape[0]
-    Hd = H.double() + damp * H.diagonal().double().mean() * torch.eye(n, dtype=torch.float64)
-    U = torch.linalg.cholesky(torch.linalg.inv(Hd), upper=True)
-    Wc, Q = W.double().clone(), torch.zeros_like(W, dtype=torch.float64)
-    for i in range(n):
-        if i % g == 0:
-            sc, zp = gptq.fit_groups((W if static else Wc).float()[:, i:i + g], bits, g)
-            s, z = sc.double(), zp.double()                                           # (m, 1)
-        q = torch.clamp(torch.round(Wc[:, i] / s[:, 0]) + z[:, 0], 0, 2 ** bits - 1)
-        Q[:, i] = (q - z[:, 0]) * s[:, 0]
-        Wc[:, i + 1:] -= torch.outer((Wc[:, i] - Q[:, i]) / U[i, i], U[i, i + 1:])
-    return Q
-
-
 @pytest.mark.parametrize("static", [True, False])
 def test_gptq_matches_the_textbook_column_loop(static):
-    """Blocked LDLQ form (static grid) and blocked GPTQ form (dynamic grid) against the dense per-column GPTQ
-    loop: the same codes up to rounding ties."""
+    """Blocked LDLQ form (static grid) and blocked GPTQ form (dynamic grid) against gptq.gptq_reference, the dense
+    per-column GPTQ loop in fp64: the same codes up to rounding ties."""
     H, W = correlated_H(96, 17), rand_W(16, 96, 18)
-    ref = gptq_reference(W, H, 3, 32, static=static)
-    Q = gptq.gptq_quantize(W, H, 3, 32, block_size=64 if static else 32, static_groups=static).dequantize()
-    assert (Q.double() != ref).float().mean() < 0.01
-    assert abs(layer_err(W, Q, H) / layer_err(W, ref, H) - 1) < 1e-3
+    ref = gptq.gptq_reference(W, H, 3, 32, static_groups=static)
+    fast = gptq.gptq_quantize(W, H, 3, 32, block_size=64 if static else 32, static_groups=static)
+    Q, R = fast.dequantize(), ref.dequantize()
+    assert (Q != R).float().mean() < 0.01
+    assert abs(layer_err(W, Q, H) / layer_err(W, R, H) - 1) < 1e-3
+    if static:                                                                        # the same grid
+        assert torch.equal(fast.scales, ref.scales) and torch.equal(fast.zeros, ref.zeros)
+
+
+def test_gptq_reference_is_a_grid_state_that_beats_rtn():
+    """The reference's codes lie on its grid (eq. 1), a dead input gives a zero column, and its error feedback
+    beats RTN on correlated inputs."""
+    H, W = correlated_H(64, 31), rand_W(12, 64, 32)
+    H[7, :] = 0
+    H[:, 7] = 0
+    s = gptq.gptq_reference(W, H, 3, 16)
+    assert s.codes.dtype == torch.uint8 and int(s.codes.max()) <= 7 and s.scales.dtype == torch.float16
+    assert torch.equal(s.dequantize()[:, 7], torch.zeros(12))
+    assert layer_err(W, s.dequantize(), H) < layer_err(W, gptq.quantize_rtn(W, 3, 16).dequantize(), H)
+    fast = gptq.gptq_quantize(W, H, 3, 16)
+    assert (fast.codes != s.codes).float().mean() < 0.01
 
 
 def test_gptq_block_size_does_not_change_the_result_much():
@@ -335,6 +336,35 @@ def test_refit_scales_never_raises_a_row_error(seed, bits):
         E = W.double() - st_.dequantize().double()
         return ((E @ H.double()) * E).sum(-1)
     assert (row_err(r) <= row_err(s) * (1 + 1e-9) + 1e-15).all()
+
+
+POLISH = [dict(cd_passes=1), dict(refit=True), dict(cd_passes=2, refit=True), dict(clip=True, cd_passes=2),
+          dict(act_order=True, clip=True, cd_passes=2, refit=True), dict(act_order=True, refit=True),
+          dict(static_groups=False, block_size=32, clip=True, cd_passes=1, refit=True)]
+
+
+@pytest.mark.parametrize("kw", POLISH)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gptq_options_are_classic_gptq_then_polish_bitwise(kw, dtype):
+    """gptq_quantize with cd_passes/refit is classic GPTQ (on the grid its clip option gives) followed by
+    gptq.polish, bit for bit, with a dead input and an fp32 or fp64 Hessian."""
+    H, W = correlated_H(64, 27).to(dtype), rand_W(10, 64, 28)
+    H[9, :] = 0
+    H[:, 9] = 0
+    full = gptq.gptq_quantize(W, H, 3, 16, **kw)
+    grid = {k: v for k, v in kw.items() if k not in ("cd_passes", "refit")}
+    classic = gptq.gptq_quantize(W, H, 3, 16, **grid)
+    p = gptq.polish(W, classic, H, cd_passes=kw.get("cd_passes", 0), refit=kw.get("refit", False),
+                    act_order=kw.get("act_order", False), block_size=kw.get("block_size", 128))
+    assert torch.equal(p.codes, full.codes) and torch.equal(p.scales, full.scales) and torch.equal(p.zeros, full.zeros)
+    assert p.stats["cd_changed"] == full.stats["cd_changed"]
+    assert layer_err(W, p.dequantize(), H) <= layer_err(W, classic.dequantize(), H) * (1 + 1e-6)
+    nothing = gptq.polish(W, classic, H)                                              # no pass, no refit: unchanged
+    assert torch.equal(nothing.codes, classic.codes) and torch.equal(nothing.scales, classic.scales)
+    with pytest.raises(ValueError, match="do not match"):
+        gptq.polish(W[:, :32], classic, H)
+    with pytest.raises(ValueError, match="cd_passes"):
+        gptq.polish(W, classic, H, cd_passes=-1)
 
 
 def test_options_are_deterministic_and_default_off():
