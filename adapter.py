@@ -1,12 +1,19 @@
-"""WHA, the Walsh–Hadamard adapter as a module: y = base(x) + s·(x Tᵀ) Fᵀ, or y = x (Q + s·F T)ᵀ + b.
+"""WHA, the Walsh–Hadamard adapter (docs/method.md eq. 4): y = base(x) + s·(x Tᵀ) Fᵀ = x (Q + s·F T)ᵀ + b.
 
 F (m×n) is sparse: `indices` (flat positions i·n + j, a buffer) and `values` (an fp32 nn.Parameter, the only thing
-that trains); T = wht.hadamard_matrix(n), applied with the WHT, never as a matrix. WHALinear wraps a frozen base
-(gptq.QuantLinear or nn.Linear, bias kept) and picks the cheaper of two exact forward paths; its training path
-(_WHAMerged) forms W = Q + s·F T in cache-sized row blocks and writes its own backward, so nothing of the (m, n)
-F or ΔW goes to autograd. save_adapters / load_adapters: every WHALinear of a model to safetensors and back
-(bitwise). Depends on torch, wht.py and model.set_module; qwha.py (the initialization: AdaAlloc, selection,
-refinement) builds these modules and re-exports the names.
+that trains); T = wht.hadamard_matrix(n), applied as a transform (as a dense matrix only where the training path
+forms W through a CSR F).
+In reading order:
+
+    reference_forward        eq. 4 as written: F scattered dense, x Tᵀ by wht.wht_reference, plain autograd
+    FrozenBaseAdapter, SparseAdapter, WHALinear   the module around a frozen base (gptq.QuantLinear or nn.Linear,
+                             bias kept), with the forward paths 'reference', 'activations' and 'merged'
+    adapters, save_adapters, load_adapters        every WHALinear of a model to safetensors and back (bitwise)
+    fast training path       _WHAMerged, the merged path's hand-written forward and backward, tested equal to
+                             reference_forward
+
+Depends on torch, wht.py and model.set_module; qwha.py (the initialization: AdaAlloc, selection, refinement)
+builds these modules and re-exports the names.
 """
 from __future__ import annotations
 
@@ -25,7 +32,27 @@ from torch import nn
 import wht
 from model import set_module
 
-__all__ = ["FrozenBaseAdapter", "SparseAdapter", "WHALinear", "adapters", "save_adapters", "load_adapters"]
+__all__ = ["reference_forward", "FrozenBaseAdapter", "SparseAdapter", "WHALinear", "adapters", "save_adapters",
+           "load_adapters"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# The reference (eq. 4)
+
+
+def reference_forward(x: torch.Tensor, base: nn.Module, indices: torch.Tensor, values: torch.Tensor,
+                      scale: float = 1.0) -> torch.Tensor:
+    """y = base(x) + s·(x Tᵀ) Fᵀ (eq. 4) as written, in x's dtype: F (m, n) dense, scattered from the flat `indices`
+    (row·n + col; repeated positions add) and `values`, x Tᵀ by wht.wht_reference; plain autograd, so values and x
+    get their gradients from torch. The reference WHALinear's faster paths are tested against (path='reference')."""
+    m, n = base.out_features, base.in_features
+    F = torch.zeros(m * n, dtype=x.dtype, device=x.device)
+    F = F.index_add(0, indices.long(), values.to(x.dtype)).view(m, n)  # (m, n) dense F
+    return base(x) + scale * (wht.wht_reference(x) @ F.T)              # (..., m)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The modules
 
 
 def _base_weight(base: nn.Module) -> torch.Tensor:
@@ -93,8 +120,10 @@ class FrozenBaseAdapter(nn.Module):
 class SparseAdapter(FrozenBaseAdapter):
     """A frozen base plus ΔW built from a sparse F: the support as the flat buffer `indices` (row·n + col, int32
     when m·n < 2³¹; given as (2, B) [row, col] or flat) and its (B,) fp32 Parameter `values` (unscaled), a scale s,
-    and path 'auto' | 'activations' | 'merged'. Subclasses (WHALinear here, baselines.SpectralLinear) say which
-    transform maps F to ΔW."""
+    and a forward path from PATHS. Subclasses (WHALinear here, baselines.SpectralLinear) say which transform maps F
+    to ΔW."""
+
+    PATHS = ("auto", "activations", "merged")
 
     def __init__(self, base: nn.Module, indices: torch.Tensor, values: torch.Tensor | None = None,
                  scale: float = 1.0, path: str = "auto"):
@@ -113,8 +142,8 @@ class SparseAdapter(FrozenBaseAdapter):
             raise ValueError(f"{who}: values shape {tuple(values.shape)}, expected ({flat.numel()},)")
         self.values = nn.Parameter(values.detach().to(device=dev, dtype=torch.float32).clone())
         self.scale = float(scale)
-        if path not in ("auto", "activations", "merged"):
-            raise ValueError(f"{who}: path must be 'auto', 'activations' or 'merged', got {path!r}")
+        if path not in self.PATHS:
+            raise ValueError(f"{who}: path must be one of {', '.join(map(repr, self.PATHS))}, got {path!r}")
         self.path = path
 
     def support(self) -> torch.Tensor:
@@ -134,14 +163,17 @@ class WHALinear(SparseAdapter):
 
     base: a frozen QuantLinear or nn.Linear (bias kept). indices: the support, (2, B) [row, col] or flat
     row·n + col; stored flat (int32 when m·n < 2³¹) as the buffer `indices`. values: (B,) fp32 Parameter,
-    unscaled (ΔW = scale·dense(values) T). path: 'auto' picks the cheaper form from the token count
-    (transforming activations costs N·(n log n + m·n) extra, forming ΔW costs m·n·log n), or force
-    'activations' / 'merged'. The merged path (every training step) runs _WHAMerged, a hand-written forward and
-    backward (see the note above _BLOCK_ELEMS); it caches the support's block layout (4 bytes per entry, plus
-    4 more for the CSR columns where the sampled value gradient is used) while `indices` is unchanged.
+    unscaled (ΔW = scale·dense(values) T). path: 'reference' runs reference_forward (eq. 4 as written, plain
+    autograd); 'activations' the same sum with the fast wht; 'merged' x (Q + s·F T)ᵀ through _WHAMerged, a
+    hand-written forward and backward (the fast training path below), which caches the support's block layout
+    (4 bytes per entry, plus 4 more for the CSR columns where the sampled value gradient is used) while `indices`
+    is unchanged; 'auto' (default) the cheaper of 'activations' and 'merged' for the token count (transforming
+    activations costs N·(n log n + m·n) extra, forming ΔW costs m·n·log n). All give the same y up to rounding.
     keep_weight: save W = Q + s·F T for the backward (True) or re-form it there (False); None (default): save it
     when it is small next to the layer's activations (_keep_weight).
     """
+
+    PATHS = ("auto", "activations", "merged", "reference")
 
     def delta_weight(self, dtype=torch.float32) -> torch.Tensor:
         """ΔW = s·F T (m, n): F T = wht(F, inverse=True) (rows of F times T)."""
@@ -157,7 +189,10 @@ class WHALinear(SparseAdapter):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return self.base(x)
-        if self.choose_path(x.numel() // self.in_features) == "activations":
+        path = self.choose_path(x.numel() // self.in_features)
+        if path == "reference":
+            return reference_forward(x, self.base, self.indices, self.values, self.scale)
+        if path == "activations":
             F = self.dense_F(x.dtype)                                  # (m, n)
             return self.base(x) + self.scale * (wht.wht(x) @ F.T)
         grad_values = torch.is_grad_enabled() and self.values.requires_grad
@@ -181,29 +216,79 @@ class WHALinear(SparseAdapter):
                 f"scale={self.scale}, path={self.path}")
 
 
-# The merged path (WHALinear's training path) in three pieces:
-# - W = Q + s·F T block by block of rows that fit a CPU's L2 cache: a block of F is scattered into a small zeroed
-#   buffer, transformed there (a few GEMMs, wht.wht_from_t) and written into its rows of W; no (m, n) temporary
-#   besides W, which the forward GEMM uses and then drops (unless keep_weight).
-# - the value gradient s·(gyᵀ x Tᵀ) at the support, by the cheapest of: a sampled product at the support only
-#   (torch.sparse.sampled_addmm, on a CPU where F is sparse enough: _SDDMM_COST), a dense product with x Tᵀ
-#   (when the tokens N < m), or the dense gyᵀ x transformed block by block (N ≥ m). Each is exact; which one
-#   runs only changes rounding. On a CPU the first two go through the tokens _SDDMM_CHUNK at a time, summing,
-#   so that each chunk of x Tᵀ stays cache-sized (at 8 × 512 tokens and r = 8 the sampled product in chunks of
-#   512 takes 0.31-0.49x the dense gyᵀ x route on SmolLM2's q/o and MLP layers, 1.04x on k/v: bench_merged.py).
-# - the input gradient gy W: with W saved by the forward when it is small next to the layer's activations
-#   (_keep_weight: m·n·4 bytes per layer until backward; all the W together are the size of the model's
-#   weights), else W re-formed a few blocks (_GROUP_ELEMS) at a time and used at once (gx += gy[:, a:e] W[a:e]),
-#   so that autograd holds only x and the values, as for the frozen base. Saving every W costs a SmolLM2 block
-#   +42 % peak tensor memory at batch 1 and +5 % at batch 8; re-forming every W costs 5-10 % of its CPU step
-#   (bench/bench_step.py, rows "QWHA" and "QWHA keep W").
-# On a CPU, where F has few entries per row (k̄ = B/m ≤ _CSR_MAX_K: the demo's r = 8) and T is small enough to stay
-# cached (n ≤ _CSR_MAX_N), W is formed instead as Q + s·F T with F a CSR matrix and T dense (_dense_T): B·n
-# multiply-adds in one sparse product (MKL's) against the WHT's m·n·(K + Σ f_i); bench/bench_merged.py, one thread,
-# SmolLM2 shapes at r = 8, CSR / WHT time: 0.84-0.96 for 576×576 (k̄ = 16), 0.60-0.66 for 1536×576 (k̄ = 11), but
-# 1.57-1.72 for 192×576 (k̄ = 32) and 1.66-2.19 for 576×1536 (T of 9 MB).
-# The layers that read one input (q/k/v, gate/up) share its transform x Tᵀ for their value gradients
-# (_SharedInput): the first of their backward passes computes it, the last drops it.
+
+# ----------------------------------------------------------------------------------------------------
+# Adapter files
+
+
+def adapters(model: nn.Module) -> dict[str, WHALinear]:
+    return {name: mod for name, mod in model.named_modules() if isinstance(mod, WHALinear)}
+
+
+def save_adapters(path: str | Path, model: nn.Module, metadata: dict | None = None) -> None:
+    """Every WHALinear's indices and values to safetensors, keyed by module name; shapes, scale and
+    `metadata` (the init settings) in the header. Bitwise round trip with load_adapters."""
+    from safetensors.torch import save_file
+    mods = adapters(model)
+    if not mods:
+        raise ValueError("save_adapters: the model has no WHALinear")
+    tensors, layers = {}, {}
+    for name, mod in mods.items():
+        tensors[f"{name}.indices"] = mod.indices.detach().cpu().contiguous()
+        tensors[f"{name}.values"] = mod.values.detach().cpu().contiguous()
+        layers[name] = {"out_features": mod.out_features, "in_features": mod.in_features, "scale": mod.scale}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata={"format": "qwha-adapters/1", "layers": json.dumps(layers),
+                                            "settings": json.dumps(metadata or {})})
+
+
+def load_adapters(path: str | Path, model: nn.Module) -> dict:
+    """Load save_adapters' file into `model`: existing WHALinear get the stored indices/values/scale, bare
+    linears (QuantLinear / nn.Linear) of the same names are wrapped. Returns the saved settings."""
+    from safetensors import safe_open
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"adapter file {path} not found (write it with qwha.save_adapters)")
+    from checks import safetensors_header
+    safetensors_header(path)            # ValueError naming the file if it is not a whole safetensors file
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != "qwha-adapters/1":
+            raise ValueError(f"{path}: not a qwha adapter file (format {meta.get('format')!r})")
+        layers = json.loads(meta["layers"])
+        for name, info in layers.items():
+            try:
+                mod = model.get_submodule(name)
+            except AttributeError as e:
+                raise ValueError(f"{path}: adapter for {name}, which the model does not have") from e
+            idx, val = f.get_tensor(f"{name}.indices"), f.get_tensor(f"{name}.values")
+            base = mod.base if isinstance(mod, WHALinear) else mod
+            if (base.out_features, base.in_features) != (info["out_features"], info["in_features"]):
+                raise ValueError(f"{path}: {name} is ({info['out_features']}, {info['in_features']}), "
+                                 f"the model's is ({base.out_features}, {base.in_features})")
+            new = WHALinear(base, idx.long(), val, scale=info["scale"],
+                            path=mod.path if isinstance(mod, WHALinear) else "auto")
+            new.indices = idx.to(new.indices.device)            # keep the stored dtype bit for bit
+            set_module(model, name, new)
+    return json.loads(meta.get("settings", "{}"))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Fast training path: WHALinear's merged path, _WHAMerged, y = x (Q + s·F T)ᵀ + b with a hand-written backward so
+# that nothing of the (m, n) F or ΔW goes to autograd (only x, the values, and W where kept). Tested equal to
+# reference_forward in its output, value and input gradients. Three pieces:
+# - W = Q + s·F T formed in row blocks that fit a CPU's L2 cache: a block of s·F scattered into a small zeroed
+#   buffer, transformed by wht.wht_from_t, the base added by its last GEMM (_form_rows); or, on a CPU where F has
+#   few entries per row and T is small (_csr_form), as a CSR F times the dense T in one sparse product.
+# - the value gradient s·(gyᵀ x Tᵀ) at the support, by the cheapest exact route (_wha_value_grad): a sampled
+#   product at the support only (torch.sparse.sampled_addmm, on a CPU where F is sparse enough: _use_sampled), a
+#   dense product with x Tᵀ (tokens N < m), or the dense gyᵀ x transformed block by block (N ≥ m); on a CPU, x Tᵀ
+#   in cache-sized token chunks. The layers that read one input (q/k/v, gate/up) share its x Tᵀ (_SharedInput):
+#   the first of their backward passes computes it, the last drops it.
+# - the input gradient gy W, with W saved by the forward where it is small next to the layer's activations
+#   (_keep_weight), else re-formed a few blocks at a time and used at once (_wha_input_grad).
+# Which route runs changes only the rounding. The timings behind the thresholds are in docs/performance.md.
 _BLOCK_ELEMS = 1 << 17      # elements per row block (512 KB in fp32)
 _GROUP_ELEMS = 1 << 19      # elements of W re-formed at a time for the input gradient (2 MB)
 _SDDMM_COST = 6             # CPU, torch's sampled_addmm vs MKL sgemm + gather, per multiply-add: the sampled
@@ -211,6 +296,7 @@ _SDDMM_COST = 6             # CPU, torch's sampled_addmm vs MKL sgemm + gather, 
 _SDDMM_CHUNK = 512          # CPU: tokens per chunk of the value gradient (x Tᵀ of 512 × 576 is 1.2 MB)
 _CSR_MAX_K = 20             # CPU: form W with a CSR F and a dense T at ≤ this many entries per row on average,
 _CSR_MAX_N = 1024           # and n ≤ this (T: 4 MB in fp32 at 1024)
+
 
 
 def _block_rows(m: int, n: int) -> int:
@@ -448,56 +534,3 @@ class _WHAMerged(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             gx = (g2 @ W if W is not None else _wha_input_grad(mod, values, g2)).view(x.shape)
         return gx, gvalues, None, None
-
-
-def adapters(model: nn.Module) -> dict[str, WHALinear]:
-    return {name: mod for name, mod in model.named_modules() if isinstance(mod, WHALinear)}
-
-
-def save_adapters(path: str | Path, model: nn.Module, metadata: dict | None = None) -> None:
-    """Every WHALinear's indices and values to safetensors, keyed by module name; shapes, scale and
-    `metadata` (the init settings) in the header. Bitwise round trip with load_adapters."""
-    from safetensors.torch import save_file
-    mods = adapters(model)
-    if not mods:
-        raise ValueError("save_adapters: the model has no WHALinear")
-    tensors, layers = {}, {}
-    for name, mod in mods.items():
-        tensors[f"{name}.indices"] = mod.indices.detach().cpu().contiguous()
-        tensors[f"{name}.values"] = mod.values.detach().cpu().contiguous()
-        layers[name] = {"out_features": mod.out_features, "in_features": mod.in_features, "scale": mod.scale}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata={"format": "qwha-adapters/1", "layers": json.dumps(layers),
-                                            "settings": json.dumps(metadata or {})})
-
-
-def load_adapters(path: str | Path, model: nn.Module) -> dict:
-    """Load save_adapters' file into `model`: existing WHALinear get the stored indices/values/scale, bare
-    linears (QuantLinear / nn.Linear) of the same names are wrapped. Returns the saved settings."""
-    from safetensors import safe_open
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"adapter file {path} not found (write it with qwha.save_adapters)")
-    from checks import safetensors_header
-    safetensors_header(path)            # ValueError naming the file if it is not a whole safetensors file
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        if meta.get("format") != "qwha-adapters/1":
-            raise ValueError(f"{path}: not a qwha adapter file (format {meta.get('format')!r})")
-        layers = json.loads(meta["layers"])
-        for name, info in layers.items():
-            try:
-                mod = model.get_submodule(name)
-            except AttributeError as e:
-                raise ValueError(f"{path}: adapter for {name}, which the model does not have") from e
-            idx, val = f.get_tensor(f"{name}.indices"), f.get_tensor(f"{name}.values")
-            base = mod.base if isinstance(mod, WHALinear) else mod
-            if (base.out_features, base.in_features) != (info["out_features"], info["in_features"]):
-                raise ValueError(f"{path}: {name} is ({info['out_features']}, {info['in_features']}), "
-                                 f"the model's is ({base.out_features}, {base.in_features})")
-            new = WHALinear(base, idx.long(), val, scale=info["scale"],
-                            path=mod.path if isinstance(mod, WHALinear) else "auto")
-            new.indices = idx.to(new.indices.device)            # keep the stored dtype bit for bit
-            set_module(model, name, new)
-    return json.loads(meta.get("settings", "{}"))

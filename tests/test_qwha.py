@@ -465,11 +465,12 @@ def test_wha_paths_agree_with_dense_and_merge(quant, n):
     want = x.double() @ (Q.double() + 0.7 * F.double() @ T_of(n)).T + mod.bias.double()
     torch.testing.assert_close(mod.delta_weight().double(), 0.7 * F.double() @ T_of(n), rtol=1e-5, atol=1e-6)
     outs = {}
-    for path in ("activations", "merged"):
+    for path in ("reference", "activations", "merged"):
         mod.path = path
         outs[path] = mod(x)
         torch.testing.assert_close(outs[path].double(), want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(outs["activations"], outs["merged"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outs["reference"], outs["merged"], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(x @ mod.merge().T + mod.bias, outs["merged"], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(mod.merged_linear()(x), outs["merged"], rtol=1e-5, atol=1e-5)
     mod.path = "auto"
@@ -485,7 +486,7 @@ def test_disable_gives_base_output_exactly_and_only_values_train():
     mod.enable()
     trainable = [name for name, p in mod.named_parameters() if p.requires_grad]
     assert trainable == ["values"]
-    for path in ("activations", "merged"):
+    for path in ("reference", "activations", "merged"):
         mod.zero_grad(set_to_none=True)
         mod.path = path
         mod(x).square().sum().backward()
@@ -497,12 +498,15 @@ def test_gradients_of_both_paths_agree():
     mod, _, _ = _wha(n=48, quant=True)
     x = torch.randn(7, 48, generator=torch.Generator().manual_seed(9))
     grads = []
-    for path in ("activations", "merged"):
+    for path in ("reference", "activations", "merged"):
         mod.values.grad = None
         mod.path = path
         (mod(x) * torch.linspace(-1, 1, mod.out_features)).sum().backward()
         grads.append(mod.values.grad.clone())
-    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grads[2], grads[0], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="'reference'"):
+        qwha.WHALinear(mod.base, torch.arange(3), path="dense")
 
 
 # ---------------------------------------------------------------------------------------------- merged path
@@ -543,15 +547,36 @@ def test_transposing_transforms_match_dense(n, inverse):
 
 
 def _wha_reference(mod, x, gy):
-    """The merged layer in fp64 autograd: y = x (Q + s·dense(values) T)ᵀ + b; returns y, ∂values, ∂x."""
-    m, n = mod.out_features, mod.in_features
+    """adapter.reference_forward (eq. 4 with plain autograd) of the layer in fp64, its base copied to fp64; returns
+    y, ∂values, ∂x for the output gradient gy."""
+    import copy
+    base = copy.deepcopy(mod.base).double()
     v = mod.values.detach().double().requires_grad_(True)
-    F = torch.zeros(m * n, dtype=torch.float64).index_add(0, mod.indices.long(), v).view(m, n)
-    Q = mod.base.dequantize() if hasattr(mod.base, "dequantize") else mod.base.weight
     xr = x.detach().double().requires_grad_(True)
-    y = xr @ (Q.double() + mod.scale * F @ T_of(n)).T + mod.bias.double()
+    y = adapter.reference_forward(xr, base, mod.indices, v, mod.scale)
     y.backward(gy.double())
     return y, v.grad, xr.grad
+
+
+def test_reference_forward_is_eq_4_with_the_dense_matrix():
+    """reference_forward = base(x) + s·x Tᵀ Fᵀ with the explicit T and F, and its gradients are those of that
+    dense expression (plain autograd through the textbook transform)."""
+    mod, sup, vals = _wha(m=10, n=48, B=30, seed=7, quant=True)
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(2, 5, 48, generator=g, dtype=torch.float64)
+    gy = torch.randn(2, 5, 10, generator=g, dtype=torch.float64)
+    y, gv, gx = _wha_reference(mod, x, gy)
+    F = dense(sup, vals, 10, 48)
+    v = vals.double().requires_grad_(True)
+    xr = x.clone().requires_grad_(True)
+    Fv = torch.zeros(10, 48, dtype=torch.float64).index_put((sup[0], sup[1]), v)
+    want = xr @ mod.base.q.double().T + mod.bias.double() + mod.scale * (xr @ T_of(48).T) @ Fv.T
+    want.backward(gy)
+    torch.testing.assert_close(y, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(y, x @ (mod.base.q.double() + mod.scale * F @ T_of(48)).T + mod.bias.double(),
+                               rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gv, v.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gx, xr.grad, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("route", ["sampled", "dense x", "dense gW"])
