@@ -144,8 +144,8 @@ RESUME_KEYS = tuple(f.name for f in fields(TrainConfig) if f.metadata.get("resum
 
 
 def parse_args(argv=None) -> TrainConfig:
-    """TrainConfig from the command line. With --demo, or without --data (the demo command before --demo
-    existed, said in one line), DEMO gives every flag not on the command line its value."""
+    """TrainConfig from the command line. With --demo, or without --data (a run without data is the demo, said in
+    one line), DEMO gives every flag not on the command line its value."""
     notes = {k: f"--demo {v}" for k, v in DEMO.items() if k != "data"}
     given = checks.given_flags(TrainConfig, argv, __doc__.split("\n\n")[0], notes)
     if "data" not in given and not given.get("demo"):

@@ -162,7 +162,7 @@ def test_resume_refuses_changed_settings(tiny, tmp_path):
     train.main(argv(tiny, out, "--steps", "4", "--stop-after", "1"))
     with pytest.raises(ValueError, match="--lr"):
         train.main(argv(tiny, out, "--steps", "4", "--resume", "--lr", "0.5"))
-    record = json.loads((out / "config.json").read_text())      # a config.json written before --demo existed
+    record = json.loads((out / "config.json").read_text())      # a config.json without the demo entry resumes too
     del record["train"]["demo"]
     (out / "config.json").write_text(json.dumps(record))
     assert train.main(argv(tiny, out, "--steps", "4", "--resume"))["train_result"]["steps_done"] == 4
@@ -279,7 +279,7 @@ DEMO_RUN = {"model": "assets/smollm2-135m", "bits": 2, "group_size": 64, "rank":
 
 
 def test_demo_preset_resolves_to_the_demo_run(tmp_path, monkeypatch, capsys):
-    """--demo, and no --data (the demo command before --demo), resolve to the demo run's settings; the second says
+    """--demo, and no --data (the demo command without --demo), resolve to the demo run's settings; the second says
     so in one line. RESUME_KEYS are the fields marked resume, the settings a config.json is checked against."""
     gsm, wiki = tmp_path / "train.jsonl", tmp_path / "train.txt"
     gsm.write_text(json.dumps(GSM[0]) + "\n")
