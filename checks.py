@@ -9,7 +9,8 @@ FileNotFoundError naming the flag, the file and the tensor at fault and what was
   check_finite         NaN/Inf in named tensors; check_device; check_text_file (UTF-8, not binary);
   check_output_dir, check_output_file   that an output path can be written, without writing it.
 `ArgumentParser` and `run_cli` are the commands' side: bad input prints `error: ...` on one line and exits 1
-(QWHA_DEBUG=1 or --debug shows the traceback instead); Ctrl-C exits 130.
+(QWHA_DEBUG=1 or --debug shows the traceback instead); Ctrl-C exits 130. `setting` declares a config dataclass
+field that is also a flag (its help and resume-relevance in the field's metadata), `given_flags` parses them.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import math
 import os
 import sys
 import tempfile
+from dataclasses import MISSING, field, fields
 from pathlib import Path
 
 MAX_HEADER_BYTES = 100 * 2**20       # what the safetensors library itself accepts
@@ -280,6 +282,31 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"error: {message} (see --help)\n")
+
+
+def setting(default=MISSING, help: str = "", resume: bool = False, choices: tuple | None = None):
+    """A config dataclass field that is also a command-line flag: its help text, and whether --resume must find it
+    unchanged (it fixes the result)."""
+    return field(default=default, metadata={"help": help, "resume": resume, "choices": choices})
+
+
+def given_flags(cls, argv=None, description: str = "", notes: dict[str, str] | None = None) -> dict:
+    """The flags given on the command line, {field: value}: one flag per field of the dataclass `cls` (--group-size
+    for group_size), typed by its annotation, its help from the field's metadata with the default (and `notes`,
+    e.g. a preset's value) appended. Flags not given are absent, so cls(**given) takes the fields' defaults."""
+    p = ArgumentParser(description=description, argument_default=argparse.SUPPRESS)
+    for f in fields(cls):
+        flag, kind = "--" + f.name.replace("_", "-"), str(f.type).split("|")[0].strip()
+        said = [f"default {f.default}"] if f.default not in (None, MISSING) and kind != "bool" else []
+        said += [notes[f.name]] if notes and f.name in notes else []
+        help_ = f.metadata.get("help", "") + (f" ({'; '.join(said)})" if said else "")
+        if kind == "bool":                       # off by default: --flag; on (or auto): --flag / --no-flag
+            action = "store_true" if f.default is False else argparse.BooleanOptionalAction
+            p.add_argument(flag, action=action, help=help_)
+        else:
+            p.add_argument(flag, type={"int": int, "float": float}.get(kind, str), required=f.default is MISSING,
+                           choices=f.metadata.get("choices"), help=help_)
+    return vars(p.parse_args(argv))
 
 
 def _one_line(e: BaseException) -> str:

@@ -15,7 +15,6 @@ Prints a table and writes the results as JSON (--out).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import re
@@ -30,6 +29,7 @@ import torch.nn.functional as F
 import checks
 import data
 import model as model_lib
+from checks import setting
 from prepare import load_model  # noqa: F401  (public here too)
 
 ANSWER_PREFIX = "The final answer is:"
@@ -182,47 +182,33 @@ def multiple_choice(model, tok, records: list[dict], max_len: int = 1024, progre
 
 @dataclass
 class EvalConfig:
-    model: str                      # HF-style folder (config.json, model.safetensors, tokenizer.json)
-    task: str                       # ppl | gsm8k | mc
-    data: str                       # text file (ppl) or JSON/JSONL file (gsm8k, mc)
-    quantized: str | None = None    # quantized.safetensors from train.py or a GPTQ folder (replaces the block linears)
-    adapter: str | None = None      # adapter.safetensors from train.py (wraps them with WHA adapters)
-    limit: int | None = None        # ppl: windows (evenly spaced); gsm8k/mc: the first N records
-    seq_len: int = 512              # ppl window length
-    batch_size: int = 8
-    max_new_tokens: int = 256       # gsm8k
-    max_len: int = 1024             # mc: context + choice tokens
-    device: str = "cpu"
-    dtype: str = "float32"          # float32 | bfloat16 | float16
-    out: str | None = None          # results JSON
-    quiet: bool = False
-    allow_base_mismatch: bool = False  # evaluate an adapter on a base other than the one it was initialized for
-    debug: bool = False             # an error shows its traceback instead of one line (or QWHA_DEBUG=1)
+    """The settings of an evaluation; every field is a flag (--seq-len for seq_len), its help in the metadata."""
+    model: str = setting(help="HF-style model folder")
+    task: str = setting(help="ppl (perplexity), gsm8k (exact match) or mc (multiple choice)",
+                        choices=("ppl", "gsm8k", "mc"))
+    data: str = setting(help="text file (ppl) or JSON/JSONL records (gsm8k, mc)")
+    quantized: str | None = setting(None, "quantized.safetensors written by train.py, or a GPTQ checkpoint folder "
+                                          "(config.json with quantization_config, e.g. train.py --export-gptq)")
+    adapter: str | None = setting(None, "adapter.safetensors written by train.py (needs --quantized)")
+    limit: int | None = setting(None, "ppl: N evenly spaced windows; gsm8k/mc: first N records")
+    seq_len: int = setting(512, "ppl window length")
+    batch_size: int = setting(8, "ppl windows or gsm8k prompts per forward pass")
+    max_new_tokens: int = setting(256, "gsm8k generation length")
+    max_len: int = setting(1024, "mc: longest context+choice")
+    device: str = setting("cuda" if torch.cuda.is_available() else "cpu", "cpu, cuda, cuda:1 ...")
+    dtype: str = setting("float32", "dtype of the weights and activations",
+                         choices=("float32", "bfloat16", "float16"))
+    out: str | None = setting(None, "write the results here as JSON")
+    quiet: bool = setting(False, "no progress line on stderr")
+    allow_base_mismatch: bool = setting(False, "evaluate --adapter on a --quantized base other than the one it was "
+                                               "initialized for (bits, group size, GPTQ settings or weights "
+                                               "differ); an error without it")
+    debug: bool = setting(False, "an error shows its traceback (or QWHA_DEBUG=1)")
 
 
 def parse_args(argv=None) -> EvalConfig:
-    p = checks.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="HF-style model folder")
-    p.add_argument("--task", required=True, choices=["ppl", "gsm8k", "mc"])
-    p.add_argument("--data", required=True, help="text file (ppl) or JSON/JSONL records (gsm8k, mc)")
-    p.add_argument("--quantized", help="quantized.safetensors written by train.py, or a GPTQ checkpoint folder "
-                                      "(config.json with quantization_config, e.g. train.py --export-gptq)")
-    p.add_argument("--adapter", help="adapter.safetensors written by train.py (needs --quantized)")
-    p.add_argument("--limit", type=int, help="ppl: N evenly spaced windows; gsm8k/mc: first N records")
-    p.add_argument("--seq-len", type=int, default=512, help="ppl window length (default 512)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=256, help="gsm8k generation length (default 256)")
-    p.add_argument("--max-len", type=int, default=1024, help="mc: longest context+choice (default 1024)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--out", help="write the results here as JSON")
-    p.add_argument("--quiet", action="store_true", help="no progress line on stderr")
-    p.add_argument("--allow-base-mismatch", action="store_true",
-                   help="evaluate --adapter on a --quantized base other than the one it was initialized for "
-                        "(bits, group size, GPTQ settings or weights differ); an error without it")
-    p.add_argument("--debug", action="store_true", help="an error shows its traceback (or QWHA_DEBUG=1)")
-    return EvalConfig(**vars(p.parse_args(argv)))
+    """EvalConfig from the command line: a flag per field, its help and default from the field."""
+    return EvalConfig(**checks.given_flags(EvalConfig, argv, __doc__.split("\n\n")[0]))
 
 
 def validate(cfg: EvalConfig) -> list[dict] | None:

@@ -1,6 +1,6 @@
 """QWHA end to end: load -> calibrate -> quantize (GPTQ) -> initialize the WHA adapters -> fine-tune -> save.
 
-    python train.py --model assets/smollm2-135m --bits 2 --out runs/demo            # the demo (GSM8K, ~10 min CPU)
+    python train.py --model assets/smollm2-135m --demo --bits 2 --out runs/demo     # the demo (GSM8K, ~10 min CPU)
     python train.py --model /path/to/llama --bits 4 --data alpaca.json --epochs 3 --batch-size 4 --grad-accum 16
     torchrun --nproc_per_node=8 train.py --model /path/to/llama ...   # data parallel, --batch-size per process
 
@@ -24,19 +24,16 @@ written there.
 """
 from __future__ import annotations
 
-import argparse
-import inspect
 import json
 import math
 import os
-import re
 import resource
 import shutil
 import signal
 import sys
 import threading
 import time
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -53,122 +50,124 @@ import model as model_lib
 import prepare
 import qwha
 import wht
+from checks import setting
 from prepare import QUANT_KEYS, adapter_config, gptq_layer, init_workers, is_qwha, quant_settings  # noqa: F401
 
 ASSETS = Path(os.environ.get("QWHA_ASSETS", Path(__file__).resolve().parent / "assets"))
+DEMO_CALIB = ASSETS / "wikitext" / "train.txt"   # the calibration text of a run without --calib, when fetched
+
+# --demo: the demo's settings (GSM8K on 2 CPU cores in ~10 min) for every flag not given on the command line.
+# r = 8 is the paper's density (r = 64 on 3072-4096 wide layers, 3-4 % of the weights) on 576/1536 widths.
+DEMO = {"data": str(ASSETS / "gsm8k" / "train.jsonl"), "rank": 8, "steps": 40, "batch_size": 2, "max_len": 256,
+        "n_eval": 16}
+DEMO_SUMMARY = "GSM8K from assets/gsm8k, " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in DEMO.items()
+                                                       if k != "data")
 
 
 @dataclass
 class TrainConfig:
-    model: str                          # HF-style folder: config.json, *.safetensors, tokenizer.json
-    bits: int = 2                       # base weight bits: 2, 3 or 4
-    group_size: int = 64                # quantization group (consecutive input columns)
-    rank: int | None = None             # adapter budget rank·(m+n) values per linear (default 64, demo 8)
-    temperature: float = 1.0            # AdaAlloc temperature t
-    adapter: str = "wha"                # wha (QWHA) | dca | dha | sparse (SHiRA) | lora (baselines.py, same budget)
-    transform_dims: int = 1             # spectral adapters: 1 (ΔW = F·T, as WHA) or 2 (T_mᵀ·F·T_n, as LoCA/SSH)
-    select: str = "adaalloc"            # support selection: adaalloc | magnitude | random | ssh | loca
-    refine: bool = True                 # least-squares refinement of the selected values (eq. 9)
-    qa_init: bool | None = None         # quantization-aware values (LoRA: CLoQ) or zero (LoRA: A random, B 0);
-                                        # default on, off for loca
-    swap_rounds: int = qwha.SWAP_ROUNDS_DEFAULT  # QWHA: exchange-search rounds after refinement
-                                                 # (0: the paper's plain init)
-    rule: str = qwha.RULE_DEFAULT       # QWHA per-row selection: output (the paper's top-k) |
-                                        # greedy (qwha.select_greedy)
-    greedy_steps: int = qwha.GREEDY_STEPS  # QWHA: steps of --rule greedy
-    init_workers: int = 0               # QWHA: layers initialized at once in threads
-                                        # (0: torch's threads on a CPU, 1 on a GPU)
-    magr: bool = False                  # MagR preprocessing before GPTQ
-    act_order: bool = True              # GPTQ: columns by decreasing diag H (static groups, no g_idx)
-    gptq_clip: bool = True              # GPTQ: per-group clipped-range grid search (gptq.fit_groups_clipped)
-    gptq_cd_passes: int = 2             # GPTQ: coordinate-descent passes over the codes after GPTQ (0: none)
-    gptq_refit: bool = True             # GPTQ: least-squares scale refit after each CD pass
-    data: str | None = None             # JSON/JSONL (alpaca, gsm8k, prompt/response) or .txt; None: demo GSM8K
-    eval_data: str | None = None        # held-out file; None: --n-eval examples split off --data
-    n_eval: int | None = None           # held-out examples (default 64; demo 16)
-    calib: str | None = None            # calibration text (train split); None: the demo Wikipedia train split
-    n_calib: int = 32                   # calibration windows
-    calib_len: int = 256                # tokens per calibration window
-    steps: int | None = None            # optimizer steps, 0: init only (or --epochs; default 1 epoch, demo 40)
-    epochs: float | None = None         # passes over the training examples (instead of --steps)
-    lr: float = 5e-4                    # AdamW peak learning rate (for scale s = 1; see qwha.py)
-    warmup: float = 0.1                 # fraction of the steps with linear warmup
-    weight_decay: float = 0.0           # AdamW weight decay on the adapter values
-    batch_size: int | None = None       # examples per micro-batch (default 4; demo 2)
-    grad_accum: int = 1                 # micro-batches per optimizer step
-    clip: float = 1.0                   # gradient norm clipping (0: off)
-    max_len: int | None = None          # longest example in tokens, longer ones are dropped and counted (512; demo 256)
-    eval_every: int | None = None       # steps between held-out evaluations (default: 4 per run)
-    save_every: int = 50                # steps between checkpoints besides those at evaluations (0: only those)
-    out: str = "runs/qwha"              # output folder
-    resume: bool = False                # continue from OUT/checkpoint.pt
-    stop_after: int | None = None       # stop (checkpointed) after this many steps of this run; --resume continues
-    quantized: str | None = None        # reuse this base (our file or a GPTQ folder) if it exists, else write it there
-    export_gptq: str | None = None      # also write the base as a GPTQ checkpoint folder, the adapter beside it
-    hessians: str | None = None         # reuse these Hessians if the file exists, else write them there
-    merge: bool = False                 # also export OUT/merged/: dense Q + s·F·T in bf16, HF layout
-    block_inputs: str = "fp"            # what feeds block i+1's calibration: fp (the paper) |
-                                        # quantized (GPTQ's sequential)
-    offload_activations: bool = False   # keep the calibration activations on the host, not the device
-    grad_checkpoint: bool = False       # recompute block activations in the backward pass (less memory)
-    dense_base: str = "auto"            # train on a dequantized copy of the frozen base: on, off, auto (= on CPU)
-    seed: int = 0                       # calibration windows, held-out split, data order
-    device: str = "cuda" if torch.cuda.is_available() else "cpu"  # cpu, cuda, cuda:1 ...
-    dtype: str = "float32"              # dtype of the model's weights and activations (float32 | bfloat16)
-    quiet: bool = False                 # no progress line on stderr
-    debug: bool = False                 # an error shows its traceback instead of one line (or QWHA_DEBUG=1)
-    plot: bool = False                  # write OUT/plots/*.png: loss curves, init error per layer, values per row
+    """The settings of a run; every field is a flag (--group-size for group_size), its help in the metadata, and
+    `resume=True` marks the settings that fix the result, which --resume must find unchanged (RESUME_KEYS)."""
+    model: str = setting(help="HF-style folder: config.json, *.safetensors, tokenizer.json", resume=True)
+    demo: bool = setting(False, f"the demo's settings for every flag not given ({DEMO_SUMMARY}); also what a run "
+                                "without --data does")
+    bits: int = setting(2, "base weight bits: 2, 3 or 4", resume=True)
+    group_size: int = setting(64, "quantization group (consecutive input columns)", resume=True)
+    rank: int = setting(64, "adapter budget rank·(m+n) values per linear", resume=True)
+    temperature: float = setting(1.0, "AdaAlloc temperature t", resume=True)
+    adapter: str = setting("wha", "wha (QWHA) | dca | dha | sparse (SHiRA) | lora (baselines.py, same budget)",
+                           resume=True)
+    transform_dims: int = setting(1, "spectral adapters: 1 (ΔW = F·T, as WHA) or 2 (T_mᵀ·F·T_n, as LoCA/SSH)",
+                                  resume=True)
+    select: str = setting("adaalloc", "support selection: adaalloc | magnitude | random | ssh | loca", resume=True)
+    refine: bool = setting(True, "least-squares refinement of the selected values (eq. 9)", resume=True)
+    qa_init: bool | None = setting(None, "quantization-aware values (LoRA: CLoQ) or zero (LoRA: A random, B 0); "
+                                         "default on, off for loca", resume=True)
+    swap_rounds: int = setting(qwha.SWAP_ROUNDS_DEFAULT, "QWHA: exchange-search rounds after refinement (0: the "
+                                                         "paper's plain init)", resume=True)
+    rule: str = setting(qwha.RULE_DEFAULT, "QWHA per-row selection: output (the paper's top-k) | greedy "
+                                           "(qwha.select_greedy)", resume=True)
+    greedy_steps: int = setting(qwha.GREEDY_STEPS, "QWHA: steps of --rule greedy", resume=True)
+    init_workers: int = setting(0, "QWHA: layers initialized at once in threads (0: torch's threads on a CPU, 1 on "
+                                   "a GPU)")
+    magr: bool = setting(False, "MagR preprocessing before GPTQ", resume=True)
+    act_order: bool = setting(True, "GPTQ: columns by decreasing diag H (static groups, no g_idx)", resume=True)
+    gptq_clip: bool = setting(True, "GPTQ: per-group clipped-range grid search (gptq.fit_groups_clipped)",
+                              resume=True)
+    gptq_cd_passes: int = setting(2, "GPTQ: coordinate-descent passes over the codes after GPTQ (0: none)",
+                                  resume=True)
+    gptq_refit: bool = setting(True, "GPTQ: least-squares scale refit after each CD pass", resume=True)
+    data: str | None = setting(None, "JSON/JSONL (alpaca, gsm8k, prompt/response) or .txt; None: the demo preset "
+                                     "(--demo)", resume=True)
+    eval_data: str | None = setting(None, "held-out file; None: --n-eval examples split off --data", resume=True)
+    n_eval: int = setting(64, "held-out examples", resume=True)
+    calib: str | None = setting(None, "calibration text (train split); None: the demo Wikipedia train split",
+                                resume=True)
+    n_calib: int = setting(32, "calibration windows", resume=True)
+    calib_len: int = setting(256, "tokens per calibration window", resume=True)
+    steps: int | None = setting(None, "optimizer steps (0: init only), instead of --epochs; default 1 epoch",
+                                resume=True)
+    epochs: float | None = setting(None, "passes over the training examples (instead of --steps)", resume=True)
+    lr: float = setting(5e-4, "AdamW peak learning rate (for scale s = 1; see qwha.py)", resume=True)
+    warmup: float = setting(0.1, "fraction of the steps with linear warmup", resume=True)
+    weight_decay: float = setting(0.0, "AdamW weight decay on the adapter values", resume=True)
+    batch_size: int = setting(4, "examples per micro-batch", resume=True)
+    grad_accum: int = setting(1, "micro-batches per optimizer step", resume=True)
+    clip: float = setting(1.0, "gradient norm clipping (0: off)", resume=True)
+    max_len: int = setting(512, "longest example in tokens, longer ones are dropped and counted", resume=True)
+    eval_every: int | None = setting(None, "steps between held-out evaluations (default: 4 per run)")
+    save_every: int = setting(50, "steps between checkpoints besides those at evaluations (0: only those)")
+    out: str = setting("runs/qwha", "output folder")
+    resume: bool = setting(False, "continue from OUT/checkpoint.pt")
+    stop_after: int | None = setting(None, "stop (checkpointed) after this many steps of this run; --resume "
+                                           "continues")
+    quantized: str | None = setting(None, "reuse this base (our file or a GPTQ folder) if it exists, else write it "
+                                          "there")
+    export_gptq: str | None = setting(None, "also write the base as a GPTQ checkpoint folder, the adapter beside it")
+    hessians: str | None = setting(None, "reuse these Hessians if the file exists, else write them there")
+    merge: bool = setting(False, "also export OUT/merged/: dense Q + s·F·T in bf16, HF layout")
+    block_inputs: str = setting("fp", "what feeds block i+1's calibration: fp (the paper) | quantized (GPTQ's "
+                                      "sequential)", resume=True)
+    offload_activations: bool = setting(False, "keep the calibration activations on the host, not the device")
+    grad_checkpoint: bool = setting(False, "recompute block activations in the backward pass (less memory)")
+    dense_base: str = setting("auto", "train on a dequantized copy of the frozen base: on, off, auto (= on CPU)")
+    seed: int = setting(0, "calibration windows, held-out split, data order", resume=True)
+    device: str = setting("cuda" if torch.cuda.is_available() else "cpu", "cpu, cuda, cuda:1 ...")
+    dtype: str = setting("float32", "dtype of the model's weights and activations (float32 | bfloat16)", resume=True)
+    quiet: bool = setting(False, "no progress line on stderr")
+    debug: bool = setting(False, "an error shows its traceback instead of one line (or QWHA_DEBUG=1)")
+    plot: bool = setting(False, "write OUT/plots/*.png: loss curves, init error per layer, values per row")
 
 
-# Settings that must not change between a run and its --resume.
-RESUME_KEYS = ("model", "bits", "group_size", "rank", "temperature", "adapter", "transform_dims", "select", "refine",
-               "qa_init", "swap_rounds", "rule", "greedy_steps", "magr", "data", "eval_data", "n_eval", "calib",
-               "n_calib", "calib_len", "steps", "epochs", "lr", "warmup", "weight_decay", "batch_size", "grad_accum",
-               "clip", "max_len", "seed", "dtype", "act_order", "gptq_clip", "gptq_cd_passes", "gptq_refit",
-               "block_inputs")
+# Settings that must not change between a run and its --resume (a config.json records them resolved).
+RESUME_KEYS = tuple(f.name for f in fields(TrainConfig) if f.metadata.get("resume"))
 
 
 def parse_args(argv=None) -> TrainConfig:
-    """Flags are TrainConfig's fields (--group-size for group_size), their help the fields' comments (a comment
-    continues on the deeper-indented comment-only lines below its field)."""
-    fields_src = re.findall(r"^    (\w+): [^#\n]*#\s*(.*)\n((?: {5,}#.*\n)*)", inspect.getsource(TrainConfig), re.M)
-    comments = {name: " ".join([first, *re.findall(r"#\s*(.*)", more)]) for name, first, more in fields_src}
-    p = checks.ArgumentParser(description=__doc__.split("\n\n")[0])
-    for f in fields(TrainConfig):
-        flag, help_ = "--" + f.name.replace("_", "-"), comments.get(f.name, "")
-        if f.default not in (None, MISSING) and not isinstance(f.default, bool) and "default" not in help_:
-            help_ += f" (default {f.default})"
-        if str(f.type).startswith("bool") or isinstance(f.default, bool):
-            if f.default is False:
-                p.add_argument(flag, action="store_true", help=help_)
-            else:                                # default on (or auto): --flag / --no-flag
-                p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
-            continue
-        kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
-        if f.name == "model":
-            p.add_argument(flag, required=True, help=help_)
-        else:
-            p.add_argument(flag, type=kind, default=f.default, help=help_)
-    return TrainConfig(**vars(p.parse_args(argv)))
+    """TrainConfig from the command line. With --demo, or without --data (a run without data is the demo, said in
+    one line), DEMO gives every flag not on the command line its value."""
+    notes = {k: f"--demo {v}" for k, v in DEMO.items() if k != "data"}
+    given = checks.given_flags(TrainConfig, argv, __doc__.split("\n\n")[0], notes)
+    if "data" not in given and not given.get("demo"):
+        given["demo"] = True
+        if Path(DEMO["data"]).is_file():         # else validate() says what to do, in one line
+            print(f"no --data: using the demo preset (--demo): {DEMO_SUMMARY}", file=sys.stderr, flush=True)
+    if given.get("demo"):
+        preset = {k: v for k, v in DEMO.items() if not (k == "steps" and "epochs" in given)}
+        given = {**preset, **given}              # flags given win
+    return TrainConfig(**given)
 
 
 # ---------------------------------------------------------------------------------------------- validation
 
 
 def resolve_defaults(cfg: TrainConfig) -> TrainConfig:
-    """Fill the settings left unset: the demo's (GSM8K on 2 CPU cores in ~10 min) when --data is absent."""
-    demo = cfg.data is None
-    if demo:
-        cfg.data = str(ASSETS / "gsm8k" / "train.jsonl")
-    if cfg.calib is None and (ASSETS / "wikitext" / "train.txt").exists():
-        cfg.calib = str(ASSETS / "wikitext" / "train.txt")
+    """Fill the defaults that depend on what is there: the calibration text (the demo's Wikipedia train split,
+    when fetched) and the training length (1 epoch unless --steps or --epochs)."""
+    if cfg.calib is None and DEMO_CALIB.exists():
+        cfg.calib = str(DEMO_CALIB)
     if cfg.steps is None and cfg.epochs is None:
-        cfg.steps, cfg.epochs = (40, None) if demo else (None, 1.0)
-    cfg.batch_size = cfg.batch_size or (2 if demo else 4)
-    # demo: r = 8 is the paper's density (r = 64 on 3072-4096 wide layers, 3-4 % of the weights) on 576/1536 widths
-    cfg.rank = cfg.rank if cfg.rank is not None else (8 if demo else 64)
-    cfg.max_len = cfg.max_len or (256 if demo else 512)
-    cfg.n_eval = cfg.n_eval if cfg.n_eval is not None else (16 if demo else 64)
+        cfg.epochs = 1.0
     return cfg
 
 
@@ -222,6 +221,11 @@ def validate(cfg: TrainConfig) -> model_lib.ModelConfig:
             checks.safetensors_header(f)     # random bytes or a truncated file, named, before any weight is read
     except ValueError as e:
         raise ValueError(f"--model {e}") from None
+    if cfg.data is None:
+        raise ValueError("--data: a training file is needed (JSON/JSONL or .txt), or --demo for the demo's")
+    if cfg.demo and cfg.data == DEMO["data"] and not Path(cfg.data).is_file():
+        raise FileNotFoundError(f"--demo (what a run without --data does): no demo data at {cfg.data}: run `python "
+                                f"data.py fetch-demo --out {ASSETS}`, or pass --data FILE for your own")
     for flag in ("data", "eval_data", "calib"):
         path = getattr(cfg, flag)
         if path is not None:

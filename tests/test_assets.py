@@ -152,6 +152,7 @@ def test_is_complete_detects_missing_or_changed_outputs(tmp_path):
 # ---------------------------------------------------------------------------------------------- the demo assets
 
 
+@pytest.mark.demo_assets
 def test_checkpoint_names_and_shapes_match_config(assets):
     folder = assets / "smollm2-135m"
     cfg = json.loads((folder / "config.json").read_text())
@@ -184,6 +185,7 @@ def tokenizer(assets):
     return Tokenizer.from_file(str(assets / "smollm2-135m" / "tokenizer.json"))
 
 
+@pytest.mark.demo_assets
 def test_tokenizer_round_trips_digits_utf8_and_special_tokens(tokenizer, assets):
     text = "<|im_start|>user\nIn 2024, café costs 3.50 € — 日本語 🙂🚀<|im_end|>\n<|endoftext|>"
     ids = tokenizer.encode(text).ids
@@ -198,12 +200,14 @@ def test_tokenizer_round_trips_digits_utf8_and_special_tokens(tokenizer, assets)
         assert [p for p in pieces if any(c.isdigit() for c in p)] == [c for c in number if c.isdigit()]
 
 
+@pytest.mark.demo_assets
 def test_tokenizer_config_has_special_tokens_and_chat_template(assets):
     tc = json.loads((assets / "smollm2-135m" / "tokenizer_config.json").read_text())
     assert (tc["bos_token"], tc["eos_token"], tc["pad_token"]) == ("<|im_start|>", "<|im_end|>", "<|im_end|>")
     assert "<|im_start|>" in tc["chat_template"] and "add_generation_prompt" in tc["chat_template"]
 
 
+@pytest.mark.demo_assets
 def test_wiki_split_disjoint_deterministic_and_clean(assets):
     train = data.read_articles(assets / "wikitext" / "train.txt")
     test = data.read_articles(assets / "wikitext" / "test.txt")
@@ -218,6 +222,7 @@ def test_wiki_split_disjoint_deterministic_and_clean(assets):
             assert leftover not in text, (name, leftover)
 
 
+@pytest.mark.demo_assets
 def test_gsm8k_split(assets):
     train = data.read_jsonl(assets / "gsm8k" / "train.jsonl")
     test = data.read_jsonl(assets / "gsm8k" / "test.jsonl")

@@ -376,6 +376,19 @@ def test_sigint_stops_with_a_checkpoint(tiny, tmp_path):
     assert config["train_result"]["steps_done"] == step and not config["train_result"]["finished"]
 
 
+def test_no_data_and_no_demo_assets(tiny, tmp_path):
+    """Without --data a run is the demo (--demo); without the demo assets it stops in one line that names --data,
+    --demo and the fetch command, before anything is written. A config without data names --data."""
+    out = tmp_path / "out"
+    proc = cli("train.py", "--model", tiny / "model", "--out", out, "--device", "cpu",
+               env={"QWHA_ASSETS": str(tmp_path / "no-assets")})
+    one_error_line(proc, "--data", "--demo", "data.py fetch-demo")
+    assert not out.exists()
+    cfg = train.parse_args(argv(tiny, out))
+    cfg.data = None
+    refused(lambda: train.validate(cfg), r"^--data: a training file is needed .*--demo")
+
+
 def test_usage_errors_are_one_line_too(capsys):
     for parse, args in ((train.parse_args, ["--model", "m", "--bits", "two"]),
                         (ev.parse_args, ["--model", "m", "--task", "ppl", "--data", "d", "--limit", "x"])):

@@ -3,6 +3,7 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 import model as model_lib
@@ -14,6 +15,7 @@ TINY = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num
         "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "max_position_embeddings": 256, "tie_word_embeddings": False}
 
 
+@pytest.mark.demo_assets
 def test_random_checkpoint_is_sharded_per_block_and_loads(tmp_path, assets):
     folder = bench_memory.random_checkpoint(tmp_path / "m", {**TINY, "vocab_size": 300, "num_hidden_layers": 3},
                                             seed=1, tokenizer_src=assets / "smollm2-135m")
@@ -41,6 +43,7 @@ def test_estimate_counts_what_it_says():
     assert est["adapters_gb"] * gb == values * 8
 
 
+@pytest.mark.demo_assets
 def test_tiny_run_reports_rows_and_growth(tmp_path, assets, capsys):
     res = bench_memory.main(["--hidden", "64", "--intermediate", "128", "--heads", "4", "--kv-heads", "2",
                              "--vocab", "49152", "--layers", "1,2", "--n-calib", "4", "--calib-len", "32",

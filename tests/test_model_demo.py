@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import model as M
 
+pytestmark = pytest.mark.demo_assets
 WINDOW, N_WINDOWS = 256, 3
 
 

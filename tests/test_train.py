@@ -1,4 +1,5 @@
 """train.py end to end on a tiny random model (hidden 64, 2 layers), in-process and in seconds."""
+import dataclasses
 import json
 import math
 
@@ -161,6 +162,10 @@ def test_resume_refuses_changed_settings(tiny, tmp_path):
     train.main(argv(tiny, out, "--steps", "4", "--stop-after", "1"))
     with pytest.raises(ValueError, match="--lr"):
         train.main(argv(tiny, out, "--steps", "4", "--resume", "--lr", "0.5"))
+    record = json.loads((out / "config.json").read_text())      # a config.json without the demo entry resumes too
+    del record["train"]["demo"]
+    (out / "config.json").write_text(json.dumps(record))
+    assert train.main(argv(tiny, out, "--steps", "4", "--resume"))["train_result"]["steps_done"] == 4
 
 
 def test_masked_loss_ignores_the_prompt(tiny):
@@ -260,3 +265,54 @@ def test_swap_rounds_flag_reaches_the_init(tiny, tmp_path):
         errs[rounds] = [row["err_refined"] for row in saved["init"]["layers"]]
     assert all(b <= a * (1 + 1e-9) for a, b in zip(errs[0], errs[2]))
     assert sum(errs[2]) < sum(errs[0])          # the search did run and found better supports
+
+
+# The settings of the demo run whose figures README and docs/performance.md show: what a run without --data has
+# always resolved to. The resume-relevant ones, so a changed default that would change the demo's numbers fails here.
+DEMO_RUN = {"model": "assets/smollm2-135m", "bits": 2, "group_size": 64, "rank": 8, "temperature": 1.0,
+            "adapter": "wha", "transform_dims": 1, "select": "adaalloc", "refine": True, "qa_init": None,
+            "swap_rounds": 2, "rule": "output", "greedy_steps": 8, "magr": False, "eval_data": None, "n_eval": 16,
+            "n_calib": 32, "calib_len": 256, "steps": 40, "epochs": None, "lr": 5e-4, "warmup": 0.1,
+            "weight_decay": 0.0, "batch_size": 2, "grad_accum": 1, "clip": 1.0, "max_len": 256, "seed": 0,
+            "dtype": "float32", "act_order": True, "gptq_clip": True, "gptq_cd_passes": 2, "gptq_refit": True,
+            "block_inputs": "fp"}
+
+
+def test_demo_preset_resolves_to_the_demo_run(tmp_path, monkeypatch, capsys):
+    """--demo, and no --data (the demo command without --demo), resolve to the demo run's settings; the second says
+    so in one line. RESUME_KEYS are the fields marked resume, the settings a config.json is checked against."""
+    gsm, wiki = tmp_path / "train.jsonl", tmp_path / "train.txt"
+    gsm.write_text(json.dumps(GSM[0]) + "\n")
+    wiki.write_text(CORPUS[0])
+    monkeypatch.setitem(train.DEMO, "data", str(gsm))
+    monkeypatch.setattr(train, "DEMO_CALIB", wiki)
+    assert set(train.RESUME_KEYS) == set(DEMO_RUN) | {"data", "calib"}
+    base = ["--model", "assets/smollm2-135m", "--bits", "2", "--out", "runs/demo"]
+    for extra, note in (([], True), (["--demo"], False)):
+        cfg = train.resolve_defaults(train.parse_args(base + extra))
+        assert {k: getattr(cfg, k) for k in DEMO_RUN} == DEMO_RUN
+        assert (cfg.data, cfg.calib, cfg.demo, cfg.out) == (str(gsm), str(wiki), True, "runs/demo")
+        err = capsys.readouterr().err.splitlines()
+        assert err == (["no --data: using the demo preset (--demo): GSM8K from assets/gsm8k, --rank 8, --steps 40, "
+                        "--batch-size 2, --max-len 256, --n-eval 16"] if note else [])
+
+
+def test_demo_preset_yields_to_flags_given():
+    """Flags given win over --demo (an --epochs given drops its --steps); without --demo the fields' defaults hold."""
+    cfg = train.resolve_defaults(train.parse_args(["--model", "m", "--demo", "--rank", "64", "--epochs", "2",
+                                                   "--data", "mine.jsonl"]))
+    assert (cfg.rank, cfg.steps, cfg.epochs, cfg.batch_size, cfg.data) == (64, None, 2.0, 2, "mine.jsonl")
+    cfg = train.resolve_defaults(train.parse_args(["--model", "m", "--data", "d.jsonl", "--calib", "c.txt"]))
+    assert (cfg.demo, cfg.rank, cfg.steps, cfg.epochs, cfg.batch_size, cfg.max_len, cfg.n_eval) == (
+        False, 64, None, 1.0, 4, 512, 64)
+
+
+def test_help_lists_every_field_with_its_help(capsys):
+    """Each TrainConfig field is a flag of train.py --help with its help text and default (--demo's value beside)."""
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for f in dataclasses.fields(train.TrainConfig):
+        assert f.metadata.get("help"), f"TrainConfig.{f.name}: declare it with setting(default, help)"
+        assert f"--{f.name.replace('_', '-')}" in text and " ".join(f.metadata["help"].split()) in text, f.name
+    assert "held-out examples (default 64; --demo 16)" in text and "(default 0.0005)" in text
