@@ -13,7 +13,7 @@ Stages, top to bottom (docs/method.md):
      Walsh-Hadamard adapter ΔW = s·F T per linear; then its Hessians and full-precision weights are freed;
   5. training of the adapter values only: AdamW, warmup + cosine, gradient accumulation, clipping, bf16 autocast
      on CUDA, optional gradient checkpointing; loss on response tokens only; held-out loss every --eval-every steps;
-     a non-finite loss, gradient norm or value stops it (nothing of that step saved); Ctrl-C stops it after the
+     a non-finite loss, gradient norm or value stops it (nothing of that step saved); Ctrl-C or SIGTERM stops it after the
      step under way with a checkpoint (exit status 130);
   6. OUT/quantized.safetensors, OUT/adapter.safetensors, OUT/config.json, OUT/log.jsonl, OUT/checkpoint.pt
      (what --resume continues from, exactly; saved every --save-every steps and at each evaluation) and with
@@ -507,27 +507,31 @@ class Schedule:
 
 
 class StopRequest:
-    """Ctrl-C (SIGINT) during training: the step under way finishes, a checkpoint is saved and the run stops;
-    a second Ctrl-C interrupts at once. Installed from the main thread only (signal's rule)."""
+    """Ctrl-C (SIGINT), or SIGTERM (a scheduler's or `kill`'s stop) in a single process, during training: the
+    step under way finishes, a checkpoint is saved and the run stops; a second signal interrupts at once.
+    Under torchrun SIGTERM keeps its default (torchrun sends it to end the other ranks when one fails, and they
+    could not finish a step alone). Installed from the main thread only (signal's rule)."""
 
-    def __init__(self):
-        self.requested, self._prev = False, None
+    def __init__(self, sigterm: bool = True):
+        self.requested, self._prev = False, {}
+        self.signals = (signal.SIGINT, signal.SIGTERM) if sigterm else (signal.SIGINT,)
 
     def install(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():
-            self._prev = signal.signal(signal.SIGINT, self._handle)
+            self._prev = {s: signal.signal(s, self._handle) for s in self.signals}
         return self
 
     def uninstall(self) -> None:
-        if self._prev is not None:
-            signal.signal(signal.SIGINT, self._prev)
-            self._prev = None
+        for s, prev in self._prev.items():
+            signal.signal(s, prev)
+        self._prev = {}
 
     def _handle(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print("\nCtrl-C: stopping after this step with a checkpoint (Ctrl-C again stops at once)",
+        what = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        print(f"\n{what}: stopping after this step with a checkpoint (Ctrl-C again stops at once)",
               file=sys.stderr, flush=True)
 
 
@@ -752,7 +756,7 @@ def run(cfg: TrainConfig):
     dense = cfg.dense_base == "on" or (cfg.dense_base == "auto" and not cfg.device.startswith("cuda")
                                        and cfg.steps != 0)   # a dense copy only pays off over training steps
     restore = dense_bases(model) if dense else {}
-    stop = StopRequest().install()
+    stop = StopRequest(sigterm=distributed.world() == 1).install()
     try:
         result = train(model, train_ex, held_ex, cfg, out, pad_id, log, write_log, stop)
     finally:

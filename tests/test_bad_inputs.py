@@ -356,7 +356,9 @@ def test_cli_prints_one_line_and_debug_shows_the_traceback(tiny, tmp_path):
     assert proc.returncode != 0 and "Traceback" in proc.stderr and "--limit 0" in proc.stderr
 
 
-def test_sigint_stops_with_a_checkpoint(tiny, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_signal_stops_with_a_checkpoint(tiny, tmp_path, sig):
+    """Ctrl-C, or SIGTERM (a scheduler's stop), finishes the step under way, saves a checkpoint and exits 130."""
     out = tmp_path / "run"
     args = argv(tiny, out, "--steps", "100000", "--eval-every", "100000", "--save-every", "0")
     proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, stderr=subprocess.PIPE,
@@ -364,7 +366,7 @@ def test_sigint_stops_with_a_checkpoint(tiny, tmp_path):
     deadline = time.time() + 90
     while time.time() < deadline and not ((out / "log.jsonl").exists() and "loss" in (out / "log.jsonl").read_text()):
         time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     err = proc.communicate(timeout=60)[1]
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert proc.returncode == 130 and "Traceback" not in err, err
