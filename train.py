@@ -13,8 +13,8 @@ Stages, top to bottom (docs/method.md):
      Walsh-Hadamard adapter ΔW = s·F T per linear; then its Hessians and full-precision weights are freed;
   5. training of the adapter values only: AdamW, warmup + cosine, gradient accumulation, clipping, bf16 autocast
      on CUDA, optional gradient checkpointing; loss on response tokens only; held-out loss every --eval-every steps;
-     a non-finite loss, gradient norm or value stops it (nothing of that step saved); Ctrl-C or SIGTERM stops it after the
-     step under way with a checkpoint (exit status 130);
+     a non-finite loss, gradient norm or value stops it (nothing of that step saved); Ctrl-C or SIGTERM stops it
+     after the step under way with a checkpoint (exit status 130);
   6. OUT/quantized.safetensors, OUT/adapter.safetensors, OUT/config.json, OUT/log.jsonl, OUT/checkpoint.pt
      (what --resume continues from, exactly; saved every --save-every steps and at each evaluation) and with
      --merge a dense HF-style folder OUT/merged/.
