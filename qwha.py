@@ -156,22 +156,26 @@ RULE_DEFAULT = "output"   # init_qwha's per-row selection (see init_qwha)
 # ---------------------------------------------------------------------------------------------- Hadamard domain
 
 
-def spectrum(E: torch.Tensor) -> torch.Tensor:
-    """C = E Tᵀ (m×n) by the fast transform: F = C gives F T = E exactly."""
-    return wht.wht(E)
+def spectrum(E: torch.Tensor, transform=None) -> torch.Tensor:
+    """C = E Tᵀ (m×n) by the fast transform x ↦ x Tᵀ (default wht.wht): F = C gives F T = E exactly."""
+    return (transform or wht.wht)(E)
 
 
-def hadamard_hessian(H: torch.Tensor) -> torch.Tensor:
-    """G = T H Tᵀ (n×n) with two WHTs (rows, then columns), symmetrized; no n×n GEMM with T."""
-    A = wht.wht(H)                     # (n, n) H Tᵀ
-    G = wht.wht(A.T.contiguous())      # Aᵀ Tᵀ = T Hᵀ Tᵀ = T H Tᵀ  (H symmetric)
+def hadamard_hessian(H: torch.Tensor, transform=None) -> torch.Tensor:
+    """G = T H Tᵀ (n×n) with two transforms (rows, then columns), symmetrized; no n×n GEMM with T. transform:
+    x ↦ x Tᵀ for an orthonormal T (default wht.wht; the baselines pass their kernels')."""
+    transform = transform or wht.wht
+    A = transform(H)                   # (n, n) H Tᵀ
+    G = transform(A.T.contiguous())    # Aᵀ Tᵀ = T Hᵀ Tᵀ = T H Tᵀ  (H symmetric)
     return G.T.contiguous().add_(G).mul_(0.5)   # (G + Gᵀ)/2, the transpose by a tiled copy
 
 
 @dataclass
 class LayerProblem:
-    """One layer's init problem in the Hadamard domain (float64), set up by `layer_problem`. The values solve the
-    damped problem (G, P); errors are reported with the undamped one (G_raw, P_raw)."""
+    """One layer's init problem in the Hadamard domain (or a baseline kernel's; float64), set up by
+    `layer_problem`. The values solve the damped problem (G, P); errors are reported with the undamped one
+    (G_raw, P_raw)."""
+    E: torch.Tensor                # (m, n) W − Q
     C: torch.Tensor                # (m, n) E Tᵀ
     P_raw: torch.Tensor            # (m, n) E H Tᵀ = C G_raw
     G_raw: torch.Tensor            # (n, n) T H Tᵀ
@@ -184,6 +188,15 @@ class LayerProblem:
     def e0sq(self) -> float:
         """‖E Rᵀ‖², the bare quantization error squared."""
         return float(self.e_out.sum())
+
+    def scores(self, kind: str = "output") -> torch.Tensor:
+        """AdaAlloc's σ_i (m,) with the damped H: 'output' sqrt(e_i H e_iᵀ + λμ‖e_i‖²) from e_out (no other product),
+        'weight' ‖e_i‖₂; channel_scores(E, H + λμI, kind) up to round-off."""
+        if kind == "output":
+            return (self.e_out + self.lam_mu * self.E.square().sum(1)).sqrt()
+        if kind == "weight":
+            return self.E.norm(dim=1)
+        raise ValueError(f"init_layer: score must be 'output' or 'weight', got {kind!r}")
 
     def quad(self, support: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
         """Σ_i f_i G[Ω_i,Ω_i] f_iᵀ (damped G) by one sparse F·G product (B·n), where no blocks were gathered."""
@@ -205,22 +218,23 @@ class LayerProblem:
         return math.sqrt(max(sq, 0.0))
 
 
-def layer_problem(E: torch.Tensor, H: torch.Tensor, damp: float = 1e-4) -> LayerProblem:
-    """C, G, P of one layer from E = W − Q (m×n) and H = XᵀX/N (n×n, undamped; damped by λ·mean(diag H)):
-    layer_problem_reference(E, H) up to round-off."""
+def layer_problem(E: torch.Tensor, H: torch.Tensor, damp: float = 1e-4, transform=None) -> LayerProblem:
+    """C, G, P of one layer from E = W − Q (m×n) and H = XᵀX/N (n×n, undamped; damped by λ·mean(diag H)): the one
+    setup of QWHA's init and of the baselines' sparse adapters, whose kernels come in as `transform` (x ↦ x Tᵀ,
+    T orthonormal; default the WHT). layer_problem_reference(E, H) up to round-off."""
     m, n = E.shape
     if H.shape != (n, n):
-        raise ValueError(f"init_layer: H has shape {tuple(H.shape)}, expected ({n}, {n}) for E of shape ({m}, {n})")
+        raise ValueError(f"layer_problem: H has shape {tuple(H.shape)}, expected ({n}, {n}) for E of shape ({m}, {n})")
     E64, H64 = E.to(torch.float64), H.to(torch.float64)    # H's asymmetry (round-off) goes: G is symmetrized
     mu = H64.diagonal().mean()
     lam_mu = float(damp * (mu if mu > 0 else 1.0))
-    C = spectrum(E64)                                                  # (m, n) E Tᵀ
-    G_raw = hadamard_hessian(H64)                                      # (n, n) T H Tᵀ
+    C = spectrum(E64, transform)                                       # (m, n) E Tᵀ
+    G_raw = hadamard_hessian(H64, transform)                           # (n, n) T H Tᵀ
     P_raw = C @ G_raw                                                  # (m, n) E H Tᵀ, the one m·n² product
     e_out = (P_raw * C).sum(1).clamp_min(0)                            # (m,) ‖e_i Rᵀ‖² = c_i G c_iᵀ
     G = G_raw.clone()
     G.diagonal().add_(lam_mu)                                          # T (H + λμI) Tᵀ
-    return LayerProblem(C, P_raw, G_raw, G, P_raw + lam_mu * C, e_out, lam_mu)
+    return LayerProblem(E64, C, P_raw, G_raw, G, P_raw + lam_mu * C, e_out, lam_mu)
 
 
 # ---------------------------------------------------------------------------------------------- AdaAlloc
@@ -428,14 +442,8 @@ def init_layer_full(E: torch.Tensor, H: torch.Tensor, budget: int, *, temperatur
     if swap_rounds and not refine:
         raise ValueError("init_layer: swap_rounds > 0 needs refine=True (exchanges compare refined supports)")
     pb = layer_problem(E, H, damp)
-    if score == "output":
-        sc = (pb.e_out + pb.lam_mu * E.to(torch.float64).square().sum(1)).sqrt()   # σ_i with the damped H
-    elif score == "weight":
-        sc = E.to(torch.float64).norm(dim=1)
-    else:
-        raise ValueError(f"init_layer: score must be 'output' or 'weight', got {score!r}")
-    support = select_support(pb.C, pb.G, budget, select=select, scores=sc, temperature=temperature, rule=rule,
-                             min_per_row=min_per_row, generator=generator, P=pb.P, greedy_steps=greedy_steps)
+    support = select_support(pb.C, pb.G, budget, select=select, scores=pb.scores(score), temperature=temperature,
+                             rule=rule, min_per_row=min_per_row, generator=generator, P=pb.P, greedy_steps=greedy_steps)
     f_sel = pb.C[support[0], support[1]]
     if not (refine and support.shape[1]):
         err = pb.error(support, f_sel, pb.quad(support, f_sel))

@@ -436,6 +436,8 @@ def test_layer_problem_equals_the_reference(shape, damp):
     _, G_raw, P_raw = qwha.layer_problem_reference(E, H)
     for got, want in ((pb.C, C), (pb.G, G), (pb.P, P), (pb.G_raw, G_raw), (pb.P_raw, P_raw)):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9 * float(want.abs().max()))
+    torch.testing.assert_close(pb.scores("output"), qwha.channel_scores(E, Hd), rtol=1e-9, atol=0)
+    torch.testing.assert_close(pb.scores("weight"), qwha.channel_scores(E, kind="weight"), rtol=1e-12, atol=0)
     assert pb.e0sq == pytest.approx(float(qwha.layer_error(E, H)) ** 2, rel=1e-9)
 
 
