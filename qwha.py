@@ -15,7 +15,7 @@ In PyTorch's orientation (y = x Wᵀ, W ∈ R^{m×n}, E = W − Q, H = XᵀX/N =
   refinement    per row, f·G[Ω,Ω] = P[i,Ω]                       (eqs. 9, 35) refine_reference | refine
   one layer     AdaAlloc → selection → refinement              init_layer_reference | init_layer(_full)
   beyond        greedy selection, exchange search (qwha_fast.select_greedy, qwha_fast.swap_search)
-  all layers    init_qwha(model, hessians, weights, ...)
+  all layers    init_qwha(model, hessians, weights, InitSettings(...))
 The support of F is a (2, B) LongTensor [row, col] in CSR order (rows ascending, columns ascending within a
 row); values are in the same order. The module WHALinear and the adapter files live in adapter.py (re-exported).
 
@@ -27,6 +27,7 @@ for one (choose lr for s = 1).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 import time
@@ -57,7 +58,7 @@ __all__ = [
     "layer_error", "channel_scores", "layer_problem_reference", "adaalloc_reference", "select_topk_reference",
     "refine_reference", "init_layer_reference",
     # production
-    "spectrum", "hadamard_hessian", "layer_problem", "LayerProblem", "adaalloc",
+    "InitSettings", "PLAIN_INIT", "spectrum", "hadamard_hessian", "layer_problem", "LayerProblem", "adaalloc",
     "select_topk", "select_support", "refine", "init_layer", "init_layer_full", "LayerInit", "init_qwha",
     "wrap_layers", "format_report",
     # from qwha_fast.py (beyond the paper, and the constants of the fast paths)
@@ -149,8 +150,48 @@ def init_layer_reference(E: torch.Tensor, H: torch.Tensor, budget: int, damp: fl
 
 SELECT_MODES = ("adaalloc", "magnitude", "random", "random_rows", "none")
 RULES = ("output", "magnitude", "greedy")    # per-row selection rules of select='adaalloc'
-SWAP_ROUNDS_DEFAULT = 2   # init_qwha's exchange-search rounds (see init_qwha)
-RULE_DEFAULT = "output"   # init_qwha's per-row selection (see init_qwha)
+SWAP_ROUNDS_DEFAULT = 2   # init_qwha's exchange-search rounds (see InitSettings)
+RULE_DEFAULT = "output"   # init_qwha's per-row selection (see InitSettings)
+_MODEL_ONLY = ("budget_rank", "scale", "seed", "workers")   # settings of init_qwha only (the layer has its budget)
+
+
+@dataclass(frozen=True)
+class InitSettings:
+    """The settings of QWHA's init (init_qwha; init_layer_full takes those of one layer). The defaults are
+    train.py's: AdaAlloc, per-row top-k, refinement, then SWAP_ROUNDS_DEFAULT rounds of exchange search, which
+    lower both the layer errors and the held-out perplexity after init for a multiple of the plain init's time;
+    the greedy rule lowers the layer errors further but not that perplexity (docs/performance.md)."""
+    budget_rank: int = 64                  # B = r·(m + n) non-zeros per layer (capped at m·n), a rank-r LoRA's count
+    temperature: float = 1.0               # AdaAlloc's t (eq. 7)
+    score: str = "output"                  # AdaAlloc's σ_i: output ‖e_i Rᵀ‖ | weight ‖e_i‖₂ (the authors' code)
+    min_per_row: int = 2                   # AdaAlloc's least k_i (the full-rank condition, App. B.2)
+    select: str = "adaalloc"               # support: one of SELECT_MODES (adaalloc is QWHA's)
+    rule: str = RULE_DEFAULT               # per row: output C²·G_jj | magnitude |C| | greedy (select_greedy)
+    greedy_steps: int = GREEDY_STEPS       # steps of rule='greedy'
+    refine: bool = True                    # least-squares values on the support (eqs. 9, 35) instead of C there
+    swap_rounds: int = SWAP_ROUNDS_DEFAULT  # exchange-search rounds after refinement (0: the paper's plain init)
+    damp: float = 1e-4                     # λ of the solves' H + λ·mean(diag H)·I (errors use the undamped H)
+    scale: float = 1.0                     # s in ΔW = s·F T; the values are stored divided by s
+    seed: int = 0                          # the random selections' generator, when init_qwha is given none
+    workers: int = 1                       # layers initialized at once in threads (wrap_layers)
+    chunk_bytes: int = CHUNK_BYTES         # float64 blocks per batched solve (qwha_fast.solve_support)
+    fp32_min_k: int | None = FP32_MIN_K    # blocks of at least this size factored in float32 (None: none)
+
+
+PLAIN_INIT = InitSettings(swap_rounds=0)   # init_layer_full's default: the paper's plain init, no exchange search
+_SETTINGS = tuple(f.name for f in dataclasses.fields(InitSettings))
+
+
+def _settings(settings: InitSettings | None, kw: dict, default: InitSettings, who: str,
+              layer: bool = False) -> InitSettings:
+    """`settings` (or `default`) with the fields in kw replaced; TypeError naming any keyword that is not a field
+    (or, for one layer, a field of init_qwha only)."""
+    unknown = sorted(k for k in kw if k not in _SETTINGS)
+    if unknown:
+        raise TypeError(f"{who}: unknown settings {unknown}; InitSettings has {list(_SETTINGS)}")
+    if layer and (model_only := sorted(k for k in kw if k in _MODEL_ONLY)):
+        raise TypeError(f"{who}: {model_only} are init_qwha's settings; one layer takes its budget as an argument")
+    return dataclasses.replace(default if settings is None else settings, **kw)
 
 
 # ---------------------------------------------------------------------------------------------- Hadamard domain
@@ -426,36 +467,33 @@ def init_layer(E: torch.Tensor, H: torch.Tensor, budget: int, **kw) -> tuple[tor
     return out.indices, out.values
 
 
-def init_layer_full(E: torch.Tensor, H: torch.Tensor, budget: int, *, temperature: float = 1.0,
-                    select: str = "adaalloc", refine: bool = True, score: str = "output",
-                    rule: str = "output", damp: float = 1e-4, min_per_row: int = 2,
-                    generator: torch.Generator | None = None, chunk_bytes: int = CHUNK_BYTES,
-                    swap_rounds: int = 0, greedy_steps: int = GREEDY_STEPS,
-                    fp32_min_k: int | None = FP32_MIN_K) -> LayerInit:
-    """init_layer with its report. E = W − Q (m×n), H = XᵀX/N (n×n, undamped; damped by λ·mean(diag H) for
-    the solve). score: AdaAlloc's σ_i ('output' ‖e_i Rᵀ‖ or 'weight' ‖e_i‖); rule: per-row selection
-    ('output' top-k by C²·G_jj, 'magnitude' top-k by |C|, 'greedy' `select_greedy` in greedy_steps steps, beyond
-    the paper). Errors are reported with the undamped H. swap_rounds: rounds of `swap_search` between
-    the refinement and a final refinement (0: off); err_select stays that of the selected support with F = C,
-    info['err_refined_noswap'] the refined error before the exchanges. fp32_min_k: see `refine`."""
+def init_layer_full(E: torch.Tensor, H: torch.Tensor, budget: int, settings: InitSettings | None = None, *,
+                    generator: torch.Generator | None = None, **kw) -> LayerInit:
+    """init_layer with its report. E = W − Q (m×n), H = XᵀX/N (n×n, undamped; damped by λ·mean(diag H) for the
+    solves, errors reported with the undamped H). settings: InitSettings (default PLAIN_INIT: AdaAlloc, top-k,
+    refinement, no exchange search), its fields replaced by keywords (temperature=..., rule=..., ...).
+    generator: the random selections'. err_select stays that of the selected support with F = C; with
+    swap_rounds, info['err_refined_noswap'] is the refined error before the exchanges."""
+    s = _settings(settings, kw, PLAIN_INIT, "init_layer_full", layer=True)
     t0 = time.perf_counter()
-    if swap_rounds and not refine:
+    if s.swap_rounds and not s.refine:
         raise ValueError("init_layer: swap_rounds > 0 needs refine=True (exchanges compare refined supports)")
-    pb = layer_problem(E, H, damp)
-    support = select_support(pb.C, pb.G, budget, select=select, scores=pb.scores(score), temperature=temperature,
-                             rule=rule, min_per_row=min_per_row, generator=generator, P=pb.P, greedy_steps=greedy_steps)
+    pb = layer_problem(E, H, s.damp)
+    support = select_support(pb.C, pb.G, budget, select=s.select, scores=pb.scores(s.score), temperature=s.temperature,
+                             rule=s.rule, min_per_row=s.min_per_row, generator=generator, P=pb.P,
+                             greedy_steps=s.greedy_steps)
     f_sel = pb.C[support[0], support[1]]
-    if not (refine and support.shape[1]):
+    if not (s.refine and support.shape[1]):
         err = pb.error(support, f_sel, pb.quad(support, f_sel))
         return _layer_init(support, f_sel, pb, err, err, t0, {})
-    solve = dict(chunk_bytes=chunk_bytes, fp32_min_k=fp32_min_k)
+    solve = dict(chunk_bytes=s.chunk_bytes, fp32_min_k=s.fp32_min_k)
     f, qf, qs = qwha_fast.solve_support(pb.P, pb.G, support, extra=f_sel, **solve)     # refine, with the report
     err_select, err_refined = pb.error(support, f_sel, qs), pb.error(support, f, qf)
     info: dict = {}
-    if swap_rounds:                                                    # exchange search, then refine
+    if s.swap_rounds:                                                  # exchange search, then refine
         info["err_refined_noswap"] = err_refined
-        support, f, sw = qwha_fast.swap_search(pb.P, pb.G, support, f, swap_rounds, P_raw=pb.P_raw,
-                                               row_err2=pb.e_out, lam_mu=pb.lam_mu, chunk_bytes=chunk_bytes)
+        support, f, sw = qwha_fast.swap_search(pb.P, pb.G, support, f, s.swap_rounds, P_raw=pb.P_raw,
+                                               row_err2=pb.e_out, lam_mu=pb.lam_mu, chunk_bytes=s.chunk_bytes)
         info.update(swap_rounds_done=sw["rounds"], swap_rows_improved=sw["rows_improved"])
         f, qf, _ = qwha_fast.solve_support(pb.P, pb.G, support, **solve)
         err_refined = pb.error(support, f, qf)
@@ -471,33 +509,27 @@ def _layer_init(support, f, pb, err_select, err_refined, t0, info) -> LayerInit:
 # ---------------------------------------------------------------------------------------------- whole model
 
 
-def init_qwha(model: nn.Module, hessians: Mapping[str, torch.Tensor], weights: Mapping[str, torch.Tensor], *,
-              budget_rank: int = 64, temperature: float = 1.0, scale: float = 1.0, select: str = "adaalloc",
-              refine: bool = True, score: str = "output", rule: str = RULE_DEFAULT, damp: float = 1e-4,
-              names: list[str] | None = None, device: torch.device | str | None = None, seed: int = 0,
-              compute_rank: bool = False, quiet: bool = False, swap_rounds: int = SWAP_ROUNDS_DEFAULT,
-              greedy_steps: int = GREEDY_STEPS, workers: int = 1,
-              generator: torch.Generator | None = None) -> list[dict]:
-    """Wrap every target linear of `model` in a WHALinear initialized by init_layer (eqs. 5–9).
+def init_qwha(model: nn.Module, hessians: Mapping[str, torch.Tensor], weights: Mapping[str, torch.Tensor],
+              settings: InitSettings | None = None, *, names: list[str] | None = None,
+              device: torch.device | str | None = None, compute_rank: bool = False, quiet: bool = False,
+              generator: torch.Generator | None = None, **kw) -> list[dict]:
+    """Wrap every target linear of `model` in a WHALinear initialized by init_layer_full (eqs. 5–9).
 
     hessians: {name: H = XᵀX/N} (undamped). weights: {name: W}, the ORIGINAL full-precision weights (the
     caller keeps them from before quantization; any Mapping, e.g. a lazy safetensors reader). The module at
-    `name` holds the quantized base Q (QuantLinear, or nn.Linear); E = W − Q. Budget per layer:
-    B = budget_rank·(m + n), capped at m·n. Values stored as f / scale. Returns one report dict per layer
-    and prints them as a table to stderr unless quiet. device: where the math runs (default: H's device).
-    swap_rounds: exchange-search rounds per layer (`swap_search`; 0 = plain AdaAlloc + refinement). Default
-    SWAP_ROUNDS_DEFAULT = 2: it lowers both the layer errors and the held-out perplexity after init at about 2.4x
-    the plain init's time (docs/performance.md). The per-layer primitives keep 0.
-    rule / greedy_steps: the per-row selection (`init_layer_full`). The default stays the paper's top-k: the greedy
-    rule lowers the layer error further but not the held-out perplexity after init (docs/performance.md).
-    workers: layers initialized at once in threads (`wrap_layers`, which says what it changes). Not with
-    select="random", whose one generator is drawn from in layer order. generator: that generator (default one
-    seeded with `seed`); pass the same one to calls over successive blocks to draw as one call over all of them.
+    `name` holds the quantized base Q (QuantLinear, or nn.Linear); E = W − Q. settings: InitSettings (default
+    InitSettings(), train.py's), its fields replaced by keywords (budget_rank=..., swap_rounds=...); budget per
+    layer B = budget_rank·(m + n), capped at m·n; values stored as f / scale. Returns one report dict per layer
+    and prints them as a table to stderr unless quiet. names: the layers (default: every Hessian's). device: where
+    the math runs (default: H's device). compute_rank: report rank(F). generator: the random selections' (default
+    one seeded with settings.seed); pass the same one to calls over successive blocks to draw as one call over all
+    of them. workers > 1 (`wrap_layers`, which says what it changes) needs a selection that draws nothing.
     """
-    if workers > 1 and select == "random":
+    s = _settings(settings, kw, InitSettings(), "init_qwha")
+    if s.workers > 1 and s.select == "random":
         raise ValueError("init_qwha: workers > 1 needs a deterministic selection; select='random' draws from one "
                          "generator in layer order (use workers=1)")
-    gen = generator if generator is not None else torch.Generator().manual_seed(seed)
+    gen = generator if generator is not None else torch.Generator().manual_seed(s.seed)
 
     def init_one(base: nn.Module, W: torch.Tensor, H: torch.Tensor) -> tuple[nn.Module, dict]:
         Q = _base_weight(base).detach()
@@ -506,24 +538,22 @@ def init_qwha(model: nn.Module, hessians: Mapping[str, torch.Tensor], weights: M
         dev = torch.device(device) if device is not None else H.device
         m, n = Q.shape
         E = W.to(dev, torch.float64) - Q.to(dev, torch.float64)
-        budget = min(budget_rank * (m + n), m * n)
-        li = init_layer_full(E, H.to(dev), budget, temperature=temperature, select=select, refine=refine,
-                             score=score, rule=rule, damp=damp, generator=gen, swap_rounds=swap_rounds,
-                             greedy_steps=greedy_steps)
-        wrapped = WHALinear(base, li.indices, li.values / scale, scale=scale)
+        budget = min(s.budget_rank * (m + n), m * n)
+        li = init_layer_full(E, H.to(dev), budget, s, generator=gen)
+        wrapped = WHALinear(base, li.indices, li.values / s.scale, scale=s.scale)
         row = {"shape": [m, n], "budget": int(li.values.numel()),
                "err_before": li.err_before, "err_select": li.err_select, "err_refined": li.err_refined,
                "rel_select": li.err_select / max(li.err_before, 1e-30),
                "rel_refined": li.err_refined / max(li.err_before, 1e-30),
                "k_min": int(li.k.min()), "k_max": int(li.k.max()), "seconds": li.seconds}
-        if swap_rounds:
+        if s.swap_rounds:
             row["err_noswap"] = li.info.get("err_refined_noswap", li.err_refined)
         if compute_rank:
             row["rank_F"] = int(torch.linalg.matrix_rank(wrapped.dense_F().float()))
         return wrapped, row
 
     return wrap_layers(model, hessians, weights, init_one, names=names, adapter_types=(WHALinear,),
-                       who="init_qwha", quiet=quiet, workers=workers)
+                       who="init_qwha", quiet=quiet, workers=s.workers)
 
 
 def wrap_layers(model: nn.Module, hessians: Mapping[str, torch.Tensor], weights: Mapping[str, torch.Tensor],

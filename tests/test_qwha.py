@@ -510,6 +510,28 @@ def test_init_layer_equals_the_reference(m, n, frac, t, seed):
     assert float(qwha.layer_error(E, H, dense(li.indices, li.values, m, n) @ T)) == pytest.approx(want, rel=1e-5)
 
 
+def test_init_settings_replace_keywords_and_name_unknown_ones():
+    """init_qwha(settings) equals init_qwha(**the same fields); keywords replace fields of settings; an unknown
+    keyword, or a model-level one given to one layer, is a TypeError naming it."""
+    m1, names, weights, hessians = _toy_quantized(seed=2)
+    m2, _, _, _ = _toy_quantized(seed=2)
+    s = qwha.InitSettings(budget_rank=3, swap_rounds=1, scale=0.5)
+    r1 = qwha.init_qwha(m1, hessians, weights, s, quiet=True)
+    r2 = qwha.init_qwha(m2, hessians, weights, qwha.InitSettings(budget_rank=5), budget_rank=3, swap_rounds=1,
+                        scale=0.5, quiet=True)
+    assert [{k: v for k, v in r.items() if k != "seconds"} for r in r1] == \
+        [{k: v for k, v in r.items() if k != "seconds"} for r in r2]
+    for name in names:
+        a, b = m1.get_submodule(name), m2.get_submodule(name)
+        assert torch.equal(a.indices, b.indices) and torch.equal(a.values, b.values) and b.scale == 0.5
+    with pytest.raises(TypeError, match="budget_rnak"):
+        qwha.init_qwha(m1, hessians, weights, budget_rnak=3, quiet=True)
+    E, H = torch.randn(4, 16, dtype=torch.float64), torch.eye(16, dtype=torch.float64)
+    with pytest.raises(TypeError, match="budget_rank"):
+        qwha.init_layer_full(E, H, 16, budget_rank=2)
+    assert qwha.PLAIN_INIT.swap_rounds == 0 and qwha.InitSettings().swap_rounds == qwha.SWAP_ROUNDS_DEFAULT
+
+
 # ---------------------------------------------------------------------------------------------- the module
 
 
