@@ -135,17 +135,6 @@ def select_ssh(W_spec: torch.Tensor, budget: int, generator: torch.Generator | N
     return torch.stack([flat // n, flat % n])
 
 
-def _error_sq(e0sq: float, P_raw, G_raw, support, f) -> float:
-    """‖(E_r − F T)Rᵀ‖² = ‖E_r Rᵀ‖² − 2 Σ_Ω f·P + Σ_i f_i G[Ω_i, Ω_i] f_iᵀ via one sparse×dense product."""
-    m, n = P_raw.shape
-    if f.numel() == 0:
-        return e0sq
-    rows, cols = support
-    Fs = torch.sparse_coo_tensor(support, f.to(torch.float64), (m, n), check_invariants=False).coalesce()
-    quad = (torch.sparse.mm(Fs, G_raw)[rows, cols] * f).sum()          # (m, n) F G, read on the support
-    return float(e0sq - 2 * (f * P_raw[rows, cols]).sum() + quad)
-
-
 def init_sparse_layer(E: torch.Tensor, H: torch.Tensor, budget: int, kernel: str = "wht", dims: int = 1, *,
                       select: str = "adaalloc", refine: bool = True, qa_init: bool = True,
                       W: torch.Tensor | None = None, temperature: float = 1.0, score: str = "output",
@@ -153,56 +142,41 @@ def init_sparse_layer(E: torch.Tensor, H: torch.Tensor, budget: int, kernel: str
                       generator: torch.Generator | None = None) -> qwha.LayerInit:
     """Init of a sparse-spectrum adapter (1-D ΔW = F T_n, 2-D ΔW = T_mᵀ F T_n) on E = W − Q (eqs. 5–9).
 
-    In the kernel's domain this is WHA's problem, solved with qwha.select_support / qwha.refine; H is damped
-    by λ·mean(diag H) for the solve (as qwha.init_layer_full), errors are reported with the undamped H.
-    W (the pre-trained weight) is needed by select='ssh'. Returns qwha.LayerInit (values unscaled).
+    In the kernel's domain this is WHA's problem: set up by qwha.layer_problem with the kernel as its transform
+    (E_r = T_m E in 2-D), solved with qwha.select_support / qwha.refine; H is damped by λ·mean(diag H) for the
+    solve (as qwha.init_layer_full), errors are reported with the undamped H. W (the pre-trained weight) is
+    needed by select='ssh'. Returns qwha.LayerInit (values unscaled).
     """
     t0 = time.perf_counter()
     m, n = E.shape
-    if H.shape != (n, n):
-        raise ValueError(f"init_sparse_layer: H has shape {tuple(H.shape)}, expected ({n}, {n})")
     if dims not in (1, 2):
         raise ValueError(f"init_sparse_layer: dims must be 1 or 2, got {dims}")
     if select not in SELECTS:
         raise ValueError(f"init_sparse_layer: select must be one of {SELECTS}, got {select!r}")
     k_in, k_out = Kernel(kernel, n), (Kernel(kernel, m) if dims == 2 else None)
-    H64 = H.to(torch.float64)
-    H64 = (H64 + H64.T) / 2
-    mu = float(H64.diagonal().mean())
-    lam_mu = damp * (mu if mu > 0 else 1.0)
-    Er = _rows_then_cols(k_out, E.to(torch.float64))                   # (m, n) T_m E (2-D) or E
-    EH = Er @ H64                                                      # (m, n)
-    e_out = (EH * Er).sum(1).clamp_min(0)                              # (m,) ‖e_i Rᵀ‖²
-    e0sq = float(e_out.sum())
-    C = k_in.forward(Er)                                               # (m, n) E_r T_nᵀ
-    P_raw = k_in.forward(EH)                                           # (m, n) E_r H T_nᵀ = C G
-    G_raw = k_in.forward(k_in.forward(H64).T.contiguous())             # (n, n) T_n H T_nᵀ
-    G_raw = (G_raw + G_raw.T) / 2
-    G = G_raw + lam_mu * torch.eye(n, dtype=torch.float64, device=E.device)
-    P = P_raw + lam_mu * C
+    pb = qwha.layer_problem(_rows_then_cols(k_out, E.to(torch.float64)), H, damp, transform=k_in.forward)
     if select == "ssh":
         if W is None:
             raise ValueError("init_sparse_layer: select='ssh' needs the pre-trained weight W")
         support = select_ssh(k_in.forward(_rows_then_cols(k_out, W.to(torch.float64))), budget, generator)
     else:
-        sc = (e_out + lam_mu * Er.square().sum(1)).sqrt() if score == "output" else Er.norm(dim=1)
         mode = "random" if select == "loca" else select
-        support = qwha.select_support(C, G, budget, select=mode, scores=sc, temperature=temperature,
-                                      rule="magnitude" if select == "magnitude" else rule,
+        support = qwha.select_support(pb.C, pb.G, budget, select=mode, scores=pb.scores(score),
+                                      temperature=temperature, rule="magnitude" if select == "magnitude" else rule,
                                       min_per_row=min_per_row, generator=generator)
     rows, cols = support
-    f_sel = C[rows, cols]
-    err_select = math.sqrt(max(_error_sq(e0sq, P_raw, G_raw, support, f_sel), 0.0))
+    f_sel = pb.C[rows, cols]
+    err_select = pb.error(support, f_sel, pb.quad(support, f_sel))
     if not qa_init or select == "loca":
         f = torch.zeros_like(f_sel)
-        err_final = math.sqrt(e0sq)
+        err_final = math.sqrt(pb.e0sq)
     elif refine and rows.numel():
-        f = qwha.refine(P, G, support)
-        err_final = math.sqrt(max(_error_sq(e0sq, P_raw, G_raw, support, f), 0.0))
+        f = qwha.refine(pb.P, pb.G, support)
+        err_final = pb.error(support, f, pb.quad(support, f))
     else:
         f, err_final = f_sel, err_select
     k = torch.bincount(rows, minlength=m)
-    return qwha.LayerInit(support, f.to(torch.float32), k, math.sqrt(e0sq), err_select, err_final,
+    return qwha.LayerInit(support, f.to(torch.float32), k, math.sqrt(pb.e0sq), err_select, err_final,
                           time.perf_counter() - t0, {"kernel": kernel, "dims": dims, "select": select})
 
 

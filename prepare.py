@@ -80,14 +80,19 @@ def init_workers(cfg) -> int:
     return 1 if cfg.device.startswith("cuda") else max(1, torch.get_num_threads())
 
 
+def init_settings(cfg) -> qwha.InitSettings:
+    """QWHA's init settings from train.py's flags (the rest at qwha.InitSettings' defaults)."""
+    return qwha.InitSettings(budget_rank=cfg.rank, temperature=cfg.temperature, rule=cfg.rule,
+                             greedy_steps=cfg.greedy_steps, swap_rounds=cfg.swap_rounds, seed=cfg.seed,
+                             workers=init_workers(cfg))
+
+
 def init_layers(model, hessians, originals, cfg, names=None, generator=None, quiet=None) -> list[dict]:
     """Adapters for `names` (default: every Hessian's layer): QWHA's init (qwha.init_qwha) or the baseline of
     cfg's adapter settings (baselines.init_adapters). Returns the report rows."""
     quiet = cfg.quiet if quiet is None else quiet
     if is_qwha(cfg):
-        return qwha.init_qwha(model, hessians, originals, budget_rank=cfg.rank, temperature=cfg.temperature,
-                              seed=cfg.seed, quiet=quiet, swap_rounds=cfg.swap_rounds, rule=cfg.rule,
-                              greedy_steps=cfg.greedy_steps, workers=init_workers(cfg), names=names,
+        return qwha.init_qwha(model, hessians, originals, settings=init_settings(cfg), names=names, quiet=quiet,
                               generator=generator)
     return baselines.init_adapters(model, originals, hessians, adapter_config(cfg), names=names, quiet=quiet,
                                    generator=generator)

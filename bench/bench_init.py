@@ -20,10 +20,10 @@
    white error would leave (white_noise_ratio at each layer's density B/(m·n), times its bare error).
 4. Timing (one process, alternating per layer, after warm-up): init of every layer (qwha.init_layer_full at
    r = --timing-rank) for each of --timing-methods, and the refinement alone, batched (qwha.refine, float32
-   blocks from qwha.FP32_MIN_K, and all-float64) against a per-row normal-equations loop (the authors' approach)
-   on the same P, G, support. Agreement: the layer error (damped problem) of the float32-block values against
-   the all-float64 ones, and the batched values against a per-row least-squares solve of the whitened problem
-   on a few layers (max relative error gap).
+   blocks from qwha.FP32_MIN_K, and all-float64) against the authors' per-row loop and a per-row
+   normal-equations loop on G blocks (qwha.refine_reference) on the same P, G, support. Agreement: the layer
+   error (damped problem) of the float32-block values against the all-float64 ones, and the batched values
+   against a per-row least-squares solve of the whitened problem on a few layers (max relative error gap).
 5. --ppl-bits: held-out perplexity right after init of all layers (qwha.init_qwha) with top-k + --ppl-rounds
    exchange rounds and greedy + --ppl-greedy-rounds rounds, with each whole-model init time.
 Prints a table and one JSON line (also appended to runs/bench_init.jsonl).
@@ -187,21 +187,6 @@ def get_quantized(cfg: BenchConfig, weights, H, names, bits):
 
 
 # ---------------------------------------------------------------------------------------------- references
-
-
-def per_row_normal_equations(P, G, support):
-    """The authors' refinement: one normal-equations solve per output row in a Python loop (float64)."""
-    rows, cols = support
-    m = P.shape[0]
-    k = torch.bincount(rows, minlength=m).tolist()
-    out = torch.empty(rows.numel(), dtype=torch.float64)
-    start = 0
-    for i in range(m):
-        if k[i]:
-            c = cols[start:start + k[i]]
-            out[start:start + k[i]] = torch.linalg.solve(G[c][:, c], P[i, c])
-            start += k[i]
-    return out
 
 
 def authors_per_row(bases, RE, support):
@@ -464,7 +449,7 @@ def timing(cfg, weights, H, all_names, names):
         sides = [("batched", lambda: qwha.refine(P, G, li.indices, fp32_min_k=qwha.FP32_MIN_K)),   # as init_layer_full
                  ("batched64", lambda: qwha.refine(P, G, li.indices)),
                  ("authors", lambda: authors_per_row(bases, RE, li.indices)),
-                 ("rowloop", lambda: per_row_normal_equations(P, G, li.indices))]
+                 ("rowloop", lambda: qwha.refine_reference(P, G, li.indices))]
         if cfg.workers > 1:
             sides.append(("batched_w", lambda: qwha.refine(P, G, li.indices, fp32_min_k=qwha.FP32_MIN_K,
                                                            workers=cfg.workers)))

@@ -10,12 +10,13 @@ on --device, and a Hessian H = XᵀX/N on --device from N = --tokens random acti
 scales plus a shared low-rank part: correlated, positive definite), one H per shared input (q/k/v, o, gate/up,
 down). Each layer is then initialized as qwha.init_qwha does it (E = W − Q in float64 on H's device, then
 qwha.init_layer_full with the budget r·(m + n) and init_qwha's defaults: AdaAlloc, top-k selection, refinement,
-qwha.SWAP_ROUNDS_DEFAULT exchange rounds, the final refinement). The stages are timed by wrapping qwha's functions
-for the run (restored after; the results are unchanged), synchronizing CUDA at every stage boundary: the Hessian
-in the Hadamard domain (G = T H Tᵀ), the spectrum (C = E Tᵀ), the rest of the layer problem (P = C G, the row
-errors), AdaAlloc, the top-k selection, the refinement, the exchange search, its refinement, the error reports, and
-the rest. --detail also times the batched solve's pieces (gathers, chunk factorizations, fallbacks), each call
-synchronized, in a second table. A warm-up init of a small layer runs first (CUDA context, solver handles).
+qwha.SWAP_ROUNDS_DEFAULT exchange rounds, the final refinement). The stages are timed by wrapping the functions
+of qwha and qwha_fast for the run (restored after; the results are unchanged), synchronizing CUDA at every stage
+boundary: the Hessian in the Hadamard domain (G = T H Tᵀ), the spectrum (C = E Tᵀ), the rest of the layer problem
+(P = C G, the row errors), AdaAlloc, the top-k selection, the refinement, the exchange search, its refinement, the
+error reports, and the rest. --detail also times the batched solve's pieces (gathers, chunk factorizations,
+fallbacks), each call synchronized, in a second table. A warm-up init of a small layer runs first (CUDA context,
+solver handles).
 The model estimate is the block time times the config's num_hidden_layers (when all 7 linears of a block ran).
 A SIGTERM (e.g. from `timeout`) ends the run after the layer in progress is abandoned: the layers done are reported,
 with "partial": true.
@@ -42,24 +43,36 @@ import torch  # noqa: E402
 import gptq  # noqa: E402
 import model as modellib  # noqa: E402
 import qwha  # noqa: E402
+import qwha_fast  # noqa: E402
 from jsonl import emit  # noqa: E402  (bench/jsonl.py: print + append to runs/)
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 INPUT_OF = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "o_proj": "attn_out",
             "gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "mlp_out"}   # layers that share one H
 
-# qwha's functions timed as stages of init_layer_full: (attribute, column label). A stage inside another is
-# reported apart and subtracted from its parent (self time); a second top-level refinement in a layer gets its own
-# column ("refine 2": the one after the exchange search).
-STAGES = (("layer_problem", "problem"), ("hadamard_hessian", "G=THTᵀ"), ("spectrum", "C=ETᵀ"),
-          ("select_support", "select"), ("adaalloc", "AdaAlloc"), ("select_topk", "top-k"),
-          ("select_greedy", "greedy"), ("_solve_support", "refine"), ("swap_search", "swaps"),
-          ("LayerProblem.error", "errors"), ("LayerProblem.quad", "errors"))
+# The init's functions timed as stages of init_layer_full: ("module.attribute", column label), patched where they
+# are looked up (qwha's own steps in qwha, the fast paths in qwha_fast). A stage inside another is reported apart
+# and subtracted from its parent (self time); a second top-level refinement in a layer gets its own column
+# ("refine 2": the one after the exchange search).
+STAGES = (("qwha.layer_problem", "problem"), ("qwha.hadamard_hessian", "G=THTᵀ"), ("qwha.spectrum", "C=ETᵀ"),
+          ("qwha.select_support", "select"), ("qwha.adaalloc", "AdaAlloc"), ("qwha.select_topk", "top-k"),
+          ("qwha_fast.select_greedy", "greedy"), ("qwha_fast.solve_support", "refine"),
+          ("qwha_fast.swap_search", "swaps"), ("qwha.LayerProblem.error", "errors"),
+          ("qwha.LayerProblem.quad", "errors"))
 COLUMNS = ("E=W−Q", "G=THTᵀ", "C=ETᵀ", "problem", "AdaAlloc", "top-k", "greedy", "select", "refine", "swaps",
            "refine 2", "errors", "other")   # the main table: each path's self time under its deepest stage
-DETAIL = (("_aug_source", "gather source"), ("_chunk_solve", "chunk solve"), ("_plain_chunk_solve", "small solve"),
-          ("_chunk_redo", "fp64 redo"), ("_block_solve", "block solve"), ("_topk_rows", "row top-k"))
+DETAIL = (("qwha_fast._aug_source", "gather source"), ("qwha_fast._chunk_solve", "chunk solve"),
+          ("qwha_fast._plain_chunk_solve", "small solve"), ("qwha_fast._chunk_redo", "fp64 redo"),
+          ("qwha_fast._block_solve", "block solve"), ("qwha_fast.topk_rows", "row top-k"))
 
+
+def stage_owner(attr: str):
+    """(object, name) that holds a stage "module.attribute" (or "module.Class.method")."""
+    module, *path, name = attr.split(".")
+    owner = {"qwha": qwha, "qwha_fast": qwha_fast}[module]
+    for part in path:
+        owner = getattr(owner, part)
+    return owner, name
 
 @dataclass
 class InitBenchConfig:
@@ -136,14 +149,14 @@ class StageTimer:
 
     @contextmanager
     def patched(self, detail: bool):
-        """qwha's stage functions replaced by timed wrappers for the duration (init_layer_full looks them up in
-        qwha's namespace at each call); always restored."""
+        """The stage functions replaced by timed wrappers for the duration (looked up in their modules'
+        namespaces at each call); always restored."""
         saved = []
         try:
             for attr, label in STAGES + (DETAIL if detail else ()):
-                owner, name = (qwha.LayerProblem, attr.split(".")[1]) if "." in attr else (qwha, attr)
+                owner, name = stage_owner(attr)
                 if not hasattr(owner, name):
-                    raise ValueError(f"qwha has no {attr}: update bench_init_gpu.STAGES")
+                    raise ValueError(f"no {attr}: update bench_init_gpu.STAGES")
                 fn = getattr(owner, name)
                 saved.append((owner, name, fn))
                 setattr(owner, name, self.wrap(fn, label))

@@ -69,14 +69,34 @@ def test_kernel_definitions_and_errors():
 
 
 @pytest.mark.parametrize("select", ["adaalloc", "magnitude", "random"])
-def test_wht_1d_equals_qwha(select):
-    W, E, H = problem()
+@pytest.mark.parametrize("shape", [(24, 32), (40, 192)])
+def test_wht_1d_equals_qwha(select, shape):
+    """One problem setup (qwha.layer_problem) and one solve: the WHT baseline is QWHA's plain init bit for bit
+    (float64 blocks, as baselines solve), its reported errors within round-off."""
+    W, E, H = problem(*shape)
     B = 4 * sum(E.shape)
     ref = qwha.init_layer_full(E, H, B, select=select, rule="magnitude" if select == "magnitude" else "output",
-                               generator=torch.Generator().manual_seed(3))
+                               generator=torch.Generator().manual_seed(3), fp32_min_k=None)
     li = bl.init_sparse_layer(E, H, B, "wht", 1, select=select, generator=torch.Generator().manual_seed(3))
-    assert torch.equal(li.indices, ref.indices) and torch.allclose(li.values, ref.values)
+    assert torch.equal(li.indices, ref.indices) and torch.equal(li.values, ref.values)
+    assert li.err_before == pytest.approx(ref.err_before, rel=1e-12)
+    assert li.err_select == pytest.approx(ref.err_select, rel=1e-9)
     assert li.err_refined == pytest.approx(ref.err_refined, rel=1e-9)
+
+
+@pytest.mark.parametrize("kernel", bl.KERNELS)
+def test_layer_problem_with_a_kernel_is_the_dense_problem(kernel):
+    """qwha.layer_problem with a baseline's kernel as its transform: C = E Tᵀ, G = T H Tᵀ, P = C G with the dense T,
+    damped and undamped."""
+    W, E, H = problem(seed=6)
+    n = E.shape[1]
+    pb = qwha.layer_problem(E, H, 1e-2, transform=bl.Kernel(kernel, n).forward)
+    T = bl.kernel_matrix(kernel, n, torch.float64)
+    Hd = calib.damp(H, 1e-2)
+    for got, want in ((pb.C, E @ T.T), (pb.G, T @ Hd @ T.T), (pb.P, E @ Hd @ T.T), (pb.G_raw, T @ H @ T.T),
+                      (pb.P_raw, E @ H @ T.T)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10 * float(want.abs().max()))
+    assert torch.equal(pb.G, pb.G.T)
 
 
 @pytest.mark.parametrize("kernel", bl.KERNELS)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import qwha
+import qwha_fast
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import bench_init_gpu  # noqa: E402
@@ -30,12 +31,13 @@ def test_timed_init_equals_plain_init_and_restores_qwha():
     W, base = bench_init_gpu.make_layer((32, 64), 2, 64, "cpu", seed=1)
     H = bench_init_gpu.random_hessian(64, 128, "cpu", seed=2)
     plain, _, _ = bench_init_gpu.init_one(W, base, H, 4, 2, qwha.RULE_DEFAULT)
-    originals = {a: getattr(qwha, a) for a, _ in bench_init_gpu.STAGES + bench_init_gpu.DETAIL if "." not in a}
+    originals = {a: getattr(*bench_init_gpu.stage_owner(a)) for a, _ in bench_init_gpu.STAGES + bench_init_gpu.DETAIL}
     timer = bench_init_gpu.StageTimer("cpu")
     with timer.patched(detail=True):
-        assert qwha.layer_problem is not originals["layer_problem"]
+        assert qwha.layer_problem is not originals["qwha.layer_problem"]
+        assert qwha_fast.solve_support is not originals["qwha_fast.solve_support"]
         timed, t_e, total = bench_init_gpu.init_one(W, base, H, 4, 2, qwha.RULE_DEFAULT)
-    assert all(getattr(qwha, a) is fn for a, fn in originals.items())
+    assert all(getattr(*bench_init_gpu.stage_owner(a)) is fn for a, fn in originals.items())
     assert torch.equal(timed.indices, plain.indices) and torch.equal(timed.values, plain.values)
     assert timed.err_refined < timed.err_before
     assert timer.calls["problem>G=THTᵀ"] == 1 and timer.calls["refine"] == 1 and timer.calls["refine 2"] == 1

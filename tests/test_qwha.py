@@ -1,4 +1,5 @@
-"""qwha.py: the laws of the WHA adapter, AdaAlloc, selection and refinement, against dense references.
+"""qwha.py and qwha_fast.py: the laws of the WHA adapter, AdaAlloc, selection and refinement, against dense
+references; each production step equal to its paper-literal reference in qwha.py (qwha.*_reference).
 
 Shapes include the non-power-of-two widths 12·2^p and 36·2^p (24, 48, 72, 96, 144). Everything is small, CPU.
 """
@@ -6,12 +7,14 @@ import math
 
 import pytest
 import torch
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 import adapter
+import calib
 import qwha
+import qwha_fast
 import wht
 
 WIDTHS = [8, 16, 24, 32, 48, 64, 72, 96, 144]
@@ -76,17 +79,6 @@ def test_layer_error_is_output_error():
 # ---------------------------------------------------------------------------------------------- AdaAlloc
 
 
-def _literal_adaalloc(scores, budget, t):
-    """docs/method.md eq. 7 literally (valid when no bound binds): floor, remainder to the smallest k_i."""
-    w = scores.double() ** (1 / t)
-    k = torch.floor(budget * w / w.sum()).long()
-    rem = budget - int(k.sum())
-    order = sorted(range(len(k)), key=lambda i: (int(k[i]), -float(scores[i]), i))
-    for i in order[:rem]:
-        k[i] += 1
-    return k
-
-
 @SET
 @given(st.integers(1, 60), st.integers(2, 64), st.floats(0.2, 5.0), st.integers(0, 2**31 - 1), st.floats(0, 1))
 def test_adaalloc_invariants(m, n, t, seed, frac):
@@ -107,12 +99,12 @@ def test_adaalloc_invariants(m, n, t, seed, frac):
 
 @SET
 @given(st.integers(2, 40), st.floats(0.5, 3.0), st.integers(0, 2**31 - 1))
-def test_adaalloc_equals_the_formula_when_no_bound_binds(m, t, seed):
+def test_adaalloc_equals_the_reference_when_no_bound_binds(m, t, seed):
     g = torch.Generator().manual_seed(seed)
     scores = 1 + torch.rand(m, generator=g, dtype=torch.float64)   # within a factor 2: proportional shares
     budget = 50 * m                                                  # ≥ 2, ≤ 10⁶ per row
     k = qwha.adaalloc(scores, budget, t, 2, 10**6)
-    assert torch.equal(k, _literal_adaalloc(scores, budget, t))
+    assert torch.equal(k, qwha.adaalloc_reference(scores, budget, t))
 
 
 def test_adaalloc_bounds_and_errors():
@@ -274,10 +266,11 @@ def test_refine_falls_back_on_singular_blocks():
 @given(st.lists(st.integers(0, 5000), min_size=1, max_size=50), st.sampled_from([1, 2, 4, 8, 16]))
 def test_padded_sizes_round_up_to_at_most_per_octave_sizes(ks, per_octave):
     k = torch.tensor(ks)
-    K = qwha._padded_sizes(k, per_octave)
+    K = qwha_fast._padded_sizes(k, per_octave)
     assert (K >= k).all() and ((K == 0) == (k == 0)).all()
     assert ((K - k) * per_octave <= k).all()                      # K ≤ k·(1 + 1/per_octave)
-    assert (K[k < qwha.AUG_MIN_K] == k[k < qwha.AUG_MIN_K]).all()  # small blocks are not padded
+    small = k < qwha_fast.AUG_MIN_K
+    assert (K[small] == k[small]).all()                           # small blocks are not padded
     for j in range(14):                                           # ≤ per_octave + 1 sizes per octave of k
         sel = (k >= 2**j) & (k < 2 ** (j + 1))
         assert torch.unique(K[sel]).numel() <= per_octave + 1
@@ -293,13 +286,13 @@ def test_padding_the_blocks_changes_nothing_but_round_off(shape, frac):
     E, H, C, G, sup = _problem(m, n, seed, frac)
     f_sel = C[sup[0], sup[1]]
     out = {}
-    old = qwha.PAD_PER_OCTAVE, qwha.AUG_MIN_K
+    old = qwha_fast.PAD_PER_OCTAVE, qwha_fast.AUG_MIN_K
     try:
         for po in (1, 1 << 20):                # every block padded and augmented, then every block plain
-            qwha.PAD_PER_OCTAVE, qwha.AUG_MIN_K = po, (2 if po == 1 else 1 << 20)
-            out[po] = qwha._solve_support(C @ G, G, sup, extra=f_sel, fp32_min_k=None)
+            qwha_fast.PAD_PER_OCTAVE, qwha_fast.AUG_MIN_K = po, (2 if po == 1 else 1 << 20)
+            out[po] = qwha_fast.solve_support(C @ G, G, sup, extra=f_sel, fp32_min_k=None)
     finally:
-        qwha.PAD_PER_OCTAVE, qwha.AUG_MIN_K = old
+        qwha_fast.PAD_PER_OCTAVE, qwha_fast.AUG_MIN_K = old
     (f1, qf1, qx1), (f0, qf0, qx0) = out[1], out[1 << 20]
     torch.testing.assert_close(f1, f0, rtol=1e-7, atol=1e-7 * float(f0.abs().max()))
     assert float(qf1) == pytest.approx(float(qf0), rel=1e-9)
@@ -313,17 +306,17 @@ def test_refine_with_workers_is_bitwise_the_same(shape, frac, k32, workers):
     many chunks), and the quadratic forms of the report summed in the same order."""
     m, n, seed = shape
     E, H, C, G, sup = _problem(m, n, seed, frac)
-    old = qwha.AUG_MIN_K
+    old = qwha_fast.AUG_MIN_K
     try:
-        qwha.AUG_MIN_K = 8                         # both block kinds on these small widths
-        want = qwha._solve_support(C @ G, G, sup, extra=C[sup[0], sup[1]], chunk_bytes=3000, fp32_min_k=k32)
-        got = qwha._solve_support(C @ G, G, sup, extra=C[sup[0], sup[1]], chunk_bytes=3000, fp32_min_k=k32,
-                                  workers=workers)
+        qwha_fast.AUG_MIN_K = 8                    # both block kinds on these small widths
+        want = qwha_fast.solve_support(C @ G, G, sup, extra=C[sup[0], sup[1]], chunk_bytes=3000, fp32_min_k=k32)
+        got = qwha_fast.solve_support(C @ G, G, sup, extra=C[sup[0], sup[1]], chunk_bytes=3000, fp32_min_k=k32,
+                                      workers=workers)
         threads = torch.get_num_threads()
         f = qwha.refine(C @ G, G, sup, chunk_bytes=3000, fp32_min_k=k32, workers=workers)
         assert torch.get_num_threads() == threads
     finally:
-        qwha.AUG_MIN_K = old
+        qwha_fast.AUG_MIN_K = old
     for a, b in zip(want, got):
         assert torch.equal(a, b)
     assert torch.equal(f, want[0])
@@ -417,6 +410,126 @@ def test_init_layer_report_matches_dense_errors(shape, select, refine, score):
         bound = li.err_select ** 2 + lam_mu * float(C[li.indices[0], li.indices[1]].square().sum())
         assert li.err_refined ** 2 <= bound * (1 + 1e-6) + tol ** 2
         assert li.err_refined < li.err_before
+
+
+# ---------------------------------------------------------------------------------------------- fast == reference
+# Each production step against its paper-literal reference in qwha.py (qwha.*_reference), through the fast paths
+# of qwha_fast.py: banded top-k, padded and augmented blocks, float32 blocks, tiny chunks.
+
+
+def mild_spd(n, g):
+    """A well-conditioned H (cond ~10): float32 blocks then stay within ~1e-6 of float64's values."""
+    X = torch.randn(4 * n, n, generator=g, dtype=torch.float64)
+    return X.T @ X / X.shape[0]
+
+
+@SET
+@given(shapes(), st.sampled_from([0.0, 1e-4, 1e-2]))
+def test_layer_problem_equals_the_reference(shape, damp):
+    m, n, seed = shape
+    g = torch.Generator().manual_seed(seed)
+    E = torch.randn(m, n, generator=g, dtype=torch.float64)
+    H = spd(n, g)
+    pb = qwha.layer_problem(E, H, damp)
+    Hd = calib.damp(H, damp)
+    C, G, P = qwha.layer_problem_reference(E, Hd)
+    _, G_raw, P_raw = qwha.layer_problem_reference(E, H)
+    for got, want in ((pb.C, C), (pb.G, G), (pb.P, P), (pb.G_raw, G_raw), (pb.P_raw, P_raw)):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9 * float(want.abs().max()))
+    torch.testing.assert_close(pb.scores("output"), qwha.channel_scores(E, Hd), rtol=1e-9, atol=0)
+    torch.testing.assert_close(pb.scores("weight"), qwha.channel_scores(E, kind="weight"), rtol=1e-12, atol=0)
+    assert pb.e0sq == pytest.approx(float(qwha.layer_error(E, H)) ** 2, rel=1e-9)
+
+
+@SET
+@given(st.integers(1, 200), st.sampled_from([64, 96, 144]), st.sampled_from(["output", "magnitude"]),
+       st.booleans(), st.integers(0, 2**31 - 1))
+def test_select_topk_equals_the_reference_up_to_ties(m, n, rule, ties, seed):
+    """Many rows with k up to n: the banded top-k (qwha_fast.topk_rows) in chunks of rows; with ties (C on a few
+    levels) the two may pick different columns of equal score, never different scores."""
+    g = torch.Generator().manual_seed(seed)
+    C = torch.randn(m, n, generator=g, dtype=torch.float64)
+    if ties:
+        C = C.mul(2).round()
+    G = qwha.hadamard_hessian(spd(n, g))
+    k = torch.randint(0, n + 1, (m,), generator=g)
+    got = qwha.select_topk(C, G, k, rule, chunk_rows=97)
+    want = qwha.select_topk_reference(C, G, k, rule)
+    assert torch.equal(got[0], want[0])                              # the same k_i per row, CSR order
+    S = C.square() * G.diagonal() if rule == "output" else C.abs()
+    for i in range(m):
+        mine, ref = got[1][got[0] == i], want[1][want[0] == i]
+        assert torch.equal(S[i, mine].sort().values, S[i, ref].sort().values)
+        if not ties:
+            assert torch.equal(mine, ref)
+
+
+@SET
+@given(shapes(), st.floats(0.05, 0.9), st.sampled_from(["plain", "padded", "float32"]),
+       st.sampled_from([3000, 1 << 22]))
+def test_refine_equals_the_reference(shape, frac, path, chunk_bytes):
+    """refine (qwha_fast.solve_support) against one normal-equations solve per row: plain float64 blocks, every
+    block padded and augmented (one block size per octave), every block in float32 (on a well-conditioned H)."""
+    m, n, seed = shape
+    H = mild_spd(n, torch.Generator().manual_seed(seed + 1)) if path == "float32" else None
+    E, H, C, G, sup = _problem(m, n, seed, frac, H=H)
+    P = C @ G
+    old = qwha_fast.PAD_PER_OCTAVE, qwha_fast.AUG_MIN_K
+    try:
+        if path != "plain":
+            qwha_fast.PAD_PER_OCTAVE, qwha_fast.AUG_MIN_K = 1, 2
+        f = qwha.refine(P, G, sup, chunk_bytes=chunk_bytes, fp32_min_k=1 if path == "float32" else None)
+    finally:
+        qwha_fast.PAD_PER_OCTAVE, qwha_fast.AUG_MIN_K = old
+    want = qwha.refine_reference(P, G, sup)
+    tol = 1e-5 if path == "float32" else 1e-7                       # eps·cond(G[Ω,Ω]) of the largest value
+    torch.testing.assert_close(f, want, rtol=tol, atol=tol * float(want.abs().max()))
+
+
+@SET
+@given(st.integers(2, 12), st.sampled_from([16, 24, 32, 48, 64, 72, 96, 144]), st.floats(0.2, 0.6),
+       st.floats(0.5, 2.0), st.integers(0, 2**31 - 1))
+def test_init_layer_equals_the_reference(m, n, frac, t, seed):
+    """init_layer's plain init (swap_rounds = 0) is init_layer_reference's where no AdaAlloc bound binds: the same
+    support, float64 blocks give its values to fp32 rounding, the default float32 blocks its layer error."""
+    g = torch.Generator().manual_seed(seed)
+    E = torch.randn(m, n, generator=g, dtype=torch.float64)
+    H = spd(n, g)
+    B = int(frac * m * n)
+    w = qwha.channel_scores(E, calib.damp(H, 1e-4)) ** (1 / t)
+    share = B * w / w.sum()                                          # eq. 7 before the floor
+    assume(float(share.min()) >= 2 and float(share.max()) <= n)     # adaalloc's bounds do not bind
+    idx, val = qwha.init_layer_reference(E, H, B, temperature=t)
+    idx64, val64 = qwha.init_layer(E, H, B, temperature=t, fp32_min_k=None)
+    assert torch.equal(idx64, idx)
+    torch.testing.assert_close(val64.double(), val, rtol=1e-5, atol=1e-6 * float(val.abs().max()))
+    li = qwha.init_layer_full(E, H, B, temperature=t)
+    assert torch.equal(li.indices, idx)
+    T = T_of(n)
+    want = float(qwha.layer_error(E, H, dense(idx, val, m, n) @ T))
+    assert float(qwha.layer_error(E, H, dense(li.indices, li.values, m, n) @ T)) == pytest.approx(want, rel=1e-5)
+
+
+def test_init_settings_replace_keywords_and_name_unknown_ones():
+    """init_qwha(settings) equals init_qwha(**the same fields); keywords replace fields of settings; an unknown
+    keyword, or a model-level one given to one layer, is a TypeError naming it."""
+    m1, names, weights, hessians = _toy_quantized(seed=2)
+    m2, _, _, _ = _toy_quantized(seed=2)
+    s = qwha.InitSettings(budget_rank=3, swap_rounds=1, scale=0.5)
+    r1 = qwha.init_qwha(m1, hessians, weights, s, quiet=True)
+    r2 = qwha.init_qwha(m2, hessians, weights, qwha.InitSettings(budget_rank=5), budget_rank=3, swap_rounds=1,
+                        scale=0.5, quiet=True)
+    assert [{k: v for k, v in r.items() if k != "seconds"} for r in r1] == \
+        [{k: v for k, v in r.items() if k != "seconds"} for r in r2]
+    for name in names:
+        a, b = m1.get_submodule(name), m2.get_submodule(name)
+        assert torch.equal(a.indices, b.indices) and torch.equal(a.values, b.values) and b.scale == 0.5
+    with pytest.raises(TypeError, match="budget_rnak"):
+        qwha.init_qwha(m1, hessians, weights, budget_rnak=3, quiet=True)
+    E, H = torch.randn(4, 16, dtype=torch.float64), torch.eye(16, dtype=torch.float64)
+    with pytest.raises(TypeError, match="budget_rank"):
+        qwha.init_layer_full(E, H, 16, budget_rank=2)
+    assert qwha.PLAIN_INIT.swap_rounds == 0 and qwha.InitSettings().swap_rounds == qwha.SWAP_ROUNDS_DEFAULT
 
 
 # ---------------------------------------------------------------------------------------------- the module

@@ -1,5 +1,6 @@
-"""Beyond the paper's top-k + refinement: the exchange search on each row's support (qwha.swap_search,
-init_layer_full(swap_rounds=N)) and the greedy per-row selection (qwha.select_greedy, rule='greedy'; at the end).
+"""Beyond the paper's top-k + refinement: the exchange search on each row's support (qwha_fast.swap_search,
+init_layer_full(swap_rounds=N)) and the greedy per-row selection (qwha_fast.select_greedy, rule='greedy'; at the
+end), both re-exported by qwha.
 
 Laws: every round keeps exactly k_i distinct columns per row; the per-row output error never rises; the values
 are the refined (least-squares) values of the new support; with H = I nothing changes (top-k is optimal by
@@ -13,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import qwha
+import qwha_fast
 import wht
 
 
@@ -127,6 +129,23 @@ def test_same_k_as_plain_and_budget_exact():
     assert torch.equal(sw.k, plain.k) and sw.values.numel() == 100
     assert sw.err_refined <= plain.err_refined * (1 + 1e-9)
     assert sw.err_select == pytest.approx(plain.err_select)            # err_select stays that of the top-k support
+
+
+@settings(max_examples=10, deadline=None)
+@given(m=st.integers(2, 12), n=st.sampled_from([16, 24, 48, 72, 144]), frac=st.floats(0.05, 0.9),
+       seed=st.integers(0, 10_000), corr=st.floats(0.0, 0.6))
+def test_searches_never_worse_than_the_plain_init(m, n, frac, seed, corr):
+    """The exchange search keeps a row's new support only where its error falls, so init_layer_full with
+    swap_rounds is never worse than the paper's plain init (swap_rounds = 0), and greedy + swaps never worse than
+    greedy; up to the float32 blocks of the final refinement (second order)."""
+    E, H = problem(m, n, seed, corr)
+    B = max(2 * m, int(frac * m * n))
+    for rule in ("output", "greedy"):
+        plain = qwha.init_layer_full(E, H, B, rule=rule, greedy_steps=3)
+        sw = qwha.init_layer_full(E, H, B, rule=rule, greedy_steps=3, swap_rounds=2)
+        assert torch.equal(sw.k, plain.k)
+        assert sw.err_refined <= plain.err_refined * (1 + 1e-6) + 1e-9 * plain.err_before
+        assert sw.info["err_refined_noswap"] == pytest.approx(plain.err_refined, rel=1e-12)
 
 
 def test_swaps_need_refinement_and_nonnegative_rounds():
@@ -265,6 +284,7 @@ def test_greedy_arguments():
     assert torch.equal(qwha.select_support(C, G, 30, scores=sc, rule="greedy"),
                        qwha.select_support(C, G, 30, scores=sc, rule="greedy", P=P))
     assert qwha.greedy_targets(torch.tensor([2, 5, 0]), 4).tolist() == [[1, 2, 0], [1, 3, 0], [2, 4, 0], [2, 5, 0]]
+    assert (qwha.select_greedy, qwha.swap_search) == (qwha_fast.select_greedy, qwha_fast.swap_search)   # re-exported
 
 
 def test_init_qwha_passes_the_greedy_rule():

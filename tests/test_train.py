@@ -251,7 +251,7 @@ def test_init_workers_flag(monkeypatch):
     monkeypatch.setattr(train.qwha, "init_qwha", lambda *a, **kw: seen.update(kw) or [
         {"err_before": 1.0, "err_select": 1.0, "err_refined": 1.0, "rel_refined": 1.0}])
     train.init_adapters(None, {}, {}, cfg, lambda msg: None)
-    assert seen["workers"] == 2
+    assert seen["settings"].workers == 2
 
 
 def test_swap_rounds_flag_reaches_the_init(tiny, tmp_path):
