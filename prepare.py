@@ -40,7 +40,8 @@ BLOCK_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "se
 SHARED_INPUTS = {"self_attn.k_proj": "self_attn.q_proj", "self_attn.v_proj": "self_attn.q_proj",
                  "mlp.up_proj": "mlp.gate_proj"}          # linears that read the very same input tensor
 CALIB_BATCH = 4                                           # calibration windows per forward
-QUANT_KEYS = ("magr", "act_order", "gptq_clip", "gptq_cd_passes", "gptq_refit")  # GPTQ settings in the file
+QUANT_KEYS = ("magr", "act_order", "gptq_clip", "gptq_cd_passes", "gptq_refit",  # GPTQ settings in the file
+              "gptq_fp16_exact")
 
 
 # ---------------------------------------------------------------------------------------------- settings
@@ -57,8 +58,8 @@ def gptq_layer(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, set
     Wf = W.float()
     Wq = gptq.magr(Wf, H, group_size=group_size) if settings["magr"] else Wf
     return gptq.gptq_quantize(Wq, H, bits, group_size, act_order=settings["act_order"], clip=settings["gptq_clip"],
-                              cd_passes=settings["gptq_cd_passes"], refit=settings["gptq_refit"], name=name,
-                              measure=measure)
+                              cd_passes=settings["gptq_cd_passes"], refit=settings["gptq_refit"],
+                              fp16_exact=settings.get("gptq_fp16_exact", False), name=name, measure=measure)
 
 
 def adapter_config(cfg) -> baselines.AdapterConfig:

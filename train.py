@@ -83,6 +83,8 @@ class TrainConfig:
     gptq_clip: bool = True              # GPTQ: per-group clipped-range grid search (gptq.fit_groups_clipped)
     gptq_cd_passes: int = 2             # GPTQ: coordinate-descent passes over the codes after GPTQ (0: none)
     gptq_refit: bool = True             # GPTQ: least-squares scale refit after each CD pass
+    gptq_fp16_exact: bool = False       # GPTQ: scales of 11 - bits significant bits, so that readers dequantizing in
+                                        # fp16 get the weights exactly (on with --export-gptq when this run quantizes)
     data: str | None = None             # JSON/JSONL (alpaca, gsm8k, prompt/response) or .txt; None: demo GSM8K
     eval_data: str | None = None        # held-out file; None: --n-eval examples split off --data
     n_eval: int | None = None           # held-out examples (default 64; demo 16)
@@ -169,6 +171,8 @@ def resolve_defaults(cfg: TrainConfig) -> TrainConfig:
     cfg.rank = cfg.rank if cfg.rank is not None else (8 if demo else 64)
     cfg.max_len = cfg.max_len or (256 if demo else 512)
     cfg.n_eval = cfg.n_eval if cfg.n_eval is not None else (16 if demo else 64)
+    if cfg.export_gptq and not (cfg.quantized and Path(cfg.quantized).exists()):
+        cfg.gptq_fp16_exact = True      # the base is quantized here: fit it so fp16-dequantizing readers are exact
     return cfg
 
 
@@ -300,6 +304,8 @@ def validate_stage_files(cfg: TrainConfig, mc: model_lib.ModelConfig) -> None:
         li = q["layers"][wrong[0]]
         raise ValueError(f"--quantized {cfg.quantized}: {wrong[0]} is {li.get('bits')}-bit with group size "
                          f"{li.get('group_size')}, this run asks for --bits {cfg.bits} --group-size {cfg.group_size}")
+    if not cfg.gptq_fp16_exact:                  # not asked for: the reused base records how its scales were fitted
+        cfg.gptq_fp16_exact = bool(q["settings"].get("gptq_fp16_exact", False))
     for key in QUANT_KEYS:
         if key in q["settings"] and q["settings"][key] != getattr(cfg, key):
             raise ValueError(f"--quantized {cfg.quantized} was made with {key}={q['settings'][key]!r}, but this run "
@@ -736,8 +742,13 @@ def run(cfg: TrainConfig):
         log_path.unlink(missing_ok=True)
         prepare.save_quantized(model, out / "quantized.safetensors", cfg)
         if cfg.export_gptq:
-            gptq_format.export_gptq(cfg.export_gptq, model, cfg.model)
-            log(f"GPTQ checkpoint (gptq_v2): {cfg.export_gptq}")
+            dense = gptq_format.dense_dtype(model)
+            gptq_format.export_gptq(cfg.export_gptq, model, cfg.model, dtype=dense)
+            log(f"GPTQ checkpoint (gptq_v2, dense tensors in {str(dense).removeprefix('torch.')}): {cfg.export_gptq}")
+            if gptq_format.fp16_inexact(gptq_format.quantized_linears(model)):
+                log(f"note: --export-gptq: the reused base {cfg.quantized} was not fitted with --gptq-fp16-exact, so "
+                    "the export equals it exactly for readers that dequantize in fp32, while kernels that dequantize "
+                    "in fp16 (gptqmodel's torch kernel) round weights s·(q - z) to fp16 (2^-11 relative at most)")
         save_adapter(model, out / "adapter.safetensors", cfg)
         record["timings"] = {k: v for k, v in stats.items() if k.endswith("_s")}
         record["memory"] = {k: v for k, v in stats.items() if k.endswith("_gb")}
