@@ -405,17 +405,22 @@ def base_layers(model) -> dict:
     return {n: getattr(m, "base", m) for n, m in layers.items()}
 
 
-def base_record(model, cfg) -> dict:
-    """What the quantized base is: model, bits, group size, GPTQ settings and the sha256 of its packed tensors.
-    The quantized file and every adapter initialized on it record it, so eval.py can tell a mismatched pair."""
+def packed_sha256(model) -> str:
+    """sha256 of the packed tensors of every block linear's base (codes, scales, zeros, bias)."""
     h = hashlib.sha256()
     for name, q in base_layers(model).items():
         for t in (q.qweight, q.scale_bits, q.qzeros, q.bias):
             if t is not None:
                 h.update(name.encode())
                 h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def base_record(model, cfg) -> dict:
+    """What the quantized base is: model, bits, group size, GPTQ settings and the sha256 of its packed tensors.
+    The quantized file and every adapter initialized on it record it, so eval.py can tell a mismatched pair."""
     return {"model": cfg.model, "bits": cfg.bits, "group_size": cfg.group_size, **quant_settings(cfg),
-            "sha256": h.hexdigest()}
+            "sha256": packed_sha256(model)}
 
 
 def save_quantized(model, path: Path, cfg) -> None:

@@ -423,3 +423,20 @@ def test_reused_base_keeps_its_scales_and_a_plain_one_gets_a_note(tiny_run, tmp_
         train.main([*args, "--out", str(tmp_path / "p3"), "--quantized", str(plain), "--gptq-fp16-exact"])
     rec = train.main([*args, "--out", str(tmp_path / "e"), "--quantized", str(root / "out" / "quantized.safetensors")])
     assert rec["train"]["gptq_fp16_exact"] is True                             # the reused exact base, recorded
+
+
+def test_eval_reads_a_gptq_folder_with_its_adapter_and_refuses_another_base(tiny_run, tmp_path):
+    import eval as ev
+    import train
+    root, base = tiny_run
+    common = ["--model", str(root / "model"), "--task", "ppl", "--data", str(root / "calib.txt"), "--seq-len", "16",
+              "--quiet"]
+    folder = ev.main([*common, "--quantized", str(root / "gq"), "--adapter", str(root / "gq" / "adapter.safetensors")])
+    ours = ev.main([*common, "--quantized", str(root / "out" / "quantized.safetensors"), "--adapter",
+                    str(root / "out" / "adapter.safetensors")])
+    assert folder["ppl"] == ours["ppl"]
+    train.main([*base, "--bits", "3", "--steps", "0", "--seed", "1", "--out", str(tmp_path / "s1")])   # another base
+    other = ["--quantized", str(root / "gq"), "--adapter", str(tmp_path / "s1" / "adapter.safetensors")]
+    with pytest.raises(ValueError, match=r"initialized for another base than --quantized .*packed weights sha256"):
+        ev.main([*common, *other])
+    assert ev.main([*common, *other, "--allow-base-mismatch"])["ppl"] > 0
