@@ -16,8 +16,9 @@ Stages, top to bottom (docs/method.md):
      a non-finite loss, gradient norm or value stops it (nothing of that step saved); Ctrl-C stops it after the
      step under way with a checkpoint (exit status 130);
   6. OUT/quantized.safetensors, OUT/adapter.safetensors, OUT/config.json, OUT/log.jsonl, OUT/checkpoint.pt
-     (what --resume continues from, exactly; saved every --save-every steps and at each evaluation) and with
-     --merge a dense HF-style folder OUT/merged/.
+     (what --resume continues from, exactly; saved every --save-every steps and at each evaluation), with
+     --merge a dense HF-style folder OUT/merged/, with --merge-requant DIR the merged weights re-quantized by GPTQ
+     as a GPTQ checkpoint (after training, or later with the run's flags and --resume).
 Every file is written to a temporary name and renamed, so a kill never leaves a half-written output.
 Stages can be reused: --hessians FILE and --quantized FILE are loaded when the file exists, else computed and
 written there.
@@ -109,6 +110,8 @@ class TrainConfig:
     export_gptq: str | None = None      # also write the base as a GPTQ checkpoint folder, the adapter beside it
     hessians: str | None = None         # reuse these Hessians if the file exists, else write them there
     merge: bool = False                 # also export OUT/merged/: dense Q + s·F·T in bf16, HF layout
+    merge_requant: str | None = None    # also write Q + s·F·T re-quantized by GPTQ (--hessians' Hessians, else
+                                        # recomputed on the adapted model) as a GPTQ checkpoint folder
     block_inputs: str = "fp"            # what feeds block i+1's calibration: fp (the paper) |
                                         # quantized (GPTQ's sequential)
     offload_activations: bool = False   # keep the calibration activations on the host, not the device
@@ -257,6 +260,9 @@ def validate(cfg: TrainConfig) -> model_lib.ModelConfig:
     if cfg.resume:
         validate_resume(cfg, mc)
     validate_stage_files(cfg, mc)
+    for flag in ("export_gptq", "merge_requant"):
+        if getattr(cfg, flag):
+            validate_export_dir(cfg, flag)
     model_lib.CheckpointReader(folder, mc)       # every shard's header against the config: names, shapes, dtypes, sizes
     return mc
 
@@ -310,6 +316,25 @@ def validate_stage_files(cfg: TrainConfig, mc: model_lib.ModelConfig) -> None:
         if key in q["settings"] and q["settings"][key] != getattr(cfg, key):
             raise ValueError(f"--quantized {cfg.quantized} was made with {key}={q['settings'][key]!r}, but this run "
                              f"has {key}={getattr(cfg, key)!r}: pass the same setting or another --quantized path")
+
+
+def validate_export_dir(cfg: TrainConfig, flag: str) -> None:
+    """--export-gptq / --merge-requant DIR: a folder that export_gptq may replace (new, empty or a GPTQ folder), not
+    the folder of another input or output of the run, nor one that holds them."""
+    path, opt = Path(getattr(cfg, flag)), "--" + flag.replace("_", "-")
+    others = {"--out": cfg.out, "--model": cfg.model, "--quantized": cfg.quantized, "--hessians": cfg.hessians,
+              "--data": cfg.data, "--eval-data": cfg.eval_data, "--calib": cfg.calib,
+              "--merge": Path(cfg.out) / "merged" if cfg.merge else None,
+              "--export-gptq": cfg.export_gptq if flag == "merge_requant" else None}
+    here = path.resolve()
+    for other_flag, other in others.items():
+        if other is not None and (here == Path(other).resolve() or here in Path(other).resolve().parents):
+            raise ValueError(f"{opt} {path}: is or holds {other_flag} {other} (the folder is replaced): "
+                             f"give a folder of its own")
+    if path.is_dir() and any(path.iterdir()) and not gptq_format.is_gptq_folder(path):
+        raise ValueError(f"{opt} {path}: a folder with other files (it would be replaced): give a new or empty "
+                         f"folder, or a GPTQ checkpoint folder to overwrite")
+    checks.check_output_dir(path, opt)
 
 
 def validate_resume(cfg: TrainConfig, mc: model_lib.ModelConfig) -> None:
@@ -679,6 +704,45 @@ def merge_export(model, folder: Path, tok_src: Path) -> None:
     os.replace(tmp, folder)
 
 
+def merge_requant_export(model, tok, held_ex, cfg: TrainConfig, pad_id: int, log) -> dict:
+    """--merge-requant DIR: every adapter merged into its base and re-quantized by GPTQ with the run's settings
+    (prepare.merge_requant), written as a GPTQ checkpoint; the held-out losses of the base alone, the base with
+    its adapter and the re-quantized model, and the mean layer output errors to Q + ΔW. The model is left as it was."""
+    t0 = time.time()
+    if cfg.hessians and Path(cfg.hessians).exists():
+        blocks, source = prepare.file_block_hessians(cfg.hessians, model.config.num_hidden_layers), cfg.hessians
+    else:
+        windows = prepare.calibration_windows(tok, cfg)
+        blocks = prepare.adapted_block_hessians(model, windows, cfg.offload_activations)
+        source = "recomputed on the adapted model"
+    layers, rows = prepare.merge_requant(model, blocks, cfg.bits, cfg.group_size, prepare.requant_settings(cfg),
+                                         cfg.quiet)
+    adapters = baselines.adapter_modules(model)
+    losses = {"base_adapter": heldout_loss(model, held_ex, cfg, pad_id)}
+    for mod in adapters.values():
+        mod.disable()
+    losses["base"] = heldout_loss(model, held_ex, cfg, pad_id)
+    for mod in adapters.values():
+        mod.enable()
+    try:
+        for name, ql in layers.items():
+            model_lib.set_module(model, name, ql)
+        losses["merged_requant"] = heldout_loss(model, held_ex, cfg, pad_id)
+        dense = gptq_format.dense_dtype(model)
+        gptq_format.export_gptq(cfg.merge_requant, model, cfg.model, dtype=dense)
+    finally:
+        for name, mod in adapters.items():
+            model_lib.set_module(model, name, mod)
+    mean = lambda k: sum(r[k] for r in rows) / len(rows)  # noqa: E731
+    res = {"folder": cfg.merge_requant, "hessians": source, "heldout_loss": losses, "err_q": mean("err_q"),
+           "err_requant": mean("err_requant"), "seconds": time.time() - t0}
+    log(f"merged and re-quantized GPTQ checkpoint: {cfg.merge_requant} (Hessians {source}); held-out loss: base "
+        f"{losses['base']:.4f}, base + adapter {losses['base_adapter']:.4f}, merged and re-quantized "
+        f"{losses['merged_requant']:.4f}; mean layer output error to Q + ΔW {res['err_q']:.4g} (Q) -> "
+        f"{res['err_requant']:.4g} ({res['seconds']:.0f}s)")
+    return res
+
+
 def run(cfg: TrainConfig):
     """The whole pipeline; returns (what OUT/config.json records, the trained model)."""
     cfg = resolve_defaults(cfg)
@@ -773,6 +837,8 @@ def run(cfg: TrainConfig):
     save_adapter(model, out / "adapter.safetensors", cfg)
     evals = [json.loads(line) for line in log_path.read_text().splitlines() if "eval_loss" in line]
     record["eval_loss"] = {"before": evals[0]["eval_loss"], "after": evals[-1]["eval_loss"]} if evals else None
+    if cfg.merge_requant and result["finished"]:
+        record["merge_requant"] = merge_requant_export(model, tok, held_ex, cfg, pad_id, log)
     if cfg.merge and result["finished"]:
         merge_export(model, out / "merged", Path(cfg.model))
         log(f"merged dense checkpoint: {out / 'merged'}")
