@@ -110,8 +110,9 @@ class TrainConfig:
     export_gptq: str | None = None      # also write the base as a GPTQ checkpoint folder, the adapter beside it
     hessians: str | None = None         # reuse these Hessians if the file exists, else write them there
     merge: bool = False                 # also export OUT/merged/: dense Q + s·F·T in bf16, HF layout
-    merge_requant: str | None = None    # also write Q + s·F·T re-quantized by GPTQ (--hessians' Hessians, else
-                                        # recomputed on the adapted model) as a GPTQ checkpoint folder
+    merge_requant: str | None = None    # also write Q + s·F·T re-quantized by GPTQ as a GPTQ checkpoint folder
+    merge_requant_hessians: str = "adapted"  # --merge-requant's Hessians: adapted (recomputed on the adapted
+                                             # model) | calib (the --hessians file, the original model's)
     block_inputs: str = "fp"            # what feeds block i+1's calibration: fp (the paper) |
                                         # quantized (GPTQ's sequential)
     offload_activations: bool = False   # keep the calibration activations on the host, not the device
@@ -263,6 +264,12 @@ def validate(cfg: TrainConfig) -> model_lib.ModelConfig:
     for flag in ("export_gptq", "merge_requant"):
         if getattr(cfg, flag):
             validate_export_dir(cfg, flag)
+    if cfg.merge_requant_hessians not in ("adapted", "calib"):
+        raise ValueError(f"--merge-requant-hessians {cfg.merge_requant_hessians}: expected adapted or calib")
+    if cfg.merge_requant and cfg.merge_requant_hessians == "calib" and not (
+            cfg.hessians and (Path(cfg.hessians).is_file() or not cfg.resume)):
+        raise ValueError("--merge-requant-hessians calib: needs --hessians FILE (an existing file, or one this run's "
+                         "preparation writes)")
     model_lib.CheckpointReader(folder, mc)       # every shard's header against the config: names, shapes, dtypes, sizes
     return mc
 
@@ -706,10 +713,11 @@ def merge_export(model, folder: Path, tok_src: Path) -> None:
 
 def merge_requant_export(model, tok, held_ex, cfg: TrainConfig, pad_id: int, log) -> dict:
     """--merge-requant DIR: every adapter merged into its base and re-quantized by GPTQ with the run's settings
-    (prepare.merge_requant), written as a GPTQ checkpoint; the held-out losses of the base alone, the base with
-    its adapter and the re-quantized model, and the mean layer output errors to Q + ΔW. The model is left as it was."""
+    (prepare.merge_requant) against the Hessians of --merge-requant-hessians, written as a GPTQ checkpoint; the
+    held-out losses of the base alone, the base with its adapter and the re-quantized model, and the mean layer
+    output errors to Q + ΔW. The model is left as it was."""
     t0 = time.time()
-    if cfg.hessians and Path(cfg.hessians).exists():
+    if cfg.merge_requant_hessians == "calib":
         blocks, source = prepare.file_block_hessians(cfg.hessians, model.config.num_hidden_layers), cfg.hessians
     else:
         windows = prepare.calibration_windows(tok, cfg)

@@ -18,7 +18,7 @@ from eval import load_model
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """train.py --hessians FILE --merge-requant DIR (one step), and the files it leaves."""
+    """train.py --hessians FILE --merge-requant DIR --merge-requant-hessians calib (two steps), and its files."""
     from test_train import CORPUS, GSM, make_tiny_model
     root = tmp_path_factory.mktemp("requant")
     make_tiny_model(root / "model")
@@ -28,7 +28,8 @@ def run(tmp_path_factory):
             str(root / "gsm.jsonl"), "--calib", str(root / "calib.txt"), "--n-calib", "4", "--calib-len", "32",
             "--n-eval", "2", "--batch-size", "2", "--max-len", "128", "--quiet", "--device", "cpu",
             "--gptq-cd-passes", "1", "--steps", "2", "--out", str(root / "out")]
-    rec = train.main([*base, "--hessians", str(root / "h.safetensors"), "--merge-requant", str(root / "mq")])
+    rec = train.main([*base, "--hessians", str(root / "h.safetensors"), "--merge-requant", str(root / "mq"),
+                      "--merge-requant-hessians", "calib"])
     return root, base, rec
 
 
@@ -60,7 +61,8 @@ def test_the_checkpoint_is_gptq_of_the_merged_weights_against_the_hessian_file(r
 
 def test_resume_of_a_finished_run_merges_with_hessians_recomputed_on_the_adapted_model(run, tmp_path):
     root, base, rec = run
-    again = train.main([*base, "--resume", "--merge-requant", str(tmp_path / "mq2")])   # no --hessians
+    again = train.main([*base, "--resume", "--merge-requant", str(tmp_path / "mq2"), "--hessians",
+                        str(root / "h.safetensors")])                  # the default: adapted, the file unused
     assert again["merge_requant"]["hessians"] == "recomputed on the adapted model"
     m, merged = merged_weights(root)
     cfg = train.resolve_defaults(train.parse_args(base))
@@ -143,4 +145,8 @@ def test_bad_merge_requant_folders_fail_before_any_work(run, tmp_path):
             train.main([*args, "--merge-requant", folder])
     with pytest.raises(ValueError, match=r"--merge-requant .*: is or holds --export-gptq"):
         train.main([*args, "--export-gptq", str(tmp_path / "g"), "--merge-requant", str(tmp_path / "g")])
+    with pytest.raises(ValueError, match=r"--merge-requant-hessians calib: needs --hessians FILE"):
+        train.main([*args, "--merge-requant", str(tmp_path / "m"), "--merge-requant-hessians", "calib"])
+    with pytest.raises(ValueError, match=r"--merge-requant-hessians fp: expected adapted or calib"):
+        train.main([*args, "--merge-requant", str(tmp_path / "m"), "--merge-requant-hessians", "fp"])
     assert not out.exists() and (tmp_path / "busy" / "notes.txt").read_text() == "keep me"
