@@ -18,7 +18,8 @@ from eval import load_model
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """train.py --hessians FILE --merge-requant DIR --merge-requant-hessians calib (two steps), and its files."""
+    """train.py --hessians FILE --merge-requant DIR (two steps; the default Hessians, recomputed on the adapted
+    model), and its files."""
     from test_train import CORPUS, GSM, make_tiny_model
     root = tmp_path_factory.mktemp("requant")
     make_tiny_model(root / "model")
@@ -27,9 +28,9 @@ def run(tmp_path_factory):
     base = ["--model", str(root / "model"), "--bits", "3", "--group-size", "32", "--rank", "4", "--data",
             str(root / "gsm.jsonl"), "--calib", str(root / "calib.txt"), "--n-calib", "4", "--calib-len", "32",
             "--n-eval", "2", "--batch-size", "2", "--max-len", "128", "--quiet", "--device", "cpu",
-            "--gptq-cd-passes", "1", "--steps", "2", "--out", str(root / "out")]
-    rec = train.main([*base, "--hessians", str(root / "h.safetensors"), "--merge-requant", str(root / "mq"),
-                      "--merge-requant-hessians", "calib"])
+            "--gptq-cd-passes", "1", "--steps", "2", "--out", str(root / "out"),
+            "--hessians", str(root / "h.safetensors")]
+    rec = train.main([*base, "--merge-requant", str(root / "mq")])
     return root, base, rec
 
 
@@ -39,42 +40,46 @@ def merged_weights(root):
     return m, {n: model_lib.get_module(m, n).merge() for n in model_lib.linear_names(m)}
 
 
-def test_the_checkpoint_is_gptq_of_the_merged_weights_against_the_hessian_file(run):
+def test_the_checkpoint_is_gptq_of_the_merged_weights_against_the_adapted_models_hessians(run, tmp_path):
     root, base, rec = run
     qc = gf.quant_config(root / "mq")
     assert qc["bits"] == 3 and qc["group_size"] == 32 and not (root / "mq" / "adapter.safetensors").exists()
     ours, _ = load_model(root / "model", root / "mq")                         # as eval.py --quantized DIR reads it
-    _, merged = merged_weights(root)
-    H, _ = calib.load_hessians(root / "h.safetensors")
+    m, merged = merged_weights(root)
+    cfg = train.resolve_defaults(train.parse_args(base))
+    windows = prepare.calibration_windows(model_lib.Tokenizer.from_pretrained(root / "model"), cfg)
+    H = calib.collect_hessians(m, calib.window_batches(windows, prepare.CALIB_BATCH), model_lib.linear_names(m),
+                               product_dtype=torch.float32)            # the whole adapted model at once
     settings = {**prepare.quant_settings(train.parse_args(base)), "gptq_fp16_exact": True}   # the run's, fp16-exact
     for name, W in merged.items():
         want = prepare.gptq_layer(W, H[name], 3, 32, settings).dequantize()
         assert torch.equal(model_lib.get_module(ours, name).dequantize(), want), name
     assert gf.fp16_inexact(gf.quantized_linears(ours)) == []                    # exact for fp16 readers too
     info = rec["merge_requant"]
-    assert info["hessians"] == str(root / "h.safetensors") and info["folder"] == str(root / "mq")
+    assert info["hessians"] == "recomputed on the adapted model" and info["folder"] == str(root / "mq")
     losses = info["heldout_loss"]
     assert set(losses) == {"base", "base_adapter", "merged_requant"} and all(v > 0 for v in losses.values())
     assert losses["base_adapter"] == pytest.approx(rec["eval_loss"]["after"], rel=1e-6)
     assert losses["base"] != losses["base_adapter"] and losses["merged_requant"] != losses["base_adapter"]
+    again = train.main([*base, "--resume", "--merge-requant", str(tmp_path / "later")])   # after training, later
+    layers, _ = gf.load_gptq(tmp_path / "later")
+    assert all(torch.equal(layers[n].dequantize(), model_lib.get_module(ours, n).dequantize()) for n in layers)
+    assert again["merge_requant"]["heldout_loss"] == losses
 
 
-def test_resume_of_a_finished_run_merges_with_hessians_recomputed_on_the_adapted_model(run, tmp_path):
-    root, base, rec = run
-    again = train.main([*base, "--resume", "--merge-requant", str(tmp_path / "mq2"), "--hessians",
-                        str(root / "h.safetensors")])                  # the default: adapted, the file unused
-    assert again["merge_requant"]["hessians"] == "recomputed on the adapted model"
-    m, merged = merged_weights(root)
-    cfg = train.resolve_defaults(train.parse_args(base))
-    windows = prepare.calibration_windows(model_lib.Tokenizer.from_pretrained(root / "model"), cfg)
-    H = calib.collect_hessians(m, calib.window_batches(windows, prepare.CALIB_BATCH), model_lib.linear_names(m),
-                               product_dtype=torch.float32)            # the whole adapted model at once
-    layers, _ = gf.load_gptq(tmp_path / "mq2")
-    settings = prepare.requant_settings(cfg)
+def test_calib_hessians_give_gptq_of_the_merged_weights_against_the_hessian_file(run, tmp_path):
+    root, base, _ = run
+    rec = train.main([*base, "--resume", "--merge-requant", str(tmp_path / "mqc"), "--merge-requant-hessians",
+                      "calib"])
+    assert rec["merge_requant"]["hessians"] == str(root / "h.safetensors")
+    _, merged = merged_weights(root)
+    H, _ = calib.load_hessians(root / "h.safetensors")
+    layers, _ = gf.load_gptq(tmp_path / "mqc")
+    settings = prepare.requant_settings(train.resolve_defaults(train.parse_args(base)))
     for name, W in merged.items():
         assert torch.equal(layers[name].dequantize(), prepare.gptq_layer(W, H[name], 3, 32, settings).dequantize())
-    first, _ = gf.load_gptq(root / "mq")                                       # the calibration file's Hessians
-    assert any(not torch.equal(layers[n].dequantize(), first[n].dequantize()) for n in layers)
+    adapted, _ = gf.load_gptq(root / "mq")                                     # the other Hessians, other weights
+    assert any(not torch.equal(layers[n].dequantize(), adapted[n].dequantize()) for n in layers)
 
 
 def test_block_streamed_hessians_of_the_adapted_model_equal_the_whole_model_pass(run):
@@ -129,7 +134,7 @@ def test_merge_requant_needs_every_block_linear_adapted():
 def test_bad_merge_requant_folders_fail_before_any_work(run, tmp_path):
     root, base, _ = run
     out = tmp_path / "o"
-    args = [str(out) if a == str(root / "out") else a for a in base]
+    args = [str(out) if a == str(root / "out") else a for a in base[:-2]]     # without --hessians
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("keep me")
     (tmp_path / "file").write_text("x")
