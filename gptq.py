@@ -10,7 +10,8 @@ Scales are stored in fp16 and every quantizer rounds with the *stored* fp16 scal
 what is saved is exactly what was optimized and `QuantState.dequantize()` reproduces the quantizer's ŵ bitwise.
 GPTQ's optional refinements keep that format and only choose its numbers better: a clipped grid search for
 (s, z) (`fit_groups_clipped`), coordinate descent over the codes (`coordinate_descent`, QuantEase) and
-least-squares scales for given codes (`refit_scales`); see `gptq_quantize`.
+least-squares scales for given codes (`refit_scales`); see `gptq_quantize`. With `fp16_exact` every scale keeps
+11 − b significant bits (`fp16_exact_scales`), so each ŵ is an fp16 value and readers that dequantize in fp16 agree.
 
 Packing (`pack_codes`): the codes of a tensor are flattened row-major and cut into chunks of 32 (the last chunk
 zero-padded); a chunk of b-bit codes becomes b int32 words, word k holding bit k of the 32 codes (bit plane k,
