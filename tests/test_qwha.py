@@ -278,8 +278,8 @@ def test_padded_sizes_round_up_to_at_most_per_octave_sizes(ks, per_octave):
     assert (K >= k).all() and ((K == 0) == (k == 0)).all()
     assert ((K - k) * per_octave <= k).all()                      # K ≤ k·(1 + 1/per_octave)
     assert (K[k < qwha.AUG_MIN_K] == k[k < qwha.AUG_MIN_K]).all()  # small blocks are not padded
-    for j in range(14):                                           # ≤ per_octave + 1 sizes per octave of k
-        sel = (k >= 2**j) & (k < 2 ** (j + 1))
+    for j in range(14):                                           # ≤ per_octave + 1 sizes per octave of padded k
+        sel = (k >= 2**j) & (k < 2 ** (j + 1)) & (k >= qwha.AUG_MIN_K)
         assert torch.unique(K[sel]).numel() <= per_octave + 1
 
 
