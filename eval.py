@@ -28,7 +28,9 @@ import torch.nn.functional as F
 
 import checks
 import data
+import gptq_format
 import model as model_lib
+import prepare
 from checks import setting
 from prepare import load_model  # noqa: F401  (public here too)
 
@@ -238,7 +240,11 @@ def validate(cfg: EvalConfig) -> list[dict] | None:
     except ValueError as e:
         raise ValueError(f"--model {e}") from None
     if cfg.quantized:
-        q = checks.check_quantized_file(cfg.quantized, mc, cfg.model)
+        if Path(cfg.quantized).is_dir():         # a GPTQ checkpoint folder: its quantization_config (hash: evaluate)
+            qc = gptq_format.quant_config(cfg.quantized)
+            q = {"settings": {"bits": qc["bits"], "group_size": qc["group_size"]}}
+        else:
+            q = checks.check_quantized_file(cfg.quantized, mc, cfg.model)
         if cfg.adapter:
             settings = checks.check_adapter_file(cfg.adapter, mc, cfg.model)
             diff = checks.base_mismatch(settings, q["settings"])
@@ -277,6 +283,8 @@ def evaluate(cfg: EvalConfig) -> dict:
     """Run one task; returns the results dict (what --out writes)."""
     records = validate(cfg)
     m, tok = load_model(cfg.model, cfg.quantized, cfg.adapter, cfg.device, getattr(torch, cfg.dtype))
+    if cfg.adapter and Path(cfg.quantized).is_dir() and not cfg.allow_base_mismatch:
+        check_folder_base(cfg, m)
     checks.check_finite(m.named_parameters(), f"--model {cfg.model}" + (" with --quantized" if cfg.quantized else "")
                         + (" and --adapter" if cfg.adapter else ""))
     t0 = time.time()
@@ -294,6 +302,18 @@ def evaluate(cfg: EvalConfig) -> dict:
             res = multiple_choice(m, tok, records, cfg.max_len, not cfg.quiet)
     res["seconds"] = time.time() - t0
     return {"config": asdict(cfg), "task": cfg.task, **res}
+
+
+def check_folder_base(cfg: EvalConfig, m) -> None:
+    """--adapter on a GPTQ folder, which records no hash: the sha256 the adapter recorded for its base against the
+    packed tensors read from the folder."""
+    _, meta, _ = checks.safetensors_header(cfg.adapter, "--adapter")
+    want = (json.loads(meta.get("settings") or "{}").get("base") or {}).get("sha256")
+    have = prepare.packed_sha256(m)
+    if want is not None and want != have:
+        raise ValueError(f"--adapter {cfg.adapter} was initialized for another base than --quantized {cfg.quantized} "
+                         f"(packed weights sha256 {want[:12]}… != {have[:12]}…): pass the pair of one train.py run, "
+                         f"or --allow-base-mismatch")
 
 
 def format_table(res: dict) -> str:

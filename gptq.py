@@ -20,6 +20,8 @@ The grid, asymmetric min–max per group of `group_size` consecutive input colum
 Scales are stored in fp16 and every quantizer rounds with the *stored* fp16 scale (converted back to fp32), so
 what is saved is exactly what was optimized and `QuantState.dequantize()` reproduces the quantizer's ŵ bitwise.
 The refinements keep that format and only choose its numbers better.
+With `fp16_exact` every scale keeps 11 − b significant bits (`fp16_exact_scales`), so each ŵ is an fp16 value and
+readers that dequantize in fp16 agree.
 
 Packing (`pack_codes`): the codes of a tensor are flattened row-major and cut into chunks of 32 (the last chunk
 zero-padded); a chunk of b-bit codes becomes b int32 words, word k holding bit k of the 32 codes (bit plane k,
@@ -70,27 +72,46 @@ def _check_weight(W: torch.Tensor, bits, group_size, what: str = "W") -> None:
 CLIP_SHRINK = tuple(1.0 - k / 20 for k in range(11))   # clip: shrink factors of the min–max range, 1 first
 
 
-def _grid(xmin: torch.Tensor, xmax: torch.Tensor, maxq: int) -> tuple[torch.Tensor, torch.Tensor]:
+def fp16_exact_scales(s16: torch.Tensor, bits: int) -> torch.Tensor:
+    """fp16 scales rounded to 11 − b significant bits, so that every s·(q − z) (|q − z| ≤ 2^b − 1, b bits) has at
+    most fp16's 11: readers that dequantize in fp16 then get exactly the weights computed in fp32."""
+    p = 11 - _check_bits(bits)
+    m, e = torch.frexp(s16.double())                                   # s = m·2^e, m in [0.5, 1)
+    s = torch.ldexp(torch.round(torch.ldexp(m, torch.full_like(e, p))), e - p)
+    return s.clamp(max=(2 ** p - 1) * 2.0 ** (16 - p)).half()          # the largest p-bit value below fp16's max
+
+
+def _store_scales(s: torch.Tensor, maxq: int, fp16_exact: bool = False) -> torch.Tensor:
+    """Scales as stored: fp16 within its positive range, with fp16_exact at 11 − b significant bits."""
+    s16 = s.clamp(_FP16_TINY, _FP16_MAX).half()
+    return fp16_exact_scales(s16, maxq.bit_length()) if fp16_exact else s16
+
+
+def _grid(xmin: torch.Tensor, xmax: torch.Tensor, maxq: int, fp16_exact: bool = False
+          ) -> tuple[torch.Tensor, torch.Tensor]:
     """Eq. 1's (scale, zero) of the range [xmin, xmax] ∋ 0: fp16 scale (1 for a zero-width range), float zero."""
     s = (xmax - xmin) / maxq
     s = torch.where(s == 0, torch.ones_like(s), s)
-    s16 = s.clamp(_FP16_TINY, _FP16_MAX).half()                         # stored scale
+    s16 = _store_scales(s, maxq, fp16_exact)                            # stored scale
     return s16, torch.round(-xmin / s16.float()).clamp(0, maxq)
 
 
-def fit_groups(W: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def fit_groups(W: torch.Tensor, bits: int, group_size: int, fp16_exact: bool = False
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Min–max (scale, zero) per group of columns (eq. 1); range includes 0; all-zero groups get scale 1.
+    fp16_exact: scales from fp16_exact_scales.
 
     Returns scales (m, n//g) fp16 and zeros (m, n//g) uint8.
     """
     m, n = W.shape
     Wg = W.detach().float().reshape(m, n // group_size, group_size)
-    s16, z = _grid(Wg.amin(-1).clamp(max=0.0), Wg.amax(-1).clamp(min=0.0), 2 ** bits - 1)
+    s16, z = _grid(Wg.amin(-1).clamp(max=0.0), Wg.amax(-1).clamp(min=0.0), 2 ** bits - 1, fp16_exact)
     return s16, z.to(torch.uint8)
 
 
 def fit_groups_clipped(W: torch.Tensor, bits: int, group_size: int, weight: torch.Tensor | None = None,
-                       shrink: tuple = CLIP_SHRINK, polish: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+                       shrink: tuple = CLIP_SHRINK, polish: int = 1, fp16_exact: bool = False
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per group, the (scale, zero) with the least weighted rounding error Σ_i weight_i·(w_i − ŵ_i)² of the
     group's own weights, found in two steps:
       1. eq. 1's grid on the shrunk range p·[min, max] for p in `shrink`: the grid search of the GPTQ authors'
@@ -99,8 +120,8 @@ def fit_groups_clipped(W: torch.Tensor, bits: int, group_size: int, weight: torc
          or z ± 1, the weighted least-squares scale s = Σ weight·w·u / Σ weight·u² (u = q − z).
     A candidate replaces the best one only where it is strictly better. shrink[0] must be 1: that candidate is
     fit_groups' grid, bit for bit, so no group's weighted error exceeds min–max's. weight: (n,) ≥ 0 per column
-    (None: all 1); gptq_quantize passes GPTQ's own error weights d_i (see there). Returns scales fp16, zeros
-    uint8, (m, n//g).
+    (None: all 1); gptq_quantize passes GPTQ's own error weights d_i (see there). fp16_exact: every candidate's
+    scales from fp16_exact_scales. Returns scales fp16, zeros uint8, (m, n//g).
     """
     m, n = W.shape
     if not shrink or shrink[0] != 1.0:
@@ -134,14 +155,14 @@ def fit_groups_clipped(W: torch.Tensor, bits: int, group_size: int, weight: torc
             scales, zeros = torch.where(better, s16, scales), torch.where(better, z, zeros)
 
     for p in shrink:
-        keep(*_grid(xmin * p, xmax * p, maxq))
+        keep(*_grid(xmin * p, xmax * p, maxq, fp16_exact))
     wW = Wg * wt
     for _ in range(polish):
         for dz in (0.0, -1.0, 1.0):
             z = (zeros + dz).clamp(0, maxq)
             u = codes(scales, z)[0]
             s = (u * wW).sum(-1) / u.square().mul_(wt).sum(-1)       # (m, G); 0/0 = nan fails s > 0
-            keep(torch.where(s > 0, s, scales.float()).clamp(_FP16_TINY, _FP16_MAX).half(), z)
+            keep(_store_scales(torch.where(s > 0, s, scales.float()), maxq, fp16_exact), z)
     return scales, zeros.to(torch.uint8)
 
 
@@ -178,12 +199,12 @@ class QuantState:
         return _dequant(self.codes, self.scales, self.zeros, self.group_size, dtype)
 
 
-def quantize_rtn(W: torch.Tensor, bits: int, group_size: int = 64) -> QuantState:
-    """Round-to-nearest on the per-group min–max grid (eq. 1)."""
+def quantize_rtn(W: torch.Tensor, bits: int, group_size: int = 64, fp16_exact: bool = False) -> QuantState:
+    """Round-to-nearest on the per-group min–max grid (eq. 1); fp16_exact: scales from fp16_exact_scales."""
     _check_weight(W, bits, group_size)
     m, n = W.shape
     maxq = 2 ** bits - 1
-    scales, zeros = fit_groups(W, bits, group_size)
+    scales, zeros = fit_groups(W, bits, group_size, fp16_exact)
     Wg = W.detach().float().reshape(m, n // group_size, group_size)
     q = _round_codes(Wg, scales.float().unsqueeze(-1), zeros.float().unsqueeze(-1), maxq)
     return QuantState(q.reshape(m, n).to(torch.uint8), scales, zeros, bits, group_size, {"method": "rtn"})
@@ -352,7 +373,7 @@ def _upper_factor(H: torch.Tensor, damp: float, name: str, max_retries: int = 3)
 
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int = 64, damp: float = 0.01,
                   block_size: int = 128, act_order: bool = False, static_groups: bool = True, *,
-                  clip: bool = False, cd_passes: int = 0, refit: bool = False,
+                  clip: bool = False, cd_passes: int = 0, refit: bool = False, fp16_exact: bool = False,
                   name: str = "", measure: bool = True) -> QuantState:
     """GPTQ (Frantar et al. 2023) on the eq. 1 grid, the fast form of gptq_reference; H = XᵀX/N (n, n).
 
@@ -372,7 +393,9 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
       cd_passes, refit   then `polish` (coordinate descent over the codes, scale refit) on the result, in GPTQ's
                  column order: the same bits as polish(W, gptq_quantize(... clip ...), H, cd_passes=..., refit=...,
                  act_order=...).
-    stats also hold clip, cd_passes, refit and cd_changed (codes changed per pass).
+      fp16_exact every scale (grid fits, refits) at 11 − b significant bits (fp16_exact_scales), chosen before the
+                 codes are rounded so GPTQ compensates on the final grid: fp16-dequantizing readers are exact.
+    stats also hold clip, cd_passes, refit, fp16_exact and cd_changed (codes changed per pass).
     """
     t0 = time.perf_counter()
     _check_weight(W, bits, group_size, what=f"W of {name!r}" if name else "W")
@@ -401,9 +424,9 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
     V, lam, retries = _upper_factor(Hp, damp, name)
     d = torch.diagonal(V).to(torch.float32) ** 2                      # (n,) GPTQ's error weight per column (clip)
     if clip:
-        fit = lambda A, w: fit_groups_clipped(A, bits, group_size, w)                           # noqa: E731
+        fit = lambda A, w: fit_groups_clipped(A, bits, group_size, w, fp16_exact=fp16_exact)    # noqa: E731
     else:
-        fit = lambda A, w: fit_groups(A, bits, group_size)                                      # noqa: E731
+        fit = lambda A, w: fit_groups(A, bits, group_size, fp16_exact)                          # noqa: E731
     if static_groups:                                                 # static grid, original order
         scales, zeros = fit(W0, d if perm is None else d[torch.argsort(perm)])
     # Column i is rounded at w̃_i = base_i + Σ_{k<i} r_k C[k, i] with r_k = base_k − ŵ_k, where either
@@ -472,10 +495,11 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
     if perm is not None:
         codes = codes[:, torch.argsort(perm)]
     state = QuantState(codes.to(torch.uint8).contiguous(), scales, zeros, bits, group_size)
-    state, changed = _polish(W0, state, Hd, cd_passes, refit, perm, block_size)
+    state, changed = _polish(W0, state, Hd, cd_passes, refit, perm, block_size, fp16_exact)
     state.stats = {"method": "gptq", "name": name, "damp": lam, "retries": retries, "dead": int(dead.sum()),
                    "act_order": act_order, "static_groups": static_groups, "clip": clip, "cd_passes": cd_passes,
-                   "refit": refit, "cd_changed": changed, "time_s": time.perf_counter() - t0}
+                   "refit": refit, "fp16_exact": fp16_exact, "cd_changed": changed,
+                   "time_s": time.perf_counter() - t0}
     if measure:
         state.stats["out_err"], state.stats["rel_err"] = output_error(W.detach(), state.dequantize(), H.detach())
     return state
@@ -486,11 +510,12 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
 # with the grid above), then, after classic GPTQ, `polish`: coordinate descent over the codes (QuantEase) and
 # least-squares group scales for the codes, alternately, so that the error never rises from GPTQ's.
 def polish(W: torch.Tensor, state: QuantState, H: torch.Tensor, *, cd_passes: int = 0, refit: bool = False,
-           act_order: bool = False, block_size: int = 128) -> QuantState:
+           act_order: bool = False, block_size: int = 128, fp16_exact: bool = False) -> QuantState:
     """GPTQ's polish: `cd_passes` passes of coordinate_descent over the codes of `state`, each followed by
     refit_scales when `refit` (one refit alone when cd_passes = 0), on ‖(W − Q)Rᵀ‖ with RᵀR = H undamped; no step
     raises it. Columns in GPTQ's order (act_order: by decreasing diag H) and dead inputs (diag H = 0) as
-    gptq_quantize treats them, which runs exactly this after GPTQ. stats: cd_passes, refit, cd_changed."""
+    gptq_quantize treats them, which runs exactly this after GPTQ. fp16_exact: refitted scales from
+    fp16_exact_scales. stats: cd_passes, refit, cd_changed."""
     _check_weight(W, state.bits, state.group_size)
     m, n = W.shape
     if state.shape != (m, n) or tuple(H.shape) != (n, n):
@@ -498,13 +523,14 @@ def polish(W: torch.Tensor, state: QuantState, H: torch.Tensor, *, cd_passes: in
     if not isinstance(cd_passes, int) or isinstance(cd_passes, bool) or cd_passes < 0:
         raise ValueError(f"cd_passes={cd_passes!r}: expected an int >= 0")
     W0, Hd, _ = _prepare(W, H)
-    out, changed = _polish(W0, state, Hd, cd_passes, refit, _act_order(Hd) if act_order else None, block_size)
+    out, changed = _polish(W0, state, Hd, cd_passes, refit, _act_order(Hd) if act_order else None, block_size,
+                           fp16_exact)
     return QuantState(out.codes, out.scales, out.zeros, out.bits, out.group_size,
                       {"method": "polish", "cd_passes": cd_passes, "refit": refit, "cd_changed": changed})
 
 
 def _polish(W0: torch.Tensor, state: QuantState, Hd: torch.Tensor, cd_passes: int, refit: bool,
-            perm: torch.Tensor | None, block_size: int) -> tuple[QuantState, list[int]]:
+            perm: torch.Tensor | None, block_size: int, fp16_exact: bool = False) -> tuple[QuantState, list[int]]:
     """polish on _prepare's (W0, Hd), columns in the order `perm` (None: 0..n−1); returns (state, cd_changed)."""
     changed = []
     if cd_passes or refit:
@@ -514,9 +540,9 @@ def _polish(W0: torch.Tensor, state: QuantState, Hd: torch.Tensor, cd_passes: in
         state = _coordinate_descent(W0, state, Hp32, 1, perm, block_size)
         changed += state.stats["cd_changed"]
         if refit:
-            state = refit_scales(W0, state, H32)
+            state = refit_scales(W0, state, H32, fp16_exact)
     if refit and cd_passes == 0:
-        state = refit_scales(W0, state, H32)
+        state = refit_scales(W0, state, H32, fp16_exact)
     return state, changed
 
 
@@ -605,13 +631,13 @@ def _cd_pass(Ut, St, lo, hi, inv, Gt, Hf, block_size: int) -> int:
     return changed
 
 
-def refit_scales(W: torch.Tensor, state: QuantState, H: torch.Tensor) -> QuantState:
+def refit_scales(W: torch.Tensor, state: QuantState, H: torch.Tensor, fp16_exact: bool = False) -> QuantState:
     """Least-squares group scales for fixed codes: per output row, the scales s (G,) minimizing ‖(w − ŵ)Rᵀ‖² with
     ŵ = s_a·u on group a, u = q − z (RᵀR = H): the G×G normal equations M s = b, M_ab = u_a H_ab u_bᵀ,
     b_a = u_a H_a: wᵀ (the grid step of alternating minimization, Lloyd's update for a uniform grid, here under
     the layer's output metric instead of the weights'). The scales are stored in fp16; a row takes its new scales
     only where that lowers its error, so the error never rises (groups with u = 0, or a non-positive solution,
-    keep theirs). Codes and zeros are kept. About one m·n² product.
+    keep theirs; fp16_exact: the new scales from fp16_exact_scales). Codes and zeros are kept. About one m·n² product.
     """
     m, n = state.shape
     g = state.group_size
@@ -633,7 +659,7 @@ def refit_scales(W: torch.Tensor, state: QuantState, H: torch.Tensor) -> QuantSt
     old = state.scales.double()
     s = s[..., 0]
     ok = active & torch.isfinite(s) & (s > 0) & (info == 0)[:, None]
-    new = torch.where(ok, s, old).clamp(_FP16_TINY, _FP16_MAX).half()               # (m, G) stored scales
+    new = _store_scales(torch.where(ok, s, old), 2 ** state.bits - 1, fp16_exact)   # (m, G) stored scales
     dn = new.double() - old                                           # err(new) − err(old) = dnᵀ(M(new+old) − 2b)
     gain = (dn * ((M @ (new.double() + old).unsqueeze(-1))[..., 0] - 2 * b)).sum(-1)
     scales = torch.where((gain < 0)[:, None], new, state.scales)

@@ -118,7 +118,8 @@ def _shift_zeros(qzeros: torch.Tensor, bits: int, m: int, delta: int) -> torch.T
 
 
 # --------------------------------------------------------------------------------------------- one layer
-def layer_tensors(ql: gptq.QuantLinear, checkpoint_format: str = "gptq_v2") -> dict[str, torch.Tensor]:
+def layer_tensors(ql: gptq.QuantLinear, checkpoint_format: str = "gptq_v2", bias_dtype: torch.dtype = torch.float16
+                  ) -> dict[str, torch.Tensor]:
     """The GPTQ tensors {qweight, qzeros, scales, g_idx[, bias]} of a QuantLinear (its in_perm gives g_idx)."""
     if checkpoint_format not in FORMATS:
         raise ValueError(f"checkpoint_format={checkpoint_format!r}: expected one of {FORMATS}")
@@ -134,7 +135,7 @@ def layer_tensors(ql: gptq.QuantLinear, checkpoint_format: str = "gptq_v2") -> d
            "scales": st.scales.T.contiguous().cpu().to(torch.float16),
            "g_idx": g_idx.to(torch.int32)}
     if ql.bias is not None:
-        out["bias"] = ql.bias.detach().cpu().to(torch.float16)
+        out["bias"] = ql.bias.detach().cpu().to(bias_dtype)
     return out
 
 
@@ -273,12 +274,39 @@ def quantized_linears(model) -> dict[str, gptq.QuantLinear]:
     return out
 
 
+def fp16_inexact(layers: dict[str, gptq.QuantLinear]) -> list[str]:
+    """The layers with a weight s·(q − z) that fp16 does not hold: readers that dequantize in fp16 round those,
+    ours and fp32 readers do not (gptq's fp16_exact fits scales for which every weight is exact in fp16)."""
+    out = []
+    for name, ql in layers.items():
+        w = ql.dequantize(torch.float32)                      # exact: 11-bit scales times b-bit integers
+        if not torch.equal(w.half().float(), w):
+            out.append(name)
+    return out
+
+
+DENSE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)   # dense_dtype's candidates, the most widely run first
+
+
+def dense_dtype(model) -> torch.dtype:
+    """The first of fp16, bf16, fp32 that holds every tensor export_gptq writes densely (embeddings, norms, an untied
+    head, biases) exactly: the export then computes what the model does (a bf16 checkpoint stays bf16)."""
+    layers = quantized_linears(model)
+    dense = [t for k, t in model.state_dict().items() if t.is_floating_point() and not k.startswith(tuple(
+        n + "." for n in layers))] + [ql.bias for ql in layers.values() if ql.bias is not None]
+    for dtype in DENSE_DTYPES:
+        if all(torch.equal(t.detach().to(dtype).to(t.dtype), t.detach()) for t in dense):
+            return dtype
+    return torch.float32
+
+
 def export_gptq(folder, model, tokenizer_src=None, checkpoint_format: str = "gptq_v2",
                 dtype: torch.dtype = torch.float16, max_shard_size: int = 5 * 2 ** 30, extra: dict | None = None
                 ) -> list[Path]:
     """Write a model whose block linears are QuantLinears (or adapters over them) as a standard GPTQ folder:
-    config.json with quantization_config, the GPTQ tensors of every linear, the rest in `dtype` (a tied head is
-    not written), the tokenizer files of tokenizer_src copied. The folder appears whole (written aside, renamed).
+    config.json with quantization_config, the GPTQ tensors of every linear, the rest and the biases in `dtype` (a tied
+    head is not written; dense_dtype(model) gives the one that keeps them exact), the tokenizer files of
+    tokenizer_src copied. The folder appears whole (written aside, renamed).
     extra: more quantization_config fields. Returns the weight files."""
     folder = Path(folder)
     layers = quantized_linears(model)
@@ -290,7 +318,7 @@ def export_gptq(folder, model, tokenizer_src=None, checkpoint_format: str = "gpt
     desc_act = any(ql.in_perm is not None for ql in layers.values())
     tensors = {}
     for name, ql in layers.items():
-        for field, t in layer_tensors(ql, checkpoint_format).items():
+        for field, t in layer_tensors(ql, checkpoint_format, dtype).items():
             tensors[f"{name}.{field}"] = t
     prefixes = tuple(n + "." for n in layers)
     for key, t in model.state_dict().items():

@@ -40,7 +40,8 @@ BLOCK_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "se
 SHARED_INPUTS = {"self_attn.k_proj": "self_attn.q_proj", "self_attn.v_proj": "self_attn.q_proj",
                  "mlp.up_proj": "mlp.gate_proj"}          # linears that read the very same input tensor
 CALIB_BATCH = 4                                           # calibration windows per forward
-QUANT_KEYS = ("magr", "act_order", "gptq_clip", "gptq_cd_passes", "gptq_refit")  # GPTQ settings in the file
+QUANT_KEYS = ("magr", "act_order", "gptq_clip", "gptq_cd_passes", "gptq_refit",  # GPTQ settings in the file
+              "gptq_fp16_exact")
 
 
 # ---------------------------------------------------------------------------------------------- settings
@@ -57,8 +58,8 @@ def gptq_layer(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, set
     Wf = W.float()
     Wq = gptq.magr(Wf, H, group_size=group_size) if settings["magr"] else Wf
     return gptq.gptq_quantize(Wq, H, bits, group_size, act_order=settings["act_order"], clip=settings["gptq_clip"],
-                              cd_passes=settings["gptq_cd_passes"], refit=settings["gptq_refit"], name=name,
-                              measure=measure)
+                              cd_passes=settings["gptq_cd_passes"], refit=settings["gptq_refit"],
+                              fp16_exact=settings.get("gptq_fp16_exact", False), name=name, measure=measure)
 
 
 def adapter_config(cfg) -> baselines.AdapterConfig:
@@ -409,19 +410,92 @@ def base_layers(model) -> dict:
     return {n: getattr(m, "base", m) for n, m in layers.items()}
 
 
-def base_record(model, cfg) -> dict:
-    """What the quantized base is: model, bits, group size, GPTQ settings and the sha256 of its packed tensors.
-    The quantized file and every adapter initialized on it record it, so eval.py can tell a mismatched pair."""
+def packed_sha256(model) -> str:
+    """sha256 of the packed tensors of every block linear's base (codes, scales, zeros, bias)."""
     h = hashlib.sha256()
     for name, q in base_layers(model).items():
         for t in (q.qweight, q.scale_bits, q.qzeros, q.bias):
             if t is not None:
                 h.update(name.encode())
                 h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def base_record(model, cfg) -> dict:
+    """What the quantized base is: model, bits, group size, GPTQ settings and the sha256 of its packed tensors.
+    The quantized file and every adapter initialized on it record it, so eval.py can tell a mismatched pair."""
     return {"model": cfg.model, "bits": cfg.bits, "group_size": cfg.group_size, **quant_settings(cfg),
-            "sha256": h.hexdigest()}
+            "sha256": packed_sha256(model)}
 
 
 def save_quantized(model, path: Path, cfg) -> None:
     """The packed base of every block linear (the adapters' bases) to `path`, atomically, with its base_record."""
     data.atomic_write(path, lambda p: gptq.save_quantized(p, base_layers(model), base_record(model, cfg)))
+
+
+# ---------------------------------------------------------------------------------------------- merge and re-quantize
+
+
+def requant_settings(cfg) -> dict:
+    """The run's GPTQ settings for re-quantizing merged weights: fp16-exact scales, as the result is only exported."""
+    return {**quant_settings(cfg), "gptq_fp16_exact": True}
+
+
+@torch.no_grad()
+def adapted_block_hessians(model, windows: torch.Tensor, offload: bool = False):
+    """Yields (i, {name: H}) for every block i: the Hessians of its seven linears' inputs over the calibration
+    windows (N, T), each block run as it is (adapters included), its outputs feeding block i + 1."""
+    p = next(model.parameters())
+    home = torch.device("cpu") if offload else p.device
+    acts = model.model.embed_tokens(windows.to(p.device)).to(home)                   # (N, T, D)
+    spans = [(b, min(b + CALIB_BATCH, len(acts))) for b in range(0, len(acts), CALIB_BATCH)]
+    ropes = {}
+
+    def run_block(block, span):
+        x = acts[span[0]:span[1]].to(p.device)                                        # (B, T, D)
+        if x.shape[0] not in ropes:
+            ropes[x.shape[0]] = _rope(model, x.shape[0], acts.shape[1], p.device, p.dtype)
+        acts[span[0]:span[1]] = block(x, *ropes[x.shape[0]], "causal").to(home)
+
+    for i, block in enumerate(model.model.layers):
+        local = calib.block_hessians(block, spans, lambda s, b=block: run_block(b, s), list(BLOCK_LINEARS),
+                                     SHARED_INPUTS)
+        yield i, {f"model.layers.{i}.{n}": h for n, h in local.items()}
+
+
+def file_block_hessians(path, n_blocks: int):
+    """Yields (i, {name: H}) for every block i from a Hessian file (calib.load_hessians), one block at a time."""
+    for i in range(n_blocks):
+        yield i, calib.load_hessians(path, [f"model.layers.{i}.{n}" for n in BLOCK_LINEARS])[0]
+
+
+@torch.no_grad()
+def merge_requant(model, hessian_blocks, bits: int, group_size: int, settings: dict, quiet: bool = True
+                  ) -> tuple[dict[str, gptq.QuantLinear], list[dict]]:
+    """Every adapted linear's merged weight W' = Q + ΔW re-quantized by gptq_layer against its Hessian, block by
+    block from hessian_blocks ((i, {name: H}) pairs): one low-bit base that holds the adapter. Returns
+    ({name: QuantLinear}, per layer {name, err_q, err_requant}: the output errors ‖(W' − ·)Rᵀ‖ of Q and of the
+    re-quantized weight)."""
+    adapters = baselines.adapter_modules(model)
+    layers, rows, t0 = {}, [], time.time()
+    n_blocks = model.config.num_hidden_layers
+    for i, H in hessian_blocks:
+        for local in BLOCK_LINEARS:
+            name = f"model.layers.{i}.{local}"
+            if name not in adapters:
+                raise ValueError(f"merge_requant: {name} has no adapter to merge")
+            mod = adapters[name]
+            target = mod.merge()                                                       # (m, n) fp32 Q + ΔW
+            h = H[name].to(target.device)
+            state = gptq_layer(target, h, bits, group_size, settings, name=name, measure=False)
+            layers[name] = gptq.QuantLinear.from_state(state, bias=mod.bias)
+            delta = mod.delta_weight(torch.float32)                                    # W' − Q
+            rows.append({"name": name, "err_q": gptq.output_error(delta, torch.zeros_like(delta), h)[0],
+                         "err_requant": gptq.output_error(target, state.dequantize(), h)[0]})
+        if not quiet:
+            el = time.time() - t0
+            print(f"\rmerge + GPTQ block {i + 1}/{n_blocks} ({el:.0f}s, ETA {el / (i + 1) * (n_blocks - i - 1):.0f}s)"
+                  "\033[K", end="", file=sys.stderr, flush=True)
+    if not quiet:
+        print(file=sys.stderr)
+    return layers, rows

@@ -16,8 +16,9 @@ Stages, top to bottom (docs/method.md):
      a non-finite loss, gradient norm or value stops it (nothing of that step saved); Ctrl-C or SIGTERM stops it
      after the step under way with a checkpoint (exit status 130);
   6. OUT/quantized.safetensors, OUT/adapter.safetensors, OUT/config.json, OUT/log.jsonl, OUT/checkpoint.pt
-     (what --resume continues from, exactly; saved every --save-every steps and at each evaluation) and with
-     --merge a dense HF-style folder OUT/merged/.
+     (what --resume continues from, exactly; saved every --save-every steps and at each evaluation), with
+     --merge a dense HF-style folder OUT/merged/, with --merge-requant DIR the merged weights re-quantized by GPTQ
+     as a GPTQ checkpoint (after training, or later with the run's flags and --resume).
 Every file is written to a temporary name and renamed, so a kill never leaves a half-written output.
 Stages can be reused: --hessians FILE and --quantized FILE are loaded when the file exists, else computed and
 written there.
@@ -97,6 +98,9 @@ class TrainConfig:
     gptq_cd_passes: int = setting(2, "GPTQ: coordinate-descent passes over the codes after GPTQ (0: none)",
                                   resume=True)
     gptq_refit: bool = setting(True, "GPTQ: least-squares scale refit after each CD pass", resume=True)
+    gptq_fp16_exact: bool = setting(False, "GPTQ: scales of 11 - bits significant bits, so that readers dequantizing "
+                                           "in fp16 get the weights exactly (on with --export-gptq when this run "
+                                           "quantizes)")
     data: str | None = setting(None, "JSON/JSONL (alpaca, gsm8k, prompt/response) or .txt; None: the demo preset "
                                      "(--demo)", resume=True)
     eval_data: str | None = setting(None, "held-out file; None: --n-eval examples split off --data", resume=True)
@@ -126,6 +130,10 @@ class TrainConfig:
     export_gptq: str | None = setting(None, "also write the base as a GPTQ checkpoint folder, the adapter beside it")
     hessians: str | None = setting(None, "reuse these Hessians if the file exists, else write them there")
     merge: bool = setting(False, "also export OUT/merged/: dense Q + s·F·T in bf16, HF layout")
+    merge_requant: str | None = setting(None, "also write Q + s·F·T re-quantized by GPTQ as a GPTQ checkpoint folder "
+                                              "(see --merge-requant-hessians)")
+    merge_requant_hessians: str = setting("adapted", "--merge-requant's Hessians: adapted (recomputed on the adapted "
+                                                     "model) | calib (the --hessians file, the original model's)")
     block_inputs: str = setting("fp", "what feeds block i+1's calibration: fp (the paper) | quantized (GPTQ's "
                                       "sequential)", resume=True)
     offload_activations: bool = setting(False, "keep the calibration activations on the host, not the device")
@@ -168,6 +176,8 @@ def resolve_defaults(cfg: TrainConfig) -> TrainConfig:
         cfg.calib = str(DEMO_CALIB)
     if cfg.steps is None and cfg.epochs is None:
         cfg.epochs = 1.0
+    if cfg.export_gptq and not (cfg.quantized and Path(cfg.quantized).exists()):
+        cfg.gptq_fp16_exact = True      # the base is quantized here: fit it so fp16-dequantizing readers are exact
     return cfg
 
 
@@ -257,6 +267,15 @@ def validate(cfg: TrainConfig) -> model_lib.ModelConfig:
     if cfg.resume:
         validate_resume(cfg, mc)
     validate_stage_files(cfg, mc)
+    for flag in ("export_gptq", "merge_requant"):
+        if getattr(cfg, flag):
+            validate_export_dir(cfg, flag)
+    if cfg.merge_requant_hessians not in ("adapted", "calib"):
+        raise ValueError(f"--merge-requant-hessians {cfg.merge_requant_hessians}: expected adapted or calib")
+    if cfg.merge_requant and cfg.merge_requant_hessians == "calib" and not (
+            cfg.hessians and (Path(cfg.hessians).is_file() or not cfg.resume)):
+        raise ValueError("--merge-requant-hessians calib: needs --hessians FILE (an existing file, or one this run's "
+                         "preparation writes)")
     model_lib.CheckpointReader(folder, mc)       # every shard's header against the config: names, shapes, dtypes, sizes
     return mc
 
@@ -304,10 +323,31 @@ def validate_stage_files(cfg: TrainConfig, mc: model_lib.ModelConfig) -> None:
         li = q["layers"][wrong[0]]
         raise ValueError(f"--quantized {cfg.quantized}: {wrong[0]} is {li.get('bits')}-bit with group size "
                          f"{li.get('group_size')}, this run asks for --bits {cfg.bits} --group-size {cfg.group_size}")
+    if not cfg.gptq_fp16_exact:                  # not asked for: the reused base records how its scales were fitted
+        cfg.gptq_fp16_exact = bool(q["settings"].get("gptq_fp16_exact", False))
     for key in QUANT_KEYS:
         if key in q["settings"] and q["settings"][key] != getattr(cfg, key):
             raise ValueError(f"--quantized {cfg.quantized} was made with {key}={q['settings'][key]!r}, but this run "
                              f"has {key}={getattr(cfg, key)!r}: pass the same setting or another --quantized path")
+
+
+def validate_export_dir(cfg: TrainConfig, flag: str) -> None:
+    """--export-gptq / --merge-requant DIR: a folder that export_gptq may replace (new, empty or a GPTQ folder), not
+    the folder of another input or output of the run, nor one that holds them."""
+    path, opt = Path(getattr(cfg, flag)), "--" + flag.replace("_", "-")
+    others = {"--out": cfg.out, "--model": cfg.model, "--quantized": cfg.quantized, "--hessians": cfg.hessians,
+              "--data": cfg.data, "--eval-data": cfg.eval_data, "--calib": cfg.calib,
+              "--merge": Path(cfg.out) / "merged" if cfg.merge else None,
+              "--export-gptq": cfg.export_gptq if flag == "merge_requant" else None}
+    here = path.resolve()
+    for other_flag, other in others.items():
+        if other is not None and (here == Path(other).resolve() or here in Path(other).resolve().parents):
+            raise ValueError(f"{opt} {path}: is or holds {other_flag} {other} (the folder is replaced): "
+                             f"give a folder of its own")
+    if path.is_dir() and any(path.iterdir()) and not gptq_format.is_gptq_folder(path):
+        raise ValueError(f"{opt} {path}: a folder with other files (it would be replaced): give a new or empty "
+                         f"folder, or a GPTQ checkpoint folder to overwrite")
+    checks.check_output_dir(path, opt)
 
 
 def validate_resume(cfg: TrainConfig, mc: model_lib.ModelConfig) -> None:
@@ -681,6 +721,46 @@ def merge_export(model, folder: Path, tok_src: Path) -> None:
     os.replace(tmp, folder)
 
 
+def merge_requant_export(model, tok, held_ex, cfg: TrainConfig, pad_id: int, log) -> dict:
+    """--merge-requant DIR: every adapter merged into its base and re-quantized by GPTQ with the run's settings
+    (prepare.merge_requant) against the Hessians of --merge-requant-hessians, written as a GPTQ checkpoint; the
+    held-out losses of the base alone, the base with its adapter and the re-quantized model, and the mean layer
+    output errors to Q + ΔW. The model is left as it was."""
+    t0 = time.time()
+    if cfg.merge_requant_hessians == "calib":
+        blocks, source = prepare.file_block_hessians(cfg.hessians, model.config.num_hidden_layers), cfg.hessians
+    else:
+        windows = prepare.calibration_windows(tok, cfg)
+        blocks = prepare.adapted_block_hessians(model, windows, cfg.offload_activations)
+        source = "recomputed on the adapted model"
+    layers, rows = prepare.merge_requant(model, blocks, cfg.bits, cfg.group_size, prepare.requant_settings(cfg),
+                                         cfg.quiet)
+    adapters = baselines.adapter_modules(model)
+    losses = {"base_adapter": heldout_loss(model, held_ex, cfg, pad_id)}
+    for mod in adapters.values():
+        mod.disable()
+    losses["base"] = heldout_loss(model, held_ex, cfg, pad_id)
+    for mod in adapters.values():
+        mod.enable()
+    try:
+        for name, ql in layers.items():
+            model_lib.set_module(model, name, ql)
+        losses["merged_requant"] = heldout_loss(model, held_ex, cfg, pad_id)
+        dense = gptq_format.dense_dtype(model)
+        gptq_format.export_gptq(cfg.merge_requant, model, cfg.model, dtype=dense)
+    finally:
+        for name, mod in adapters.items():
+            model_lib.set_module(model, name, mod)
+    mean = lambda k: sum(r[k] for r in rows) / len(rows)  # noqa: E731
+    res = {"folder": cfg.merge_requant, "hessians": source, "heldout_loss": losses, "err_q": mean("err_q"),
+           "err_requant": mean("err_requant"), "seconds": time.time() - t0}
+    log(f"merged and re-quantized GPTQ checkpoint: {cfg.merge_requant} (Hessians {source}); held-out loss: base "
+        f"{losses['base']:.4f}, base + adapter {losses['base_adapter']:.4f}, merged and re-quantized "
+        f"{losses['merged_requant']:.4f}; mean layer output error to Q + ΔW {res['err_q']:.4g} (Q) -> "
+        f"{res['err_requant']:.4g} ({res['seconds']:.0f}s)")
+    return res
+
+
 def run(cfg: TrainConfig):
     """The whole pipeline; returns (what OUT/config.json records, the trained model)."""
     cfg = resolve_defaults(cfg)
@@ -744,8 +824,13 @@ def run(cfg: TrainConfig):
         log_path.unlink(missing_ok=True)
         prepare.save_quantized(model, out / "quantized.safetensors", cfg)
         if cfg.export_gptq:
-            gptq_format.export_gptq(cfg.export_gptq, model, cfg.model)
-            log(f"GPTQ checkpoint (gptq_v2): {cfg.export_gptq}")
+            dense = gptq_format.dense_dtype(model)
+            gptq_format.export_gptq(cfg.export_gptq, model, cfg.model, dtype=dense)
+            log(f"GPTQ checkpoint (gptq_v2, dense tensors in {str(dense).removeprefix('torch.')}): {cfg.export_gptq}")
+            if gptq_format.fp16_inexact(gptq_format.quantized_linears(model)):
+                log(f"note: --export-gptq: the reused base {cfg.quantized} was not fitted with --gptq-fp16-exact, so "
+                    "the export equals it exactly for readers that dequantize in fp32, while kernels that dequantize "
+                    "in fp16 (gptqmodel's torch kernel) round weights s·(q - z) to fp16 (2^-11 relative at most)")
         save_adapter(model, out / "adapter.safetensors", cfg)
         record["timings"] = {k: v for k, v in stats.items() if k.endswith("_s")}
         record["memory"] = {k: v for k, v in stats.items() if k.endswith("_gb")}
@@ -770,6 +855,8 @@ def run(cfg: TrainConfig):
     save_adapter(model, out / "adapter.safetensors", cfg)
     evals = [json.loads(line) for line in log_path.read_text().splitlines() if "eval_loss" in line]
     record["eval_loss"] = {"before": evals[0]["eval_loss"], "after": evals[-1]["eval_loss"]} if evals else None
+    if cfg.merge_requant and result["finished"]:
+        record["merge_requant"] = merge_requant_export(model, tok, held_ex, cfg, pad_id, log)
     if cfg.merge and result["finished"]:
         merge_export(model, out / "merged", Path(cfg.model))
         log(f"merged dense checkpoint: {out / 'merged'}")

@@ -121,7 +121,7 @@ GPTQ_KINDS = ("refined", "classic")
 
 
 def gptq_settings(kind: str) -> dict:
-    """The GPTQ settings of --gptq, as train.QUANT_KEYS: {magr, act_order, gptq_clip, gptq_cd_passes, gptq_refit}.
+    """The GPTQ settings of --gptq, as train.QUANT_KEYS (magr, act_order, gptq_clip, gptq_cd_passes, ...).
     refined: train.py's defaults (read from its TrainConfig fields, so the bench follows them); classic: all off."""
     import dataclasses
 
@@ -138,8 +138,9 @@ def gptq_settings(kind: str) -> dict:
 def gptq_tag(settings: dict) -> str:
     """Cache-name suffix of the settings ('' for classic, e.g. '-ao-clip-cd2-refit' for train.py's)."""
     parts = [("magr", settings["magr"]), ("ao", settings["act_order"]), ("clip", settings["gptq_clip"]),
-             (f"cd{settings['gptq_cd_passes']}", settings["gptq_cd_passes"]), ("refit", settings["gptq_refit"])]
-    unknown = set(settings) - {"magr", "act_order", "gptq_clip", "gptq_cd_passes", "gptq_refit"}
+             (f"cd{settings['gptq_cd_passes']}", settings["gptq_cd_passes"]), ("refit", settings["gptq_refit"]),
+             ("fp16x", settings.get("gptq_fp16_exact", False))]
+    unknown = set(settings) - {"magr", "act_order", "gptq_clip", "gptq_cd_passes", "gptq_refit", "gptq_fp16_exact"}
     if unknown:
         raise ValueError(f"GPTQ settings {sorted(unknown)} have no cache-name tag: add them to gptq_tag")
     return "".join(f"-{t}" for t, on in parts if on)

@@ -8,9 +8,10 @@ and torch (the project's modules are imported from this checkout), e.g.
     /tmp/refvenv/bin/python bench/check_gptq_export.py --model assets/smollm2-135m --bits 2 4
 
 Without --quantized/--export the base is RTN-quantized here (the format, not the quantizer, is under test) and
-exported with gptq_format.export_gptq; with them, a train.py run's quantized.safetensors and --export-gptq folder
-are compared. Prints per bit width the largest |logit difference| and its ratio to the largest |logit| (the check
-passes below 1e-3), then one JSON line.
+exported as train.py --export-gptq does: fp16-exact scales (gptq.fp16_exact_scales), the dense tensors in
+gptq_format.dense_dtype; --plain-scales and --dense float16 show what each of the two contributes. With them, a
+train.py run's quantized.safetensors and --export-gptq folder are compared. Prints per bit width the largest
+|logit difference| and its ratio to the largest |logit| (the check passes below 1e-3), then one JSON line.
 """
 from __future__ import annotations
 
@@ -32,11 +33,12 @@ TEXT = ("The quick brown fox jumps over the lazy dog. In 1969, the first people 
         "Tom has 3 apples and buys 4 more, so he has 7 apples.")
 
 
-def ours_rtn(model_dir: Path, bits: int, group_size: int):
+def ours_rtn(model_dir: Path, bits: int, group_size: int, fp16_exact: bool = True):
     m = model_lib.from_pretrained(model_dir, dtype=torch.float32)
     for name in model_lib.linear_names(m):
         W = model_lib.get_module(m, name).weight.detach()
-        model_lib.set_module(m, name, gptq.QuantLinear.from_state(gptq.quantize_rtn(W, bits, group_size)))
+        state = gptq.quantize_rtn(W, bits, group_size, fp16_exact=fp16_exact)
+        model_lib.set_module(m, name, gptq.QuantLinear.from_state(state))
     return m.eval()
 
 
@@ -56,6 +58,9 @@ def main(argv=None) -> dict:
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--quantized", help="our quantized.safetensors (with --export; one bit width)")
     p.add_argument("--export", help="the train.py --export-gptq folder of the same run")
+    p.add_argument("--plain-scales", action="store_true", help="RTN with plain fp16 scales (not fp16-exact)")
+    p.add_argument("--dense", choices=["auto", "float16", "bfloat16", "float32"], default="auto",
+                   help="dtype of the exported dense tensors (auto: gptq_format.dense_dtype)")
     args = p.parse_args(argv)
     tok = model_lib.Tokenizer.from_pretrained(args.model)
     ids = torch.tensor([tok.encode(TEXT, add_bos=True)])                          # (1, T)
@@ -66,9 +71,10 @@ def main(argv=None) -> dict:
                 ours, _ = load_model(args.model, args.quantized)
                 folder = Path(args.export)
             else:
-                ours = ours_rtn(Path(args.model), bits, args.group_size)
+                ours = ours_rtn(Path(args.model), bits, args.group_size, not args.plain_scales)
                 folder = Path(tmp) / f"gptq{bits}"
-                gptq_format.export_gptq(folder, ours, args.model)
+                dense = gptq_format.dense_dtype(ours) if args.dense == "auto" else getattr(torch, args.dense)
+                gptq_format.export_gptq(folder, ours, args.model, dtype=dense)
             with torch.no_grad():
                 ref = ours(ids).float()                                           # (1, T, V)
             hf, kernels = theirs(folder, gptq_format.quant_config(folder)["bits"])
@@ -76,17 +82,22 @@ def main(argv=None) -> dict:
                 got = hf(ids).logits.float()
             diff = float((got - ref).abs().max())
             top = float(ref.abs().max())
+            dense = json.loads((folder / "config.json").read_text())["torch_dtype"]
+            inexact = len(gptq_format.fp16_inexact(gptq_format.quantized_linears(ours)))
             rows.append({"bits": gptq_format.quant_config(folder)["bits"], "tokens": ids.shape[1],
+                         "dense": dense, "fp16_inexact_layers": inexact,
                          "max_abs_diff": diff, "max_abs_logit": top, "ratio": diff / top,
                          "argmax_agree": float((got.argmax(-1) == ref.argmax(-1)).float().mean()),
                          "kernels": kernels, "pass": diff / top < 1e-3})
             if args.export:
                 break
-    print(f"{'bits':>4} {'max|Δlogit|':>12} {'max|logit|':>10} {'ratio':>10} {'argmax agree':>12}  kernel")
+    print(f"{'bits':>4} {'dense':>8} {'inexact':>7} {'max|Δlogit|':>12} {'max|logit|':>10} {'ratio':>10} "
+          f"{'argmax agree':>12}  kernel")
     for r in rows:
-        print(f"{r['bits']:>4} {r['max_abs_diff']:>12.3e} {r['max_abs_logit']:>10.3f} {r['ratio']:>10.2e} "
-              f"{r['argmax_agree']:>12.3f}  {','.join(r['kernels'])}")
-    res = {"model": args.model, "group_size": args.group_size, "rows": rows}
+        print(f"{r['bits']:>4} {r['dense']:>8} {r['fp16_inexact_layers']:>7} {r['max_abs_diff']:>12.3e} "
+              f"{r['max_abs_logit']:>10.3f} {r['ratio']:>10.2e} {r['argmax_agree']:>12.3f}  {','.join(r['kernels'])}")
+    res = {"model": args.model, "group_size": args.group_size, "plain_scales": args.plain_scales,
+           "dense": args.dense, "rows": rows}
     print(json.dumps(res))
     return res
 

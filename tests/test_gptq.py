@@ -340,7 +340,8 @@ def test_refit_scales_never_raises_a_row_error(seed, bits):
 
 POLISH = [dict(cd_passes=1), dict(refit=True), dict(cd_passes=2, refit=True), dict(clip=True, cd_passes=2),
           dict(act_order=True, clip=True, cd_passes=2, refit=True), dict(act_order=True, refit=True),
-          dict(static_groups=False, block_size=32, clip=True, cd_passes=1, refit=True)]
+          dict(static_groups=False, block_size=32, clip=True, cd_passes=1, refit=True),
+          dict(act_order=True, clip=True, cd_passes=2, refit=True, fp16_exact=True)]
 
 
 @pytest.mark.parametrize("kw", POLISH)
@@ -355,7 +356,8 @@ def test_gptq_options_are_classic_gptq_then_polish_bitwise(kw, dtype):
     grid = {k: v for k, v in kw.items() if k not in ("cd_passes", "refit")}
     classic = gptq.gptq_quantize(W, H, 3, 16, **grid)
     p = gptq.polish(W, classic, H, cd_passes=kw.get("cd_passes", 0), refit=kw.get("refit", False),
-                    act_order=kw.get("act_order", False), block_size=kw.get("block_size", 128))
+                    act_order=kw.get("act_order", False), block_size=kw.get("block_size", 128),
+                    fp16_exact=kw.get("fp16_exact", False))
     assert torch.equal(p.codes, full.codes) and torch.equal(p.scales, full.scales) and torch.equal(p.zeros, full.zeros)
     assert p.stats["cd_changed"] == full.stats["cd_changed"]
     assert layer_err(W, p.dequantize(), H) <= layer_err(W, classic.dequantize(), H) * (1 + 1e-6)

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -240,6 +242,104 @@ def test_export_needs_quantized_linears(tmp_path):
         gf.export_gptq(tmp_path / "out", tiny_model())
 
 
+# --------------------------------------------------------------------------------------------- fp16-exact scales
+def fp16_reader(t: dict[str, torch.Tensor], bits: int, n: int) -> torch.Tensor:
+    """W (m, n) as an fp16-dequantizing reader forms it from GPTQ v2 tensors (gptqmodel's torch kernel): every
+    operand and the product s·(q − z) in fp16."""
+    q = gf.unpack_rows(t["qweight"], bits, n).half()                            # (n, m)
+    z = gf.unpack_cols(t["qzeros"], bits, t["scales"].shape[1]).half()         # (G, m)
+    g_idx = t["g_idx"].long()
+    return (t["scales"][g_idx] * (q - z[g_idx])).T                              # (m, n) fp16
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(bits=st.sampled_from([2, 3, 4]), raw=st.integers(1, 0x7BFF))
+def test_fp16_exact_scales_make_every_weight_exact_in_fp16(bits, raw):
+    s = torch.tensor([raw], dtype=torch.int16).view(torch.float16)            # every positive finite fp16
+    r = gptq.fp16_exact_scales(s, bits)
+    assert r.dtype == torch.float16 and float(r) > 0
+    assert abs(float(r) - float(s)) <= float(s) * 2.0 ** -(11 - bits)          # rounded to 11 − b significant bits
+    assert torch.equal(gptq.fp16_exact_scales(r, bits), r)                     # idempotent: already representable
+    u = torch.arange(-(2 ** bits - 1), 2 ** bits, dtype=torch.float64)         # every q − z
+    exact = float(r) * u                                                       # float64: the true products
+    ok = exact.abs() <= 65504                                                  # (larger ones overflow any fp16)
+    assert torch.equal((r.half() * u.half())[ok].double(), exact[ok])
+
+
+def test_fp16_exact_scales_are_needed():
+    """Without the option the same grid has weights that fp16 rounds (the test above could fail)."""
+    W = torch.randn(64, 128, generator=torch.Generator().manual_seed(0)) * 0.02
+    W[:32] = W[:32].abs()                                                      # zero point 0: q − z up to 2^b − 1
+    for bits in (2, 3, 4):
+        plain = gptq.QuantLinear.from_state(gptq.quantize_rtn(W, bits, 32))
+        exact = gptq.QuantLinear.from_state(gptq.quantize_rtn(W, bits, 32, fp16_exact=True))
+        assert gf.fp16_inexact({"l": plain}) == ["l"] and gf.fp16_inexact({"l": exact}) == []
+
+
+def test_default_scales_are_the_plain_fp16_rounding():
+    """fp16_exact off: every site that stores a scale rounds it to fp16 and nothing else, as before the option."""
+    s = torch.cat([torch.rand(500, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 10,
+                   torch.tensor([0.0, 1e-9, 7e4], dtype=torch.float64)])
+    for dtype in (torch.float32, torch.float64):
+        assert torch.equal(gptq._store_scales(s.to(dtype), 3), s.to(dtype).clamp(2.0 ** -24, 65504.0).half())
+    W = torch.randn(16, 64, generator=torch.Generator().manual_seed(2))
+    ref = W.reshape(16, 2, 32)
+    lo, hi = ref.amin(-1).clamp(max=0), ref.amax(-1).clamp(min=0)
+    assert torch.equal(gptq.fit_groups(W, 2, 32)[0], ((hi - lo) / 3).clamp(2.0 ** -24, 65504.0).half())
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_gptq_fp16_exact_every_option(bits):
+    from test_gptq import correlated_H, layer_err
+    H = correlated_H(128, bits)
+    W = torch.randn(48, 128, generator=torch.Generator().manual_seed(bits)) * 0.02
+    kw = dict(act_order=True, clip=True, cd_passes=1, refit=True)
+    plain = gptq.gptq_quantize(W, H, bits, 32, **kw)
+    exact = gptq.gptq_quantize(W, H, bits, 32, fp16_exact=True, **kw)
+    assert exact.stats["fp16_exact"] and not plain.stats["fp16_exact"]
+    assert torch.equal(gptq.fp16_exact_scales(exact.scales, bits), exact.scales)   # grid, clip polish and refit
+    assert gf.fp16_inexact({"l": gptq.QuantLinear.from_state(exact)}) == []
+    for fit in (gptq.fit_groups(W, bits, 32, True)[0], gptq.fit_groups_clipped(W, bits, 32, fp16_exact=True)[0]):
+        assert torch.equal(gptq.fp16_exact_scales(fit, bits), fit)
+    e0, e1 = layer_err(W, plain.dequantize(), H), layer_err(W, exact.dequantize(), H)
+    assert e1 < 1.1 * e0                                                       # GPTQ compensates on the final grid
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_export_of_fp16_exact_base_read_in_fp16_is_ours_bitwise(tmp_path, bits):
+    from test_gptq import correlated_H
+    found = {}
+    for exact in (True, False):
+        m = tiny_model(seed=bits)
+        for i, name in enumerate(model_lib.linear_names(m)):
+            W = model_lib.get_module(m, name).weight.detach()
+            st_ = gptq.gptq_quantize(W, correlated_H(W.shape[1], i), bits, 32, act_order=True, clip=True,
+                                     refit=True, fp16_exact=exact)
+            model_lib.set_module(m, name, gptq.QuantLinear.from_state(st_))
+        folder = tmp_path / f"e{int(exact)}"
+        gf.export_gptq(folder, m, dtype=gf.dense_dtype(m))
+        sd = load_file(folder / "model.safetensors")
+        assert sd["model.embed_tokens.weight"].dtype == torch.float32          # random fp32 weights: kept exact
+        assert json.loads((folder / "config.json").read_text())["torch_dtype"] == "float32"
+        found[exact] = all(
+            torch.equal(fp16_reader({k: sd[f"{name}.{k}"] for k in ("qweight", "qzeros", "scales", "g_idx")}, bits,
+                                    model_lib.get_module(m, name).in_features).float(),
+                        model_lib.get_module(m, name).dequantize())
+            for name in model_lib.linear_names(m))
+    assert found == {True: True, False: False}
+
+
+def test_dense_dtype_is_the_narrowest_exact_one():
+    m = quantize_all(tiny_model(), 4)
+    assert gf.dense_dtype(m) == torch.float32
+    with torch.no_grad():
+        m.model.embed_tokens.weight[0, 0] = 1e-7                               # below fp16's normal range
+    m.to(torch.bfloat16)                                                       # (the QuantLinears keep fp16 scales)
+    assert gf.dense_dtype(m) == torch.bfloat16
+    m.half()
+    assert gf.dense_dtype(m) == torch.float16
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """train.py --export-gptq on the tiny model of test_train (init only), and the files it leaves."""
@@ -292,3 +392,51 @@ def test_train_starts_from_a_gptq_folder(tiny_run, tmp_path):
     with pytest.raises(ValueError, match="folder without a config.json quantization_config"):
         train.main([*base, "--bits", "3", "--steps", "0", "--out", str(tmp_path / "o3"), "--quantized",
                     str(tmp_path / "empty")])
+
+
+def test_export_run_fits_fp16_exact_scales_and_records_it(tiny_run):
+    root, _ = tiny_run
+    layers, meta = gptq.load_quantized(root / "out" / "quantized.safetensors")
+    assert meta["gptq_fp16_exact"] is True and gf.fp16_inexact(layers) == []
+    with safe_open(str(root / "out" / "adapter.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["settings"])["base"]["gptq_fp16_exact"] is True   # in the adapter's base
+    assert json.loads((root / "gq" / "config.json").read_text())["torch_dtype"] == "float32"
+    assert load_file(root / "gq" / "model.safetensors")["model.embed_tokens.weight"].dtype == torch.float32
+
+
+def test_reused_base_keeps_its_scales_and_a_plain_one_gets_a_note(tiny_run, tmp_path, capsys):
+    import train
+    root, base = tiny_run
+    plain = tmp_path / "plain.safetensors"
+    args = [*base, "--bits", "3", "--steps", "0"]
+    train.main([*args, "--out", str(tmp_path / "p"), "--quantized", str(plain)])        # no export: plain scales
+    layers, meta = gptq.load_quantized(plain)
+    assert meta["gptq_fp16_exact"] is False and gf.fp16_inexact(layers)
+    capsys.readouterr()
+    loud = [a for a in args if a != "--quiet"]
+    train.main([*loud, "--out", str(tmp_path / "p2"), "--quantized", str(plain), "--export-gptq", str(tmp_path / "g")])
+    notes = [line for line in capsys.readouterr().err.splitlines() if "note: --export-gptq" in line]
+    assert len(notes) == 1 and "fp32" in notes[0] and "fp16" in notes[0]
+    back, _ = gf.load_gptq(tmp_path / "g")
+    assert all(torch.equal(back[n].dequantize(), layers[n].dequantize()) for n in layers)  # exported as it is
+    with pytest.raises(ValueError, match="made with gptq_fp16_exact=False, but this run has gptq_fp16_exact=True"):
+        train.main([*args, "--out", str(tmp_path / "p3"), "--quantized", str(plain), "--gptq-fp16-exact"])
+    rec = train.main([*args, "--out", str(tmp_path / "e"), "--quantized", str(root / "out" / "quantized.safetensors")])
+    assert rec["train"]["gptq_fp16_exact"] is True                             # the reused exact base, recorded
+
+
+def test_eval_reads_a_gptq_folder_with_its_adapter_and_refuses_another_base(tiny_run, tmp_path):
+    import eval as ev
+    import train
+    root, base = tiny_run
+    common = ["--model", str(root / "model"), "--task", "ppl", "--data", str(root / "calib.txt"), "--seq-len", "16",
+              "--quiet"]
+    folder = ev.main([*common, "--quantized", str(root / "gq"), "--adapter", str(root / "gq" / "adapter.safetensors")])
+    ours = ev.main([*common, "--quantized", str(root / "out" / "quantized.safetensors"), "--adapter",
+                    str(root / "out" / "adapter.safetensors")])
+    assert folder["ppl"] == ours["ppl"]
+    train.main([*base, "--bits", "3", "--steps", "0", "--seed", "1", "--out", str(tmp_path / "s1")])   # another base
+    other = ["--quantized", str(root / "gq"), "--adapter", str(tmp_path / "s1" / "adapter.safetensors")]
+    with pytest.raises(ValueError, match=r"initialized for another base than --quantized .*packed weights sha256"):
+        ev.main([*common, *other])
+    assert ev.main([*common, *other, "--allow-base-mismatch"])["ppl"] > 0
