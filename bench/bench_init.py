@@ -7,7 +7,7 @@
 1. Calibration: n_calib random windows of seq_len tokens from assets/wikitext/train.txt (seeded), Hessians of
    all 210 linears collected once (calib.collect_hessians, full-precision inputs) and cached to a file.
 2. Each layer GPTQ-quantized (gptq.gptq_quantize, group 64) at each bit width, E = W − Q; --gptq refined (default)
-   with train.py's GPTQ settings (the defaults of its TrainConfig fields train.QUANT_KEYS: act-order, clipped
+   with train.py's GPTQ settings (the defaults of its TrainConfig fields prepare.QUANT_KEYS: act-order, clipped
    grids, coordinate-descent passes, scale refit), --gptq classic with plain GPTQ (every option off). Cached per
    bit width, calibration and settings: runs/gptq-<bits>b-<n>x<len>.safetensors (classic) and
    runs/gptq-<bits>b-<n>x<len>-<settings tag>.safetensors, e.g. ...-ao-clip-cd2-refit (settings also in its metadata).
@@ -47,8 +47,9 @@ import torch  # noqa: E402
 import calib  # noqa: E402
 import gptq  # noqa: E402
 import model as modellib  # noqa: E402
+import prepare  # noqa: E402  (the GPTQ settings' keys and the layer quantizer)
 import qwha  # noqa: E402
-import train  # noqa: E402  (its GPTQ settings and layer quantizer)
+import train  # noqa: E402  (its TrainConfig's defaults: the refined GPTQ settings the bench follows)
 from jsonl import emit  # noqa: E402  (bench/jsonl.py: print + append to runs/)
 
 
@@ -121,15 +122,15 @@ GPTQ_KINDS = ("refined", "classic")
 
 
 def gptq_settings(kind: str) -> dict:
-    """The GPTQ settings of --gptq, as train.QUANT_KEYS (magr, act_order, gptq_clip, gptq_cd_passes, ...).
+    """The GPTQ settings of --gptq, as prepare.QUANT_KEYS (magr, act_order, gptq_clip, gptq_cd_passes, ...).
     refined: train.py's defaults (read from its TrainConfig fields, so the bench follows them); classic: all off."""
     import dataclasses
 
     if kind not in GPTQ_KINDS:
         raise ValueError(f"--gptq {kind!r}: expected one of {GPTQ_KINDS}")
-    defaults = {f.name: f.default for f in dataclasses.fields(train.TrainConfig) if f.name in train.QUANT_KEYS}
-    if set(defaults) != set(train.QUANT_KEYS):
-        raise ValueError(f"train.QUANT_KEYS {train.QUANT_KEYS}: not all are TrainConfig fields with defaults")
+    defaults = {f.name: f.default for f in dataclasses.fields(train.TrainConfig) if f.name in prepare.QUANT_KEYS}
+    if set(defaults) != set(prepare.QUANT_KEYS):
+        raise ValueError(f"prepare.QUANT_KEYS {prepare.QUANT_KEYS}: not all are TrainConfig fields with defaults")
     if kind == "classic":
         return {k: type(v)(0) for k, v in defaults.items()}      # False / 0 passes: plain gptq_quantize
     return defaults
@@ -151,8 +152,8 @@ def gptq_cache_path(cfg: BenchConfig, bits: int, settings: dict) -> Path:
 
 
 def quantize_layer(W, H, bits, settings: dict, name: str = "") -> torch.Tensor:
-    """Q (dequantized fp32) of one layer as train.quantize makes it (train.gptq_layer, group 64) with these settings."""
-    return train.gptq_layer(W, H, bits, 64, settings, name=name, measure=False).dequantize()
+    """Q (dequantized fp32) of one layer as train.py quantizes it (prepare.gptq_layer, group 64) with these settings."""
+    return prepare.gptq_layer(W, H, bits, 64, settings, name=name, measure=False).dequantize()
 
 
 def get_quantized(cfg: BenchConfig, weights, H, names, bits):

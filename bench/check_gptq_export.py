@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import gptq  # noqa: E402
 import gptq_format  # noqa: E402
 import model as model_lib  # noqa: E402
-from eval import load_model  # noqa: E402
+from prepare import load_model  # noqa: E402
 
 TEXT = ("The quick brown fox jumps over the lazy dog. In 1969, the first people walked on the Moon; "
         "Tom has 3 apples and buys 4 more, so he has 7 apples.")
