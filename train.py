@@ -176,7 +176,7 @@ def resolve_defaults(cfg: TrainConfig) -> TrainConfig:
         cfg.calib = str(DEMO_CALIB)
     if cfg.steps is None and cfg.epochs is None:
         cfg.epochs = 1.0
-    if cfg.export_gptq and not (cfg.quantized and Path(cfg.quantized).exists()):
+    if cfg.export_gptq and not cfg.resume and not (cfg.quantized and Path(cfg.quantized).exists()):
         cfg.gptq_fp16_exact = True      # the base is quantized here: fit it so fp16-dequantizing readers are exact
     return cfg
 
@@ -368,6 +368,7 @@ def validate_resume(cfg: TrainConfig, mc: model_lib.ModelConfig) -> None:
     if changed:
         diffs = [f"--{k.replace('_', '-')} {prev.get(k)} -> {getattr(cfg, k)}" for k in changed]
         raise ValueError(f"--resume: settings differ from the run in {out}: " + ", ".join(diffs))
+    cfg.gptq_fp16_exact = bool(prev.get("gptq_fp16_exact", False))   # how the continued run's base was fitted
     checks.check_quantized_file(out / "quantized.safetensors", mc, cfg.model, "--resume")
     checks.check_adapter_file(out / "adapter.safetensors", mc, cfg.model, "--resume")
 
@@ -721,6 +722,18 @@ def merge_export(model, folder: Path, tok_src: Path) -> None:
     os.replace(tmp, folder)
 
 
+def export_base(model, cfg: TrainConfig, source, log) -> None:
+    """--export-gptq DIR: the quantized base as a GPTQ checkpoint (the adapter files follow with save_adapter), with
+    a note where its scales were not fitted fp16-exact (a base reused from `source`)."""
+    dense = gptq_format.dense_dtype(model)
+    gptq_format.export_gptq(cfg.export_gptq, model, cfg.model, dtype=dense)
+    log(f"GPTQ checkpoint (gptq_v2, dense tensors in {str(dense).removeprefix('torch.')}): {cfg.export_gptq}")
+    if gptq_format.fp16_inexact(gptq_format.quantized_linears(model)):
+        log(f"note: --export-gptq: the reused base {source} was not fitted with --gptq-fp16-exact, so the export "
+            "equals it exactly for readers that dequantize in fp32, while kernels that dequantize in fp16 "
+            "(gptqmodel's torch kernel) round weights s·(q - z) to fp16 (2^-11 relative at most)")
+
+
 def merge_requant_export(model, tok, held_ex, cfg: TrainConfig, pad_id: int, log) -> dict:
     """--merge-requant DIR: every adapter merged into its base and re-quantized by GPTQ with the run's settings
     (prepare.merge_requant) against the Hessians of --merge-requant-hessians, written as a GPTQ checkpoint; the
@@ -817,6 +830,8 @@ def run(cfg: TrainConfig):
                        if k in ("init", "timings")})
         if cfg.resume and main_rank:
             truncate_log(log_path, read_checkpoint(out / "checkpoint.pt", mmap=True)["step"])
+            if cfg.export_gptq:                  # the base of the run being continued
+                export_base(model, cfg, out / "quantized.safetensors", log)
     else:
         model, record["init"], stats = prepare.prepare(cfg, tok, log)
         model.to(cfg.device)
@@ -824,13 +839,7 @@ def run(cfg: TrainConfig):
         log_path.unlink(missing_ok=True)
         prepare.save_quantized(model, out / "quantized.safetensors", cfg)
         if cfg.export_gptq:
-            dense = gptq_format.dense_dtype(model)
-            gptq_format.export_gptq(cfg.export_gptq, model, cfg.model, dtype=dense)
-            log(f"GPTQ checkpoint (gptq_v2, dense tensors in {str(dense).removeprefix('torch.')}): {cfg.export_gptq}")
-            if gptq_format.fp16_inexact(gptq_format.quantized_linears(model)):
-                log(f"note: --export-gptq: the reused base {cfg.quantized} was not fitted with --gptq-fp16-exact, so "
-                    "the export equals it exactly for readers that dequantize in fp32, while kernels that dequantize "
-                    "in fp16 (gptqmodel's torch kernel) round weights s·(q - z) to fp16 (2^-11 relative at most)")
+            export_base(model, cfg, cfg.quantized, log)
         save_adapter(model, out / "adapter.safetensors", cfg)
         record["timings"] = {k: v for k, v in stats.items() if k.endswith("_s")}
         record["memory"] = {k: v for k, v in stats.items() if k.endswith("_gb")}

@@ -440,3 +440,23 @@ def test_eval_reads_a_gptq_folder_with_its_adapter_and_refuses_another_base(tiny
     with pytest.raises(ValueError, match=r"initialized for another base than --quantized .*packed weights sha256"):
         ev.main([*common, *other])
     assert ev.main([*common, *other, "--allow-base-mismatch"])["ppl"] > 0
+
+
+def test_resume_with_export_gptq_writes_the_continued_runs_base(tiny_run, tmp_path, capsys):
+    """--export-gptq added on --resume exports the base the run was prepared with (no new fit), the adapter beside
+    it, and a note that its scales were not fitted fp16-exact."""
+    import train
+    from eval import load_model
+    root, base = tiny_run
+    out, gq = tmp_path / "o", tmp_path / "gq"
+    train.main([*base, "--bits", "3", "--steps", "2", "--stop-after", "1", "--out", str(out)])
+    capsys.readouterr()
+    loud = [a for a in base if a != "--quiet"]                                        # the note is a log line
+    rec = train.main([*loud, "--bits", "3", "--steps", "2", "--out", str(out), "--resume", "--export-gptq", str(gq)])
+    assert rec["train"]["gptq_fp16_exact"] is False
+    assert "not fitted with --gptq-fp16-exact" in capsys.readouterr().err
+    ours = gptq.load_quantized(out / "quantized.safetensors")[0]
+    theirs, _ = load_model(root / "model", gq)
+    for name, q in ours.items():
+        assert torch.equal(theirs.get_submodule(name).dequantize(), q.dequantize())
+    assert (gq / "adapter.safetensors").is_file() and (gq / "adapter_config.json").is_file()
