@@ -243,15 +243,22 @@ def save_adapters(path: str | Path, model: nn.Module, metadata: dict | None = No
                                             "settings": json.dumps(metadata or {})})
 
 
+def checked_adapter_file(path: str | Path, writer: str) -> Path:
+    """`path` as a Path once it exists and is a whole safetensors file; else FileNotFoundError (naming `writer`,
+    the function that writes such files) or ValueError, naming the file."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"adapter file {path} not found (write it with {writer})")
+    from checks import safetensors_header
+    safetensors_header(path)
+    return path
+
+
 def load_adapters(path: str | Path, model: nn.Module) -> dict:
     """Load save_adapters' file into `model`: existing WHALinear get the stored indices/values/scale, bare
     linears (QuantLinear / nn.Linear) of the same names are wrapped. Returns the saved settings."""
     from safetensors import safe_open
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"adapter file {path} not found (write it with qwha.save_adapters)")
-    from checks import safetensors_header
-    safetensors_header(path)            # ValueError naming the file if it is not a whole safetensors file
+    path = checked_adapter_file(path, "qwha.save_adapters")
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
         if meta.get("format") != "qwha-adapters/1":

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+import adapter
 import model as model_lib
 import qwha
 import wht
@@ -452,11 +453,7 @@ def load_adapters(path: str | Path, model: nn.Module) -> dict:
     """Load save_adapters' file (or qwha.save_adapters', delegated) into `model`, wrapping the bare linears or
     replacing existing adapters of the same names. Returns the saved settings."""
     from safetensors import safe_open
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"adapter file {path} not found (write it with baselines.save_adapters)")
-    from checks import safetensors_header
-    safetensors_header(path)            # ValueError naming the file if it is not a whole safetensors file
+    path = adapter.checked_adapter_file(path, "baselines.save_adapters")
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
         if meta.get("format") == "qwha-adapters/1":
